@@ -1,0 +1,211 @@
+// dHSIC V-statistic of codebook groups on the CPU: the shuffle-free estimator of the same MMD, loss and gradient.
+// Two passes over row blocks of per-codebook distance tiles (one BLAS GEMM per codebook, 4 MiB tile budget):
+// pass 1 reduces each Gram matrix E_{k,j} to row sums and each group's product of Grams to a sum; the loss follows
+// from those O(K A N) numbers. Pass 2 (only for the gradient) recomputes the tiles, overwrites them with the
+// symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h) and adds 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook.
+// Nothing N x N is stored; sums accumulate in double.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "mmd/tiles_cpu.h"
+
+namespace mmdkernels {
+namespace mmd {
+namespace {
+
+// Per-thread scratch for one chunk of a row: per-codebook distances and Grams for every bandwidth.
+struct DhsicChunk {
+  int64_t num_codebooks;
+  std::vector<float> dist;                 // [K][kChunk]
+  std::vector<float> grams;                // [K][kMaxBandwidths][kChunk]
+  std::vector<float> product;              // [kChunk]
+  explicit DhsicChunk(int64_t k)
+      : num_codebooks(k), dist(k * kChunk), grams(k * kMaxBandwidths * kChunk), product(kChunk) {}
+  float* gram(int64_t k, int j) { return grams.data() + (k * kMaxBandwidths + j) * kChunk; }
+
+  // Distances of row `row` (i-th row of the block) against columns [col0, col0 + len), diagonal exactly 0,
+  // and the Grams E_{k,j} of every codebook and bandwidth.
+  void load(const float* tile_data, const float* norms, int64_t rows_per_block, int64_t n, int64_t i, int64_t row,
+            int64_t col0, int64_t len, const BandwidthPlan& plan) {
+    for (int64_t k = 0; k < num_codebooks; ++k) {
+      const float* dots = tile_data + (k * rows_per_block + i) * n + col0;
+      const float norm_row = norms[k * n + row];
+      const float* norm_cols = norms + k * n + col0;
+      float* d = dist.data() + k * kChunk;
+#pragma omp simd
+      for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(norm_row, norm_cols[m], dots[m]);
+      if (row >= col0 && row < col0 + len) d[row - col0] = 0.0f;
+      bandwidths_chunk(d, plan, reinterpret_cast<float(*)[kChunk]>(gram(k, 0)), len);
+    }
+  }
+
+  // product[m] = prod_{k in members} E_{k,j}[m]
+  void group_product(const std::vector<int>& members, int j, int64_t len) {
+    std::copy(gram(members[0], j), gram(members[0], j) + len, product.begin());
+    for (size_t t = 1; t < members.size(); ++t) {
+      const float* g = gram(members[t], j);
+#pragma omp simd
+      for (int64_t m = 0; m < len; ++m) product[m] *= g[m];
+    }
+  }
+};
+
+// prod over the group's members except `skip` (-1: none) of values[member * stride + offset].
+double product_except(const std::vector<int>& members, int skip, const double* values, int64_t stride,
+                      int64_t offset) {
+  double p = 1.0;
+  for (int member : members) {
+    if (member != skip) p *= values[member * stride + offset];
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::Tensor& groups,
+                                                 c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
+                                                 c10::ArrayRef<int64_t> chain_step, double chain_base,
+                                                 bool compute_grad) {
+  check_samples(z);
+  const int64_t n = z.size(0), num_codebooks = z.size(1), dim = z.size(2);
+  check_groups(groups, num_codebooks);
+  const auto plan = make_plan(coefs, chain_src, chain_step, chain_base);
+  const auto layout = make_layout(groups, num_codebooks, dim, /*allow_joint_slice=*/false);
+  const int num_bw = plan.count;
+  const int64_t rows_per_block = block_rows(n, n, num_codebooks, kTileBudgetFloats);
+  const auto norms = slice_norms(z, layout);
+  const float* norm_data = norms.data_ptr<float>();
+  auto tiles = at::empty({num_codebooks, rows_per_block, n}, z.options());
+  const double inv_n = 1.0 / static_cast<double>(n);
+
+  // Pass 1: row means of every Gram ([K][A][N]) and the sum of every group's joint Gram.
+  std::vector<double> row_means(num_codebooks * num_bw * n, 0.0);
+  std::vector<double> joint_row_sums(n, 0.0);
+  for (int64_t row0 = 0; row0 < n; row0 += rows_per_block) {
+    const int64_t rows = std::min(rows_per_block, n - row0);
+    dot_tiles(z, z, layout, row0, rows, tiles);
+    const float* tile_data = tiles.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      DhsicChunk chunk(num_codebooks);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = row0 + i;
+        std::vector<double> gram_sums(num_codebooks * num_bw, 0.0);
+        double joint_sum = 0.0;
+        for (int64_t col0 = 0; col0 < n; col0 += kChunk) {
+          const int64_t len = std::min(kChunk, n - col0);
+          chunk.load(tile_data, norm_data, rows_per_block, n, i, row, col0, len, plan);
+          for (int64_t k = 0; k < num_codebooks; ++k) {
+            for (int j = 0; j < num_bw; ++j) {
+              const float* g = chunk.gram(k, j);
+              double s = 0.0;
+              for (int64_t m = 0; m < len; ++m) s += g[m];
+              gram_sums[k * num_bw + j] += s;
+            }
+          }
+          for (const auto& members : layout.group_members) {
+            for (int j = 0; j < num_bw; ++j) {
+              chunk.group_product(members, j, len);
+              double s = 0.0;
+              for (int64_t m = 0; m < len; ++m) s += chunk.product[m];
+              joint_sum += s;
+            }
+          }
+        }
+        for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) row_means[kj * n + row] = gram_sums[kj] * inv_n;
+        joint_row_sums[row] = joint_sum;
+      }
+    });
+  }
+
+  // The loss from the reductions: joint mean + product of means - 2 mean over n of the product of row means.
+  std::vector<double> means(num_codebooks * num_bw, 0.0);
+  for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) {
+    double s = 0.0;
+    for (int64_t row = 0; row < n; ++row) s += row_means[kj * n + row];
+    means[kj] = s * inv_n;
+  }
+  double loss = 0.0;
+  for (double v : joint_row_sums) loss += v * inv_n * inv_n;
+  for (const auto& members : layout.group_members) {
+    for (int j = 0; j < num_bw; ++j) {
+      loss += product_except(members, -1, means.data(), num_bw, j);
+      double cross = 0.0;
+      for (int64_t row = 0; row < n; ++row) cross += product_except(members, -1, row_means.data(), num_bw * n, j * n + row);
+      loss -= 2.0 * inv_n * cross;
+    }
+  }
+  if (!compute_grad) return {at::scalar_tensor(loss, z.options()), at::empty({0}, z.options())};
+
+  // gamma_{k,j} and beta_{k,j}(n) of docs/mmd_kernels.md.
+  const double inv_n2 = inv_n * inv_n;
+  std::vector<float> gamma(num_codebooks * num_bw, 0.0f);
+  std::vector<float> beta(num_codebooks * num_bw * n, 0.0f);
+  for (const auto& members : layout.group_members) {
+    for (int k : members) {
+      for (int j = 0; j < num_bw; ++j) {
+        gamma[k * num_bw + j] += static_cast<float>(inv_n2 * product_except(members, k, means.data(), num_bw, j));
+        for (int64_t row = 0; row < n; ++row) {
+          beta[(k * num_bw + j) * n + row] +=
+              static_cast<float>(2.0 * inv_n2 * product_except(members, k, row_means.data(), num_bw * n, j * n + row));
+        }
+      }
+    }
+  }
+
+  // Pass 2: symmetrised weights W_k in place of the tiles, then the gradient GEMMs.
+  auto grad = at::zeros_like(z);
+  for (int64_t row0 = 0; row0 < n; row0 += rows_per_block) {
+    const int64_t rows = std::min(rows_per_block, n - row0);
+    dot_tiles(z, z, layout, row0, rows, tiles);
+    float* tile_data = tiles.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      DhsicChunk chunk(num_codebooks);
+      std::vector<float> joint(num_codebooks * num_bw * kChunk);  // J_{k,j}: sum of the joint Grams of k's groups
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = row0 + i;
+        for (int64_t col0 = 0; col0 < n; col0 += kChunk) {
+          const int64_t len = std::min(kChunk, n - col0);
+          chunk.load(tile_data, norm_data, rows_per_block, n, i, row, col0, len, plan);
+          std::fill(joint.begin(), joint.end(), 0.0f);
+          for (const auto& members : layout.group_members) {
+            for (int j = 0; j < num_bw; ++j) {
+              chunk.group_product(members, j, len);
+              for (int k : members) {
+                float* jk = joint.data() + (k * num_bw + j) * kChunk;
+#pragma omp simd
+                for (int64_t m = 0; m < len; ++m) jk[m] += chunk.product[m];
+              }
+            }
+          }
+          for (int64_t k = 0; k < num_codebooks; ++k) {
+            float* weights = tile_data + (k * rows_per_block + i) * n + col0;
+            std::fill(weights, weights + len, 0.0f);
+            for (int j = 0; j < num_bw; ++j) {
+              const float coef = plan.coef[j];
+              const float gamma_kj = gamma[k * num_bw + j];
+              const float* beta_kj = beta.data() + (k * num_bw + j) * n;
+              const float beta_row = beta_kj[row];
+              const float* jk = joint.data() + (k * num_bw + j) * kChunk;
+              const float* g = chunk.gram(k, j);
+#pragma omp simd
+              for (int64_t m = 0; m < len; ++m) {
+                weights[m] += dhsic_entry_weight(coef, static_cast<float>(inv_n2), jk[m], g[m], gamma_kj, beta_row,
+                                                 beta_kj[col0 + m]);
+              }
+            }
+          }
+        }
+      }
+    });
+    add_row_gradient(tiles, z, z, layout, row0, rows, 2.0, grad);
+  }
+  return {at::scalar_tensor(loss, z.options()), grad};
+}
+
+}  // namespace
+}  // namespace mmd
+}  // namespace mmdkernels
+
+TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) { m.impl("mmd_dhsic", &mmdkernels::mmd::mmd_dhsic_cpu); }

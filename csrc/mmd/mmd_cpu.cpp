@@ -1,0 +1,174 @@
+// Fused multi-kernel MMD loss on the CPU: shuffle estimator and dHSIC, loss and gradient in one pass over tiles.
+// Tiling: blocks of rows (block_rows x N, sized to a 4 MiB budget) against all N columns; the distance tile of each
+// feature slice comes from one BLAS GEMM (at::mm, the machine's fastest float32 product), then a vectorised pass
+// per row (at::parallel_for) turns dot products into distances, applies every bandwidth through the plan's chain
+// (one exp per entry), and overwrites the tile in place with the gradient weights W. A second GEMM per slice
+// (W @ B) turns the weights into the row gradient. The N x N matrices are never stored; sums accumulate in double.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "mmd/tiles_cpu.h"
+
+namespace mmdkernels {
+namespace mmd {
+namespace {
+
+// One term (xx, yy or xy) of the shuffle estimator: returns its weighted sum; adds its gradient to grad_a / grad_b.
+double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, const SliceLayout& layout,
+                    const BandwidthPlan& plan, float weight, bool compute_grad, at::Tensor& grad_a,
+                    at::Tensor& grad_b) {
+  const int64_t n = a.size(0);
+  const int64_t num_slices = layout.num_slices;
+  const int64_t rows_per_block = block_rows(n, n, num_slices, kTileBudgetFloats);
+  const auto norms_a = slice_norms(a, layout);
+  const auto norms_b = symmetric ? norms_a : slice_norms(b, layout);
+  auto tiles = at::empty({num_slices, rows_per_block, n}, a.options());
+  std::vector<double> row_sums(n, 0.0);
+
+  for (int64_t row0 = 0; row0 < n; row0 += rows_per_block) {
+    const int64_t rows = std::min(rows_per_block, n - row0);
+    dot_tiles(a, b, layout, row0, rows, tiles);
+    float* tile_data = tiles.data_ptr<float>();
+    const float* na = norms_a.data_ptr<float>();
+    const float* nb = norms_b.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch((num_slices + 2 + kMaxBandwidths) * kChunk);
+      float* dist = scratch.data();                   // [S][kChunk]
+      float* weights = dist + num_slices * kChunk;    // [kChunk] running W of the current slice set
+      float* group_dist = weights + kChunk;           // [kChunk]
+      auto* e = reinterpret_cast<float(*)[kChunk]>(group_dist + kChunk);
+      std::vector<float> slice_weights(num_slices * kChunk);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = row0 + i;
+        double row_sum = 0.0;
+        for (int64_t col0 = 0; col0 < n; col0 += kChunk) {
+          const int64_t len = std::min(kChunk, n - col0);
+          for (int64_t s = 0; s < num_slices; ++s) {
+            const float* dots = tile_data + (s * rows_per_block + i) * n + col0;
+            const float na_s = na[s * n + row];
+            const float* nb_s = nb + s * n + col0;
+            float* d = dist + s * kChunk;
+#pragma omp simd
+            for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(na_s, nb_s[m], dots[m]);
+          }
+          std::fill(slice_weights.begin(), slice_weights.end(), 0.0f);
+          float chunk_value[kChunk] = {};
+          for (const auto& members : layout.group_members) {
+            std::copy(dist + members[0] * kChunk, dist + members[0] * kChunk + len, group_dist);
+            for (size_t t = 1; t < members.size(); ++t) {
+              const float* d = dist + members[t] * kChunk;
+#pragma omp simd
+              for (int64_t m = 0; m < len; ++m) group_dist[m] += d[m];
+            }
+            bandwidths_chunk(group_dist, plan, e, len);
+            std::fill(weights, weights + len, 0.0f);
+            for (int j = 0; j < plan.count; ++j) {
+              const float neg_coef = -plan.coef[j];
+#pragma omp simd
+              for (int64_t m = 0; m < len; ++m) {
+                chunk_value[m] += e[j][m];
+                weights[m] += neg_coef * e[j][m];
+              }
+            }
+            for (int member : members) {
+              float* w = slice_weights.data() + member * kChunk;
+#pragma omp simd
+              for (int64_t m = 0; m < len; ++m) w[m] += weight * weights[m];
+            }
+          }
+          const int64_t diagonal = row - col0;
+          const bool has_diagonal = symmetric && diagonal >= 0 && diagonal < len;
+          if (has_diagonal) {
+            chunk_value[diagonal] = 0.0f;
+            for (int64_t s = 0; s < num_slices; ++s) slice_weights[s * kChunk + diagonal] = 0.0f;
+          }
+          double chunk_sum = 0.0;
+          for (int64_t m = 0; m < len; ++m) chunk_sum += chunk_value[m];
+          row_sum += chunk_sum;
+          if (compute_grad) {
+            for (int64_t s = 0; s < num_slices; ++s) {
+              std::copy(slice_weights.data() + s * kChunk, slice_weights.data() + s * kChunk + len,
+                        tile_data + (s * rows_per_block + i) * n + col0);
+            }
+          }
+        }
+        row_sums[row] = row_sum;
+      }
+    });
+    if (compute_grad) {
+      if (symmetric) {
+        add_row_gradient(tiles, a, a, layout, row0, rows, 4.0, grad_a);
+      } else {
+        add_row_gradient(tiles, a, b, layout, row0, rows, 2.0, grad_a);
+        add_column_gradient(tiles, a, b, layout, row0, rows, 2.0, grad_b);
+      }
+    }
+  }
+  double total = 0.0;
+  for (double v : row_sums) total += v;
+  return static_cast<double>(weight) * total;
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cpu(const at::Tensor& z, const at::Tensor& perms,
+                                                   const at::Tensor& groups, c10::ArrayRef<double> coefs,
+                                                   c10::ArrayRef<int64_t> chain_src, c10::ArrayRef<int64_t> chain_step,
+                                                   double chain_base, c10::ArrayRef<double> term_weights,
+                                                   bool compute_grad) {
+  check_samples(z);
+  const int64_t n = z.size(0), num_codebooks = z.size(1), dim = z.size(2);
+  MMD_CHECK_DTYPE(perms, at::kLong);
+  MMD_CHECK_SHAPE(perms, num_codebooks, n);
+  check_groups(groups, num_codebooks);
+  TORCH_CHECK(term_weights.size() == 3, "term_weights must be [w_xx, w_yy, w_xy], got ", term_weights.size());
+  const auto plan = make_plan(coefs, chain_src, chain_step, chain_base);
+  const auto layout = make_layout(groups, num_codebooks, dim, /*allow_joint_slice=*/true);
+  const auto perms_cpu = perms.to(at::kCPU);
+  TORCH_CHECK(perms_cpu.min().item<int64_t>() >= 0 && perms_cpu.max().item<int64_t>() < n,
+              "perms must hold indices in [0, ", n, ")");
+
+  // y[:, k] = z[perms[k], k]: the product-of-marginals samples, O(N K D) memory.
+  auto y = at::empty_like(z);
+  for (int64_t k = 0; k < num_codebooks; ++k) {
+    y.select(1, k).copy_(z.select(1, k).index_select(0, perms_cpu[k]));
+  }
+  auto grad_x = compute_grad ? at::zeros_like(z) : at::empty({0}, z.options());
+  auto grad_y = compute_grad ? at::zeros_like(z) : at::empty({0}, z.options());
+  const float w_xx = static_cast<float>(term_weights[0]);
+  const float w_yy = static_cast<float>(term_weights[1]);
+  const float w_xy = static_cast<float>(term_weights[2]);
+  double loss = shuffle_term(z, z, true, layout, plan, w_xx, compute_grad, grad_x, grad_x);
+  loss += shuffle_term(y, y, true, layout, plan, w_yy, compute_grad, grad_y, grad_y);
+  loss += shuffle_term(z, y, false, layout, plan, w_xy, compute_grad, grad_x, grad_y);
+  if (compute_grad) {
+    for (int64_t k = 0; k < num_codebooks; ++k) {
+      grad_x.select(1, k).index_add_(0, perms_cpu[k], grad_y.select(1, k));
+    }
+  }
+  return {at::scalar_tensor(loss, z.options()), grad_x};
+}
+
+at::Tensor bandwidth_chain_eval_cpu(const at::Tensor& d, c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
+                                    c10::ArrayRef<int64_t> chain_step, double chain_base) {
+  MMD_CHECK_DTYPE(d, at::kFloat);
+  MMD_CHECK_DIM(d, 1);
+  const auto plan = make_plan(coefs, chain_src, chain_step, chain_base);
+  const auto dc = d.contiguous();
+  auto out = at::empty({d.size(0), plan.count}, d.options());
+  const float* in = dc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t m = 0; m < d.size(0); ++m) eval_bandwidths(in[m], plan, o + m * plan.count);
+  return out;
+}
+
+}  // namespace
+}  // namespace mmd
+}  // namespace mmdkernels
+
+TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) {
+  m.impl("mmd_shuffle", &mmdkernels::mmd::mmd_shuffle_cpu);
+  m.impl("bandwidth_chain_eval", &mmdkernels::mmd::bandwidth_chain_eval_cpu);
+}

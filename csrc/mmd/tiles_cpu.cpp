@@ -1,0 +1,151 @@
+// Definitions of the CPU tile machinery declared in tiles_cpu.h.
+#include "mmd/tiles_cpu.h"
+
+#include <algorithm>
+
+namespace mmdkernels {
+namespace mmd {
+namespace {
+
+// out[m] = base[m]^step: the multiplications of int_power (mmd_tile.h) in the same order, vectorised over m.
+void power_chunk(const float* base, int step, float* out, int64_t len) {
+  float square[kChunk];
+  for (int64_t m = 0; m < len; ++m) {
+    square[m] = base[m];
+    out[m] = 1.0f;
+  }
+  while (step > 0) {
+    if (step & 1) {
+#pragma omp simd
+      for (int64_t m = 0; m < len; ++m) out[m] *= square[m];
+    }
+#pragma omp simd
+    for (int64_t m = 0; m < len; ++m) square[m] *= square[m];
+    step >>= 1;
+  }
+}
+
+}  // namespace
+
+BandwidthPlan make_plan(c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
+                        c10::ArrayRef<int64_t> chain_step, double chain_base) {
+  const int64_t count = static_cast<int64_t>(coefs.size());
+  TORCH_CHECK(count >= 1 && count <= kMaxBandwidths, "coefs must hold 1..", kMaxBandwidths, " bandwidths, got ", count);
+  TORCH_CHECK(static_cast<int64_t>(chain_src.size()) == count && static_cast<int64_t>(chain_step.size()) == count,
+              "chain_src and chain_step must have one entry per bandwidth (", count, ")");
+  BandwidthPlan plan{};
+  plan.count = static_cast<int>(count);
+  plan.base_coef = static_cast<float>(chain_base);
+  for (int64_t j = 0; j < count; ++j) {
+    TORCH_CHECK(coefs[j] > 0, "coefs must be positive, got ", coefs[j]);
+    TORCH_CHECK(chain_src[j] >= kDirectExp && chain_src[j] < j, "chain_src[", j, "] must be -2, -1 or < ", j);
+    TORCH_CHECK(chain_step[j] >= 1, "chain_step[", j, "] must be >= 1");
+    TORCH_CHECK(chain_src[j] != kFromBase || chain_base > 0, "chain_base must be positive when a bandwidth uses it");
+    plan.coef[j] = static_cast<float>(coefs[j]);
+    plan.src[j] = static_cast<int>(chain_src[j]);
+    plan.step[j] = static_cast<int>(chain_step[j]);
+  }
+  return plan;
+}
+
+void bandwidths_chunk(const float* dist, const BandwidthPlan& plan, float (*e)[kChunk], int64_t len) {
+  float base[kChunk];
+  if (plan.base_coef > 0.0f) {
+#pragma omp simd
+    for (int64_t m = 0; m < len; ++m) base[m] = fast_exp(-plan.base_coef * dist[m]);
+  }
+  for (int j = 0; j < plan.count; ++j) {
+    if (plan.src[j] == kDirectExp) {
+      const float coef = plan.coef[j];
+#pragma omp simd
+      for (int64_t m = 0; m < len; ++m) e[j][m] = fast_exp(-coef * dist[m]);
+    } else {
+      power_chunk(plan.src[j] == kFromBase ? base : e[plan.src[j]], plan.step[j], e[j], len);
+    }
+  }
+}
+
+SliceLayout make_layout(const at::Tensor& groups, int64_t num_codebooks, int64_t dim, bool allow_joint_slice) {
+  const auto g = groups.to(at::kCPU).to(at::kInt).contiguous();
+  const int64_t num_groups = g.size(0);
+  const int* mask = g.data_ptr<int>();
+  const bool single_full_group =
+      num_groups == 1 && std::all_of(mask, mask + num_codebooks, [](int v) { return v != 0; });
+  SliceLayout layout;
+  if (allow_joint_slice && single_full_group) {
+    layout = {1, num_codebooks * dim, {{0}}};
+    return layout;
+  }
+  layout.num_slices = num_codebooks;
+  layout.width = dim;
+  for (int64_t row = 0; row < num_groups; ++row) {
+    std::vector<int> members;
+    for (int64_t k = 0; k < num_codebooks; ++k) {
+      TORCH_CHECK(mask[row * num_codebooks + k] == 0 || mask[row * num_codebooks + k] == 1,
+                  "groups must be a 0/1 mask, got ", mask[row * num_codebooks + k]);
+      if (mask[row * num_codebooks + k]) members.push_back(static_cast<int>(k));
+    }
+    TORCH_CHECK(!members.empty(), "groups row ", row, " selects no codebook");
+    layout.group_members.push_back(members);
+  }
+  return layout;
+}
+
+at::Tensor slice_of(const at::Tensor& samples, const SliceLayout& layout, int64_t s) {
+  return samples.view({samples.size(0), layout.num_slices, layout.width}).select(1, s);
+}
+
+at::Tensor slice_norms(const at::Tensor& samples, const SliceLayout& layout) {
+  return samples.view({samples.size(0), layout.num_slices, layout.width}).square().sum(-1).t().contiguous();
+}
+
+void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, int64_t row0, int64_t rows,
+               at::Tensor& tiles) {
+  for (int64_t s = 0; s < layout.num_slices; ++s) {
+    auto out = tiles.select(0, s).narrow(0, 0, rows);
+    at::mm_out(out, slice_of(a, layout, s).narrow(0, row0, rows), slice_of(b, layout, s).t());
+  }
+}
+
+void add_row_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
+                      int64_t row0, int64_t rows, double scale, at::Tensor& grad_a) {
+  for (int64_t s = 0; s < layout.num_slices; ++s) {
+    const auto weights = tiles.select(0, s).narrow(0, 0, rows);
+    const auto a_rows = slice_of(a, layout, s).narrow(0, row0, rows);
+    auto g_rows = slice_of(grad_a, layout, s).narrow(0, row0, rows);
+    auto update = at::mm(weights, slice_of(b, layout, s));
+    update.mul_(-scale).addcmul_(weights.sum(1, true), a_rows, scale);
+    g_rows.add_(update);
+  }
+}
+
+void add_column_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
+                         int64_t row0, int64_t rows, double scale, at::Tensor& grad_b) {
+  for (int64_t s = 0; s < layout.num_slices; ++s) {
+    const auto weights = tiles.select(0, s).narrow(0, 0, rows);
+    auto g = slice_of(grad_b, layout, s);
+    auto update = at::mm(weights.t(), slice_of(a, layout, s).narrow(0, row0, rows));
+    update.mul_(-scale).addcmul_(weights.sum(0).unsqueeze(1), slice_of(b, layout, s), scale);
+    g.add_(update);
+  }
+}
+
+void check_samples(const at::Tensor& z) {
+  MMD_CHECK_DEVICE(z, at::Device(at::kCPU));
+  MMD_CHECK_DTYPE(z, at::kFloat);
+  MMD_CHECK_DIM(z, 3);
+  MMD_CHECK_CONTIGUOUS(z);
+  TORCH_CHECK(z.size(0) >= 2, "z must hold at least 2 samples (dim 0), got ", z.size(0));
+  TORCH_CHECK(z.size(1) >= 1 && z.size(1) <= kMaxCodebooks, "z must have 1..", kMaxCodebooks,
+              " codebooks (dim 1), got ", z.size(1));
+  TORCH_CHECK(z.size(2) >= 1, "z must have a feature size >= 1 (dim 2), got ", z.size(2));
+}
+
+void check_groups(const at::Tensor& groups, int64_t num_codebooks) {
+  MMD_CHECK_DIM(groups, 2);
+  TORCH_CHECK(groups.size(1) == num_codebooks && groups.size(0) >= 1, "groups must have shape [G >= 1, ",
+              num_codebooks, "], got ", groups.sizes());
+}
+
+}  // namespace mmd
+}  // namespace mmdkernels

@@ -1,0 +1,56 @@
+// CPU tile machinery shared by the shuffle (mmd_cpu.cpp) and dHSIC (dhsic_cpu.cpp) kernels: the bandwidth
+// plan, the feature-slice layout, distance tiles by BLAS GEMM, vectorised chain evaluation, gradient GEMMs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "common/checks.h"
+#include "mmd/mmd_tile.h"
+
+namespace mmdkernels {
+namespace mmd {
+
+constexpr int64_t kTileBudgetFloats = int64_t(1) << 20;
+constexpr int64_t kChunk = 256;  // columns processed per vectorised chunk of a row
+
+BandwidthPlan make_plan(c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
+                        c10::ArrayRef<int64_t> chain_step, double chain_base);
+
+// e[j][m] = exp(-coef_j * dist[m]) for every bandwidth, by the plan's chain (eval_bandwidths, vectorised).
+void bandwidths_chunk(const float* dist, const BandwidthPlan& plan, float (*e)[kChunk], int64_t len);
+
+// The feature axis as S slices of equal width: one slice of K*D when the only group holds every codebook (joint
+// mode needs just the joint distance), else one slice per codebook. Groups are re-expressed over slices.
+struct SliceLayout {
+  int64_t num_slices;
+  int64_t width;
+  std::vector<std::vector<int>> group_members;  // slices of each group
+};
+
+SliceLayout make_layout(const at::Tensor& groups, int64_t num_codebooks, int64_t dim, bool allow_joint_slice);
+
+// [N, S, width] view of the samples as slice s: [N, width] with row stride S*width.
+at::Tensor slice_of(const at::Tensor& samples, const SliceLayout& layout, int64_t s);
+
+// Squared norms per slice: [S, N].
+at::Tensor slice_norms(const at::Tensor& samples, const SliceLayout& layout);
+
+// Fills tiles[s] (block_rows x N) with the dot products of rows [row0, row0 + rows) of a against every row of b.
+void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, int64_t row0, int64_t rows,
+               at::Tensor& tiles);
+
+// grad_a[rows] += scale * (rowsum(W) * a[rows] - W @ b), slice by slice; W = tiles (weights in place).
+void add_row_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
+                      int64_t row0, int64_t rows, double scale, at::Tensor& grad_a);
+
+// grad_b += scale * (colsum(W) * b - W^T @ a[rows]): the column side of the xy term.
+void add_column_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
+                         int64_t row0, int64_t rows, double scale, at::Tensor& grad_b);
+
+void check_samples(const at::Tensor& z);
+void check_groups(const at::Tensor& groups, int64_t num_codebooks);
+
+}  // namespace mmd
+}  // namespace mmdkernels

@@ -1,0 +1,14 @@
+"""mmdkernels: fused kernels for multi-codebook audio language models.
+
+    import mmdkernels
+    loss = mmdkernels.mmd_loss(q, delay=True)      # q: [B, K, D, T] per-codebook RVQ outputs
+    crit = mmdkernels.MMDLoss(delay=True)          # drop-in for the published EnCodec-MMD loss
+
+Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing compiled until an op runs.
+"""
+
+from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
+from mmdkernels.nn import MMDLoss
+
+__version__ = "0.1.0"
+__all__ = ["mmd_loss", "mmd_loss_ref", "MMDLoss", "DEFAULT_BANDWIDTHS"]
