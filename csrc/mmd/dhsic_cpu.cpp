@@ -98,18 +98,13 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
           chunk.load(tile_data, norm_data, rows_per_block, n, i, row, col0, len, plan);
           for (int64_t k = 0; k < num_codebooks; ++k) {
             for (int j = 0; j < num_bw; ++j) {
-              const float* g = chunk.gram(k, j);
-              double s = 0.0;
-              for (int64_t m = 0; m < len; ++m) s += g[m];
-              gram_sums[k * num_bw + j] += s;
+              gram_sums[k * num_bw + j] += sum_chunk(chunk.gram(k, j), len);
             }
           }
           for (const auto& members : layout.group_members) {
             for (int j = 0; j < num_bw; ++j) {
               chunk.group_product(members, j, len);
-              double s = 0.0;
-              for (int64_t m = 0; m < len; ++m) s += chunk.product[m];
-              joint_sum += s;
+              joint_sum += sum_chunk(chunk.product.data(), len);
             }
           }
         }

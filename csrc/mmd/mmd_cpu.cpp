@@ -86,9 +86,7 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
             chunk_value[diagonal] = 0.0f;
             for (int64_t s = 0; s < num_slices; ++s) slice_weights[s * kChunk + diagonal] = 0.0f;
           }
-          double chunk_sum = 0.0;
-          for (int64_t m = 0; m < len; ++m) chunk_sum += chunk_value[m];
-          row_sum += chunk_sum;
+          row_sum += sum_chunk(chunk_value, len);
           if (compute_grad) {
             for (int64_t s = 0; s < num_slices; ++s) {
               std::copy(slice_weights.data() + s * kChunk, slice_weights.data() + s * kChunk + len,

@@ -6,7 +6,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #if defined(__CUDACC__)
 #define MMD_HD __host__ __device__ __forceinline__
@@ -40,9 +39,7 @@ MMD_HD float bits_to_float(int32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(bits);
 #else
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
+  return __builtin_bit_cast(float, bits);
 #endif
 }
 
@@ -55,7 +52,8 @@ MMD_HD float fast_exp(float x) {
 #else
   const bool in_range = x > -87.0f;
   x = in_range ? x : -87.0f;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  // Round x / ln2 to the nearest integer by adding and subtracting 1.5 * 2^23 (floorf does not vectorise).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693145751953125f;
   r = r - n * 1.428606765330187e-06f;
   float p = 1.98412698412698413e-04f;

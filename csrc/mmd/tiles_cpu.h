@@ -15,6 +15,14 @@ namespace mmd {
 constexpr int64_t kTileBudgetFloats = int64_t(1) << 20;
 constexpr int64_t kChunk = 256;  // columns processed per vectorised chunk of a row
 
+// sum of v[0..len) in double, vectorised.
+inline double sum_chunk(const float* v, int64_t len) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t m = 0; m < len; ++m) s += v[m];
+  return s;
+}
+
 BandwidthPlan make_plan(c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
                         c10::ArrayRef<int64_t> chain_step, double chain_base);
 

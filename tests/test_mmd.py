@@ -1,0 +1,249 @@
+"""Every available MMD backend against the float64 reference: loss and gradient, all modes and estimators."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+
+import pytest
+import torch
+
+import mmdkernels
+from mmdkernels import _dispatch
+from mmdkernels.mmd import reference as ref
+
+# Error allowed against the float64 reference, flash-attention style: at most RULE_FACTOR times the error of the
+# same maths done by PyTorch in float32 (the published computation), plus a floor relative to the loss scale.
+RULE_FACTOR = 2.0
+LOSS_FLOOR = 2e-6  # x (number of bandwidths x groups): the loss is a sum of that many kernel means <= 1
+LOSS_RTOL = 1e-6  # the float32 result itself (the published normalisation adds a large constant)
+GRAD_FLOOR = 2e-5  # relative to max |grad|
+
+
+def cpu_backends(max_n: int) -> list[str]:
+    """Backends that can run on CPU tensors here; Triton (interpreted) only for small N."""
+    backends = ["cpp"]
+    if max_n <= 64 and importlib.util.find_spec("triton") is not None and _dispatch.triton_interpreter_enabled():
+        backends.append("triton")
+    return backends
+
+
+def make_input(shape, dtype=torch.float32, duplicates=True, seed=0) -> torch.Tensor:
+    """Random codebook outputs with a shared component (so codebooks are dependent) and exact duplicate frames."""
+    g = torch.Generator().manual_seed(seed)
+    batch, num_codebooks, dim, num_frames = shape
+    shared = torch.randn(batch, 1, dim, num_frames, generator=g)
+    x = 0.7 * torch.randn(shape, generator=g) + shared
+    if duplicates and num_frames > 2:
+        x[..., 1] = x[..., 0]  # quantized outputs repeat: exact duplicates must be handled (d = 0)
+    return x.to(dtype)
+
+
+def run(x, backend, seed=7, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    loss = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(seed), backend=backend, **kwargs)
+    loss.backward()
+    return loss.detach().double(), x.grad.double()
+
+
+def run_reference(x, dtype, seed=7, **kwargs):
+    x = x.detach().to(dtype).requires_grad_()
+    loss = ref.mmd_loss_ref(x, generator=torch.Generator().manual_seed(seed), **kwargs)
+    loss.backward()
+    return loss.detach().double(), x.grad.double()
+
+
+def assert_close_to_reference(x, backend, **kwargs):
+    """Kernel vs float64 reference, with the float32 PyTorch reference's own error as the yardstick."""
+    loss64, grad64 = run_reference(x, torch.float64, **kwargs)
+    loss32, grad32 = run_reference(x.float(), torch.float32, **kwargs)
+    loss, grad = run(x, backend, **kwargs)
+    num_terms = len(kwargs.get("bandwidths", ref.DEFAULT_BANDWIDTHS)) * (
+        x.shape[1] * (x.shape[1] - 1) // 2 if kwargs.get("mode") == "pairwise" else 1
+    )
+    loss_tol = RULE_FACTOR * (loss32 - loss64).abs() + LOSS_FLOOR * num_terms + LOSS_RTOL * loss64.abs()
+    assert (loss - loss64).abs() <= loss_tol, f"{backend}: loss {loss.item()} vs float64 {loss64.item()}"
+    scale = grad64.abs().max().clamp_min(1e-30)
+    grad_err = (grad - grad64).abs().max() / scale
+    grad_tol = RULE_FACTOR * (grad32 - grad64).abs().max() / scale + GRAD_FLOOR
+    assert grad_err <= grad_tol, f"{backend}: gradient error {grad_err.item():.3g} > {grad_tol.item():.3g}"
+    assert grad.dtype == torch.float64 and torch.isfinite(grad).all()
+
+
+SHAPES = [(1, 1, 1, 2), (2, 2, 3, 5), (3, 3, 5, 7), (2, 4, 17, 11), (5, 2, 8, 13)]
+LARGER_SHAPES = [(4, 4, 32, 129), (3, 2, 128, 200), (2, 8, 16, 261)]
+OPTIONS = [
+    dict(mode="joint", estimator="shuffle"),
+    dict(mode="pairwise", estimator="shuffle"),
+    dict(mode="joint", estimator="dhsic"),
+    dict(mode="pairwise", estimator="dhsic"),
+    dict(mode="joint", estimator="shuffle", normalization="reference"),
+]
+
+
+def _valid(shape, options, delay=False):
+    batch, num_codebooks, _, num_frames = shape
+    if options["mode"] == "pairwise" and num_codebooks < 2:
+        return False
+    if options.get("normalization") == "reference" and batch < 2:
+        return False
+    frames = num_frames - num_codebooks if delay else num_frames
+    return frames >= 1 and batch * frames >= 2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o.values()))
+@pytest.mark.parametrize("delay", [False, True])
+def test_small_shapes_match_reference(shape, options, delay):
+    if not _valid(shape, options, delay):
+        pytest.skip(f"shape {shape} is not a valid input for {options}, delay={delay} (tested in test_bad_input)")
+    x = make_input(shape)
+    for backend in cpu_backends(max_n=shape[0] * shape[3]):
+        assert_close_to_reference(x, backend, delay=delay, **options)
+
+
+@pytest.mark.parametrize("shape", LARGER_SHAPES)
+@pytest.mark.parametrize("options", OPTIONS[:4], ids=lambda o: "-".join(o.values()))
+def test_larger_shapes_match_reference(shape, options):
+    """N past the 256-column chunk and several row blocks' worth of rows."""
+    x = make_input(shape)
+    assert_close_to_reference(x, "cpp", delay=True, **options)
+
+
+def test_many_row_blocks_match_reference(monkeypatch):
+    """N = 2052: the CPU kernel's tile budget splits the rows into several blocks (the last one partial)."""
+    x = make_input((4, 2, 4, 513), seed=3)
+    for options in (OPTIONS[0], OPTIONS[2]):
+        assert_close_to_reference(x, "cpp", **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("estimator", ["shuffle", "dhsic"])
+def test_low_precision_inputs(dtype, estimator):
+    """bf16/fp16 inputs are standardised and reduced in float32: compare on the same rounded input."""
+    x = make_input((3, 3, 16, 40), dtype=dtype)
+    loss, grad = run(x, "cpp", estimator=estimator)
+    loss64, grad64 = run_reference(x, torch.float64, estimator=estimator)
+    assert (loss - loss64).abs() <= 1e-5 * 6
+    assert ((grad - grad64).abs().max() / grad64.abs().max()) < 1e-2  # the gradient is rounded to the input dtype
+    assert mmdkernels.mmd_loss(x, estimator=estimator).dtype == torch.float32
+
+
+def test_non_contiguous_input():
+    x = make_input((3, 4, 21, 9)).transpose(2, 3)  # a [B, K, T, D] buffer viewed as [B, K, D=9, T=21]
+    assert not x.is_contiguous()
+    for options in OPTIONS[:3]:
+        assert_close_to_reference(x, "cpp", **options)
+
+
+def test_custom_bandwidths_direct_exp_path():
+    """Bandwidths whose coefficients share no small base: every bandwidth gets its own exp."""
+    x = make_input((2, 3, 8, 30))
+    assert_close_to_reference(x, "cpp", bandwidths=(0.37, 2.9, 13.3))
+    assert_close_to_reference(x, "cpp", bandwidths=(3.0,), estimator="dhsic")
+
+
+def test_no_grad_forward_matches():
+    x = make_input((2, 3, 8, 30))
+    with torch.no_grad():
+        a = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(1), backend="cpp")
+    b = mmdkernels.mmd_loss(x.requires_grad_(), generator=torch.Generator().manual_seed(1), backend="cpp")
+    torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_generator_makes_it_reproducible():
+    x = make_input((2, 3, 8, 30))
+    a = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(5))
+    b = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(5))
+    c = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(6))
+    assert a.item() == b.item() and a.item() != c.item()
+
+
+def test_dhsic_is_deterministic_and_is_zero_for_one_codebook():
+    x = make_input((2, 3, 8, 30))
+    a = mmdkernels.mmd_loss(x, estimator="dhsic")
+    b = mmdkernels.mmd_loss(x, estimator="dhsic")
+    assert a.item() == b.item() and a.item() > 0
+    one = mmdkernels.mmd_loss(make_input((2, 1, 8, 30)), estimator="dhsic")
+    assert abs(one.item()) < 1e-5
+
+
+def test_independent_codebooks_score_lower_than_dependent():
+    """The loss measures dependence: shared structure across codebooks must raise it."""
+    g = torch.Generator().manual_seed(0)
+    independent = torch.randn(8, 4, 8, 64, generator=g)
+    dependent = independent[:, :1].expand(-1, 4, -1, -1) + 0.1 * torch.randn(8, 4, 8, 64, generator=g)
+    for estimator in ("shuffle", "dhsic"):
+        low = mmdkernels.mmd_loss(independent, estimator=estimator, generator=torch.Generator().manual_seed(1))
+        high = mmdkernels.mmd_loss(dependent, estimator=estimator, generator=torch.Generator().manual_seed(1))
+        assert high > 4 * low.abs()  # shuffle noise at N = 512 is ~0.01; the dependent loss is ~0.07
+
+
+def test_fallback_warns_once_and_still_works(monkeypatch):
+    from mmdkernels import _ext
+
+    monkeypatch.setitem(_ext._errors, "mmdkernels._C", "simulated: not built")
+    monkeypatch.delitem(_ext._loaded, "mmdkernels._C", raising=False)
+    monkeypatch.setattr(_ext, "_warned", set())
+    x = make_input((2, 2, 4, 10))
+    with pytest.warns(RuntimeWarning, match="no fused kernel available"):
+        mmdkernels.mmd_loss(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mmdkernels.mmd_loss(x)  # second call: no warning
+    with pytest.raises(RuntimeError, match="simulated: not built"):
+        mmdkernels.mmd_loss(x, backend="cpp")
+
+
+def test_env_override_selects_backend(monkeypatch):
+    x = make_input((2, 2, 4, 10))
+    monkeypatch.setenv("MMDKERNELS_BACKEND", "reference")
+    a = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("MMDKERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="CUDA kernel runs on CUDA tensors"):
+        mmdkernels.mmd_loss(x)
+    monkeypatch.delenv("MMDKERNELS_BACKEND")
+    b = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_runs_reference_exactly():
+    x = make_input((2, 3, 4, 12)).double()
+    a = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(1))
+    b = ref.mmd_loss_ref(x, generator=torch.Generator().manual_seed(1))
+    assert a.dtype == torch.float64 and a.item() == b.item()
+
+
+# --- the spec itself -------------------------------------------------------------------------------------------
+
+
+def test_reference_gradcheck_float64():
+    x = make_input((2, 2, 3, 6)).double().requires_grad_()
+    for options in OPTIONS[:4]:
+        perms = ref.draw_permutations(x.shape[0] * x.shape[3], 2, torch.Generator().manual_seed(0), x.device)
+        assert torch.autograd.gradcheck(lambda t: ref.mmd_loss_ref(t, perms=perms, **options), (x,))
+
+
+def test_dhsic_equals_shuffle_averaged_over_all_permutations():
+    """dHSIC V-statistic = V-statistic MMD^2 between the joint and the product of marginals (all N^K tuples)."""
+    num_samples, num_codebooks = 5, 2
+    z = ref.standardize(torch.randn(num_samples, num_codebooks, 3, dtype=torch.float64))
+    tuples = list(itertools.product(range(num_samples), repeat=num_codebooks))
+    y = torch.stack([torch.stack([z[t[k], k] for k in range(num_codebooks)]) for t in tuples])
+    x_flat, y_flat = z.reshape(num_samples, -1), y.reshape(len(tuples), -1)
+    v_stat = 0.0
+    for a in ref.DEFAULT_BANDWIDTHS:
+        k = lambda p, q: torch.exp(-torch.cdist(p, q) ** 2 / (2 * a))  # noqa: E731
+        v_stat += k(x_flat, x_flat).mean() + k(y_flat, y_flat).mean() - 2 * k(x_flat, y_flat).mean()
+    groups = ref.codebook_groups(num_codebooks, "joint")
+    torch.testing.assert_close(ref.dhsic_ref(z, groups, ref.DEFAULT_BANDWIDTHS), v_stat, rtol=1e-10, atol=1e-12)
+
+
+def test_delay_alignment_keeps_the_codes_of_one_step():
+    x = torch.arange(2 * 3 * 1 * 6, dtype=torch.float32).reshape(2, 3, 1, 6)
+    aligned = ref.delay_align(x)
+    assert aligned.shape == (2, 3, 1, 3)
+    for k in range(3):
+        torch.testing.assert_close(aligned[:, k, :, 0], x[:, k, :, 3 - k])
