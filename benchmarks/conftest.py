@@ -1,0 +1,18 @@
+"""Benchmark sizes: small in CI (MMDKERNELS_BENCH=ci, the default), the issue's sizes with MMDKERNELS_BENCH=full."""
+
+import os
+
+import pytest
+import torch
+
+FULL = os.environ.get("MMDKERNELS_BENCH", "ci") == "full"
+
+
+def pytest_report_header(config):
+    return [f"benchmark sizes: {'full' if FULL else 'ci (set MMDKERNELS_BENCH=full for the issue sizes)'}",
+            f"torch threads: {torch.get_num_threads()}"]
+
+
+@pytest.fixture
+def full_size():
+    return FULL

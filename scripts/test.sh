@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv and the build, then runs the unit tests and the benchmarks at CI sizes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=min,mean,rounds --benchmark-sort=name
