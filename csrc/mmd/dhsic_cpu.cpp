@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
         }
       }
     });
-    add_row_gradient(tiles, z, z, layout, row0, rows, 2.0, grad);
+    add_row_gradient(tiles, z, z, layout, row0, rows, 2.0, GradientSink{grad, at::Tensor()});
   }
   return {at::scalar_tensor(loss, z.options()), grad};
 }

@@ -19,8 +19,8 @@ namespace {
 
 // One term (xx, yy or xy) of the shuffle estimator: returns its weighted sum; adds its gradient to grad_a / grad_b.
 double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, const SliceLayout& layout,
-                    const BandwidthPlan& plan, float weight, bool compute_grad, at::Tensor& grad_a,
-                    at::Tensor& grad_b) {
+                    const BandwidthPlan& plan, float weight, bool compute_grad, const GradientSink& sink_a,
+                    const GradientSink& sink_b) {
   const int64_t n = a.size(0);
   const int64_t num_slices = layout.num_slices;
   const int64_t rows_per_block = block_rows(n, n, num_slices, kTileBudgetFloats);
@@ -99,10 +99,10 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
     });
     if (compute_grad) {
       if (symmetric) {
-        add_row_gradient(tiles, a, a, layout, row0, rows, 4.0, grad_a);
+        add_row_gradient(tiles, a, a, layout, row0, rows, 4.0, sink_a);
       } else {
-        add_row_gradient(tiles, a, b, layout, row0, rows, 2.0, grad_a);
-        add_column_gradient(tiles, a, b, layout, row0, rows, 2.0, grad_b);
+        add_row_gradient(tiles, a, b, layout, row0, rows, 2.0, sink_a);
+        add_column_gradient(tiles, a, b, layout, row0, rows, 2.0, sink_b);
       }
     }
   }
@@ -133,20 +133,16 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cpu(const at::Tensor& z, const at
   for (int64_t k = 0; k < num_codebooks; ++k) {
     y.select(1, k).copy_(z.select(1, k).index_select(0, perms_cpu[k]));
   }
-  auto grad_x = compute_grad ? at::zeros_like(z) : at::empty({0}, z.options());
-  auto grad_y = compute_grad ? at::zeros_like(z) : at::empty({0}, z.options());
+  auto grad = compute_grad ? at::zeros_like(z) : at::empty({0}, z.options());
+  const GradientSink sink_x{grad, at::Tensor()};
+  const GradientSink sink_y{grad, perms_cpu};
   const float w_xx = static_cast<float>(term_weights[0]);
   const float w_yy = static_cast<float>(term_weights[1]);
   const float w_xy = static_cast<float>(term_weights[2]);
-  double loss = shuffle_term(z, z, true, layout, plan, w_xx, compute_grad, grad_x, grad_x);
-  loss += shuffle_term(y, y, true, layout, plan, w_yy, compute_grad, grad_y, grad_y);
-  loss += shuffle_term(z, y, false, layout, plan, w_xy, compute_grad, grad_x, grad_y);
-  if (compute_grad) {
-    for (int64_t k = 0; k < num_codebooks; ++k) {
-      grad_x.select(1, k).index_add_(0, perms_cpu[k], grad_y.select(1, k));
-    }
-  }
-  return {at::scalar_tensor(loss, z.options()), grad_x};
+  double loss = shuffle_term(z, z, true, layout, plan, w_xx, compute_grad, sink_x, sink_x);
+  loss += shuffle_term(y, y, true, layout, plan, w_yy, compute_grad, sink_y, sink_y);
+  loss += shuffle_term(z, y, false, layout, plan, w_xy, compute_grad, sink_x, sink_y);
+  return {at::scalar_tensor(loss, z.options()), grad};
 }
 
 at::Tensor bandwidth_chain_eval_cpu(const at::Tensor& d, c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,

@@ -130,5 +130,46 @@ MMD_HD int64_t block_rows(int64_t num_rows, int64_t num_cols, int64_t slices, in
   return rows;
 }
 
+// Register-friendly forms of eval_bandwidths and shuffle_entry for the CUDA kernel: the same operations in the same
+// order, but every array index is a compile-time constant once the loops are unrolled (e[src] becomes a select over
+// the earlier bandwidths), so on a GPU e[] stays in registers instead of local memory.
+#if defined(__CUDACC__)
+#define MMD_UNROLL _Pragma("unroll")
+#else
+#define MMD_UNROLL
+#endif
+
+MMD_HD void eval_bandwidths_unrolled(float d, const BandwidthPlan& plan, float* e) {
+  const float base = plan.base_coef > 0.0f ? fast_exp(-plan.base_coef * d) : 0.0f;
+  MMD_UNROLL
+  for (int j = 0; j < kMaxBandwidths; ++j) {
+    if (j >= plan.count) break;
+    const int src = plan.src[j];
+    if (src == kDirectExp) {
+      e[j] = fast_exp(-plan.coef[j] * d);
+    } else {
+      float from = base;
+      MMD_UNROLL
+      for (int i = 0; i < j; ++i) from = src == i ? e[i] : from;
+      e[j] = int_power(from, plan.step[j]);
+    }
+  }
+}
+
+MMD_HD void shuffle_entry_unrolled(float group_dist, const BandwidthPlan& plan, float weight, float* value,
+                                   float* slope) {
+  float e[kMaxBandwidths];
+  eval_bandwidths_unrolled(group_dist, plan, e);
+  float v = 0.0f, s = 0.0f;
+  MMD_UNROLL
+  for (int j = 0; j < kMaxBandwidths; ++j) {
+    if (j >= plan.count) break;
+    v += e[j];
+    s -= plan.coef[j] * e[j];
+  }
+  *value += weight * v;
+  *slope += weight * s;
+}
+
 }  // namespace mmd
 }  // namespace mmdkernels

@@ -1,6 +1,8 @@
 // Definitions of the CPU tile machinery declared in tiles_cpu.h.
 #include "mmd/tiles_cpu.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 
 namespace mmdkernels {
@@ -96,7 +98,22 @@ at::Tensor slice_of(const at::Tensor& samples, const SliceLayout& layout, int64_
 }
 
 at::Tensor slice_norms(const at::Tensor& samples, const SliceLayout& layout) {
-  return samples.view({samples.size(0), layout.num_slices, layout.width}).square().sum(-1).t().contiguous();
+  const int64_t n = samples.size(0), num_slices = layout.num_slices, width = layout.width;
+  auto norms = at::empty({num_slices, n}, samples.options());
+  const float* data = samples.data_ptr<float>();
+  float* out = norms.data_ptr<float>();
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t s = 0; s < num_slices; ++s) {
+        const float* v = data + (row * num_slices + s) * width;
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < width; ++i) sum += v[i] * v[i];
+        out[s * n + row] = static_cast<float>(sum);
+      }
+    }
+  });
+  return norms;
 }
 
 void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, int64_t row0, int64_t rows,
@@ -107,26 +124,48 @@ void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layo
   }
 }
 
+void GradientSink::add(const SliceLayout& layout, int64_t s, int64_t row0, const at::Tensor& update) const {
+  const int64_t rows = update.size(0);
+  if (!perms.defined()) {
+    slice_of(grad, layout, s).narrow(0, row0, rows).add_(update);
+    return;
+  }
+  if (layout.num_slices == 1) {  // one slice spans every codebook, each permuted on its own
+    const int64_t num_codebooks = grad.size(1);
+    const auto per_codebook = update.view({rows, num_codebooks, grad.size(2)});
+    for (int64_t k = 0; k < num_codebooks; ++k) {
+      grad.select(1, k).index_add_(0, perms[k].narrow(0, row0, rows), per_codebook.select(1, k));
+    }
+  } else {
+    grad.select(1, s).index_add_(0, perms[s].narrow(0, row0, rows), update);
+  }
+}
+
 void add_row_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
-                      int64_t row0, int64_t rows, double scale, at::Tensor& grad_a) {
+                      int64_t row0, int64_t rows, double scale, const GradientSink& sink_a) {
   for (int64_t s = 0; s < layout.num_slices; ++s) {
     const auto weights = tiles.select(0, s).narrow(0, 0, rows);
     const auto a_rows = slice_of(a, layout, s).narrow(0, row0, rows);
-    auto g_rows = slice_of(grad_a, layout, s).narrow(0, row0, rows);
     auto update = at::mm(weights, slice_of(b, layout, s));
     update.mul_(-scale).addcmul_(weights.sum(1, true), a_rows, scale);
-    g_rows.add_(update);
+    sink_a.add(layout, s, row0, update);
   }
 }
 
 void add_column_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
-                         int64_t row0, int64_t rows, double scale, at::Tensor& grad_b) {
+                         int64_t row0, int64_t rows, double scale, const GradientSink& sink_b) {
+  const int64_t n = b.size(0);
+  const int64_t cols_per_chunk = std::max<int64_t>(1, kTileBudgetFloats / 4 / layout.width);
   for (int64_t s = 0; s < layout.num_slices; ++s) {
     const auto weights = tiles.select(0, s).narrow(0, 0, rows);
-    auto g = slice_of(grad_b, layout, s);
-    auto update = at::mm(weights.t(), slice_of(a, layout, s).narrow(0, row0, rows));
-    update.mul_(-scale).addcmul_(weights.sum(0).unsqueeze(1), slice_of(b, layout, s), scale);
-    g.add_(update);
+    const auto a_rows = slice_of(a, layout, s).narrow(0, row0, rows);
+    for (int64_t col0 = 0; col0 < n; col0 += cols_per_chunk) {
+      const int64_t cols = std::min(cols_per_chunk, n - col0);
+      const auto w = weights.narrow(1, col0, cols);
+      auto update = at::mm(w.t(), a_rows);
+      update.mul_(-scale).addcmul_(w.sum(0).unsqueeze(1), slice_of(b, layout, s).narrow(0, col0, cols), scale);
+      sink_b.add(layout, s, col0, update);
+    }
   }
 }
 

@@ -49,13 +49,22 @@ at::Tensor slice_norms(const at::Tensor& samples, const SliceLayout& layout);
 void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, int64_t row0, int64_t rows,
                at::Tensor& tiles);
 
-// grad_a[rows] += scale * (rowsum(W) * a[rows] - W @ b), slice by slice; W = tiles (weights in place).
-void add_row_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
-                      int64_t row0, int64_t rows, double scale, at::Tensor& grad_a);
+// Where gradient rows go: into grad's rows directly, or, for the shuffled samples y[m, k] = z[perms[k, m], k],
+// through the permutations into the gradient of z (so y's gradient is never stored).
+struct GradientSink {
+  at::Tensor grad;   // [N, K, D] float32
+  at::Tensor perms;  // [K, N] int64, or undefined for direct rows
+  // rows [row0, row0 + update.size(0)) of slice s += update
+  void add(const SliceLayout& layout, int64_t s, int64_t row0, const at::Tensor& update) const;
+};
 
-// grad_b += scale * (colsum(W) * b - W^T @ a[rows]): the column side of the xy term.
+// sink_a[rows] += scale * (rowsum(W) * a[rows] - W @ b), slice by slice; W = tiles (weights in place).
+void add_row_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
+                      int64_t row0, int64_t rows, double scale, const GradientSink& sink_a);
+
+// sink_b += scale * (colsum(W) * b - W^T @ a[rows]): the column side of the xy term, in column chunks.
 void add_column_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
-                         int64_t row0, int64_t rows, double scale, at::Tensor& grad_b);
+                         int64_t row0, int64_t rows, double scale, const GradientSink& sink_b);
 
 void check_samples(const at::Tensor& z);
 void check_groups(const at::Tensor& groups, int64_t num_codebooks);

@@ -19,8 +19,8 @@ from mmdkernels.mmd.reference import (
     draw_permutations,
     mmd_loss_ref,
     normalization_weights,
-    prepare_samples,
 )
+from mmdkernels.mmd.samples import FusedLoss
 
 MAX_CODEBOOKS = 32  # kMaxCodebooks in csrc/mmd/mmd_tile.h
 
@@ -114,16 +114,22 @@ def mmd_loss(
             generator=generator,
         )
     batch, num_codebooks = x.shape[0], x.shape[1]
-    z = prepare_samples(x, delay, dtype=torch.float32).contiguous()
-    groups = codebook_groups(num_codebooks, mode, device=z.device)
+    num_samples = batch * (x.shape[3] - num_codebooks if delay else x.shape[3])
+    groups = codebook_groups(num_codebooks, mode, device=x.device)
     plan_args = build_plan(bandwidths).as_op_args()
-    compute_grad = torch.is_grad_enabled() and z.requires_grad
     if estimator == "dhsic":
-        loss, _ = ops.dhsic_op(backend)(z, groups, *plan_args, compute_grad)
-        return loss
-    num_samples = z.shape[0]
-    perms = draw_permutations(num_samples, num_codebooks, generator, z.device)
+        op = ops.dhsic_op(backend)
+
+        def run_kernel(z, compute_grad):
+            return op(z, groups, *plan_args, compute_grad)
+
+        return FusedLoss.apply(x, delay, run_kernel)
+    perms = draw_permutations(num_samples, num_codebooks, generator, x.device)
     weights, constant = normalization_weights(normalization, num_samples, batch, groups.shape[0], len(bandwidths))
-    loss, _ = ops.shuffle_op(backend)(z, perms, groups, *plan_args, list(weights), compute_grad)
-    loss = loss + constant
+    op = ops.shuffle_op(backend)
+
+    def run_kernel(z, compute_grad):
+        return op(z, perms, groups, *plan_args, list(weights), compute_grad)
+
+    loss = FusedLoss.apply(x, delay, run_kernel) + constant
     return loss.clamp(min=0) if normalization == "reference" else loss
