@@ -88,6 +88,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
     dot_tiles(z, z, layout, row0, rows, tiles);
     const float* tile_data = tiles.data_ptr<float>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      const FlushDenormals flush_denormals;
       DhsicChunk chunk(num_codebooks);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t row = row0 + i;
@@ -156,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
     dot_tiles(z, z, layout, row0, rows, tiles);
     float* tile_data = tiles.data_ptr<float>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      const FlushDenormals flush_denormals;
       DhsicChunk chunk(num_codebooks);
       std::vector<float> joint(num_codebooks * num_bw * kChunk);  // J_{k,j}: sum of the joint Grams of k's groups
       for (int64_t i = begin; i < end; ++i) {

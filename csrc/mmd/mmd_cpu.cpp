@@ -36,6 +36,7 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
     const float* na = norms_a.data_ptr<float>();
     const float* nb = norms_b.data_ptr<float>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      const FlushDenormals flush_denormals;
       std::vector<float> scratch((num_slices + 2 + kMaxBandwidths) * kChunk);
       float* dist = scratch.data();                   // [S][kChunk]
       float* weights = dist + num_slices * kChunk;    // [kChunk] running W of the current slice set

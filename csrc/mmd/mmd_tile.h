@@ -85,33 +85,6 @@ MMD_HD float sqdist_from_dot(float norm_a, float norm_b, float dot) {
   return d > 0.0f ? d : 0.0f;
 }
 
-// e[j] = exp(-plan.coef[j] * d) for every bandwidth, by the plan's chain.
-MMD_HD void eval_bandwidths(float d, const BandwidthPlan& plan, float* e) {
-  const float base = plan.base_coef > 0.0f ? fast_exp(-plan.base_coef * d) : 0.0f;
-  for (int j = 0; j < plan.count; ++j) {
-    const int src = plan.src[j];
-    if (src == kDirectExp) {
-      e[j] = fast_exp(-plan.coef[j] * d);
-    } else {
-      e[j] = int_power(src == kFromBase ? base : e[src], plan.step[j]);
-    }
-  }
-}
-
-// Shuffle estimator, one entry of one group: value += w * sum_j e_j and slope += w * sum_j (-coef_j) e_j,
-// where slope is d(value)/d(D_g), the weight the gradient GEMM multiplies the distance derivative with.
-MMD_HD void shuffle_entry(float group_dist, const BandwidthPlan& plan, float weight, float* value, float* slope) {
-  float e[kMaxBandwidths];
-  eval_bandwidths(group_dist, plan, e);
-  float v = 0.0f, s = 0.0f;
-  for (int j = 0; j < plan.count; ++j) {
-    v += e[j];
-    s -= plan.coef[j] * e[j];
-  }
-  *value += weight * v;
-  *slope += weight * s;
-}
-
 // dHSIC gradient weight of codebook k at entry (n, m), symmetrised over (n, m) and (m, n), for one bandwidth:
 //   W_k = -coef * [ (2/N^2) sum_{g contains k} joint_g  +  E_k (2 gamma_k - beta_k(n) - beta_k(m)) ]
 // with joint_g = prod_{j in g} E_j, gamma_k = (1/N^2) sum_{g contains k} prod_{j in g, j != k} s_j and
@@ -130,16 +103,16 @@ MMD_HD int64_t block_rows(int64_t num_rows, int64_t num_cols, int64_t slices, in
   return rows;
 }
 
-// Register-friendly forms of eval_bandwidths and shuffle_entry for the CUDA kernel: the same operations in the same
-// order, but every array index is a compile-time constant once the loops are unrolled (e[src] becomes a select over
-// the earlier bandwidths), so on a GPU e[] stays in registers instead of local memory.
+// e[j] = exp(-plan.coef[j] * d) for every bandwidth, by the plan's chain. Every array index is a compile-time
+// constant once the loops are unrolled (e[src] becomes a select over the earlier bandwidths), so on a GPU e[]
+// stays in registers instead of local memory.
 #if defined(__CUDACC__)
 #define MMD_UNROLL _Pragma("unroll")
 #else
 #define MMD_UNROLL
 #endif
 
-MMD_HD void eval_bandwidths_unrolled(float d, const BandwidthPlan& plan, float* e) {
+MMD_HD void eval_bandwidths(float d, const BandwidthPlan& plan, float* e) {
   const float base = plan.base_coef > 0.0f ? fast_exp(-plan.base_coef * d) : 0.0f;
   MMD_UNROLL
   for (int j = 0; j < kMaxBandwidths; ++j) {
@@ -156,10 +129,12 @@ MMD_HD void eval_bandwidths_unrolled(float d, const BandwidthPlan& plan, float* 
   }
 }
 
-MMD_HD void shuffle_entry_unrolled(float group_dist, const BandwidthPlan& plan, float weight, float* value,
+// Shuffle estimator, one entry of one group: value += w * sum_j e_j and slope += w * sum_j (-coef_j) e_j,
+// where slope is d(value)/d(D_g), the weight the gradient GEMM multiplies the distance derivative with.
+MMD_HD void shuffle_entry(float group_dist, const BandwidthPlan& plan, float weight, float* value,
                                    float* slope) {
   float e[kMaxBandwidths];
-  eval_bandwidths_unrolled(group_dist, plan, e);
+  eval_bandwidths(group_dist, plan, e);
   float v = 0.0f, s = 0.0f;
   MMD_UNROLL
   for (int j = 0; j < kMaxBandwidths; ++j) {
