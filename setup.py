@@ -40,7 +40,15 @@ def _extensions():
         return [], {}
 
     arch = os.environ.get("MMDKERNELS_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-Wall", f"-march={arch}", "-mprefer-vector-width=512"]
+    cxx_flags = [
+        "-O3",
+        "-std=c++17",
+        "-fopenmp-simd",
+        "-fno-math-errno",
+        "-Wall",
+        f"-march={arch}",
+        "-mprefer-vector-width=512",
+    ]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cpu_sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
     exts = [

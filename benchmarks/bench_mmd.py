@@ -98,4 +98,9 @@ def test_mmd_large_n_completes(benchmark):
     x = make_input(LARGE_N)
     benchmark.pedantic(forward_backward, args=(x, "cpp"), rounds=1)
     assert torch.isfinite(x.grad).all()
-    _info(benchmark, "cpp", LARGE_N, "forward_backward(x, 'cpp')" if os.environ.get("MMDKERNELS_BENCH_MEMORY_LARGE") else None)
+    _info(
+        benchmark,
+        "cpp",
+        LARGE_N,
+        "forward_backward(x, 'cpp')" if os.environ.get("MMDKERNELS_BENCH_MEMORY_LARGE") else None,
+    )

@@ -9,8 +9,10 @@ FULL = os.environ.get("MMDKERNELS_BENCH", "ci") == "full"
 
 
 def pytest_report_header(config):
-    return [f"benchmark sizes: {'full' if FULL else 'ci (set MMDKERNELS_BENCH=full for the issue sizes)'}",
-            f"torch threads: {torch.get_num_threads()}"]
+    return [
+        f"benchmark sizes: {'full' if FULL else 'ci (set MMDKERNELS_BENCH=full for the issue sizes)'}",
+        f"torch threads: {torch.get_num_threads()}",
+    ]
 
 
 @pytest.fixture

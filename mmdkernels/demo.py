@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     outputs = synthetic_rvq_outputs(batch, frames, args.codebooks, args.dim, args.seed)
     control = independent_control(outputs, args.seed + 1)
     backend = choose_backend(outputs, None, "mmd_loss")
-    print(f"mmdkernels {mmdkernels.__version__}: x = [B={batch}, K={args.codebooks}, D={args.dim}, T={frames}], "
-          f"N = {batch * frames}, backend = {backend}, torch threads = {torch.get_num_threads()}")
+    print(
+        f"mmdkernels {mmdkernels.__version__}: x = [B={batch}, K={args.codebooks}, D={args.dim}, T={frames}], "
+        f"N = {batch * frames}, backend = {backend}, torch threads = {torch.get_num_threads()}"
+    )
 
     results = {"shape": list(outputs.shape), "backend": backend, "loss": {}, "timing_s": {}}
     print(f"\n{'estimator':<10} {'mode':<9} {'RVQ outputs':>12} {'independent':>12}")
@@ -91,8 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     fused = time_forward_backward(timing_input, backend)
     reference = time_forward_backward(timing_input, "reference")
     results["timing_s"] = {"fused": fused, "reference": reference, "N": timing_input.shape[0] * timing_input.shape[3]}
-    print(f"\nforward+backward at N = {results['timing_s']['N']}: fused ({backend}) {fused * 1e3:.1f} ms, "
-          f"reference {reference * 1e3:.1f} ms, speed-up {reference / fused:.1f}x")
+    print(
+        f"\nforward+backward at N = {results['timing_s']['N']}: fused ({backend}) {fused * 1e3:.1f} ms, "
+        f"reference {reference * 1e3:.1f} ms, speed-up {reference / fused:.1f}x"
+    )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)

@@ -64,4 +64,5 @@ class MMDLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"delay={self.delay}, mode={self.mode!r}, estimator={self.estimator!r}, normalization={self.normalization!r}"
+        options = f"mode={self.mode!r}, estimator={self.estimator!r}, normalization={self.normalization!r}"
+        return f"delay={self.delay}, {options}"

@@ -236,7 +236,7 @@ def test_dhsic_equals_shuffle_averaged_over_all_permutations():
     x_flat, y_flat = z.reshape(num_samples, -1), y.reshape(len(tuples), -1)
     v_stat = 0.0
     for a in ref.DEFAULT_BANDWIDTHS:
-        k = lambda p, q: torch.exp(-torch.cdist(p, q) ** 2 / (2 * a))  # noqa: E731
+        k = lambda p, q: torch.exp(-(torch.cdist(p, q) ** 2) / (2 * a))  # noqa: E731
         v_stat += k(x_flat, x_flat).mean() + k(y_flat, y_flat).mean() - 2 * k(x_flat, y_flat).mean()
     groups = ref.codebook_groups(num_codebooks, "joint")
     torch.testing.assert_close(ref.dhsic_ref(z, groups, ref.DEFAULT_BANDWIDTHS), v_stat, rtol=1e-10, atol=1e-12)

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from mmdkernels.mmd import ops, reference as ref
+from mmdkernels.mmd import ops
+from mmdkernels.mmd import reference as ref
 from mmdkernels.mmd.plan import DIRECT_EXP, FROM_BASE, build_plan
 
 
@@ -37,7 +38,9 @@ def test_default_plan_is_one_exp_and_powers():
     assert direct.src == (DIRECT_EXP, DIRECT_EXP) and direct.base_coef == 0.0
 
 
-@pytest.mark.parametrize("bandwidths", [ref.DEFAULT_BANDWIDTHS, (0.37, math.pi, 13.3), (0.37, 2.9, 13.3), (1.0, 2.0, 4.0, 8.0)])
+@pytest.mark.parametrize(
+    "bandwidths", [ref.DEFAULT_BANDWIDTHS, (0.37, math.pi, 13.3), (0.37, 2.9, 13.3), (1.0, 2.0, 4.0, 8.0)]
+)
 def test_bandwidth_chain_matches_exp(bandwidths):
     """The shared tile header's chain (what the CUDA kernel runs) against float64 exp, over the distances that occur."""
     ops.shuffle_op("cpp")  # loads the extension

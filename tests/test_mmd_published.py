@@ -35,7 +35,9 @@ def published_formula(inputs: torch.Tensor, delay: bool) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(4, 4, 16, 20), (2, 3, 7, 9), (8, 2, 32, 6)])
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_mmdloss_reproduces_published_values(shape, delay, backend):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) + 0.5 * torch.randn(shape[0], 1, shape[2], shape[3])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) + 0.5 * torch.randn(
+        shape[0], 1, shape[2], shape[3]
+    )
     torch.manual_seed(123)
     expected = published_formula(x, delay)
     torch.manual_seed(123)
@@ -61,7 +63,7 @@ def test_mmdloss_constructor_is_drop_in():
 
 
 def test_reference_normalization_constant_is_the_diagonal_remainder():
-    """N != B: the published value carries 2 * A * (N - B) / (B (B - 1)) from the diagonal; our unbiased one does not."""
+    """N != B: the published value carries 2 A (N - B) / (B (B - 1)) from the diagonal; the unbiased one does not."""
     x = torch.randn(3, 2, 4, 10)
     weights, constant = ref.normalization_weights("reference", 30, 3, 1, 6)
     assert constant == pytest.approx(2 * 6 * (30 - 3) / (3 * 2))

@@ -44,16 +44,23 @@ def _check_arguments(x, delay, bandwidths, mode, estimator, normalization, gener
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if estimator == "dhsic" and normalization == "reference":
-        raise ValueError("normalization='reference' (the published batch-size scaling) applies to estimator='shuffle' only")
+        raise ValueError(
+            "normalization='reference' (the published batch-size scaling) applies to estimator='shuffle' only"
+        )
     if mode == "pairwise" and num_codebooks < 2:
-        raise ValueError(f"mode='pairwise' needs K >= 2 codebooks, got x of shape {tuple(x.shape)} (K = {num_codebooks})")
+        raise ValueError(
+            f"mode='pairwise' needs K >= 2 codebooks, got x of shape {tuple(x.shape)} (K = {num_codebooks})"
+        )
     if delay and num_frames <= num_codebooks:
         raise ValueError(
-            f"delay=True needs T > K frames (the delay alignment keeps T - K), got T = {num_frames}, K = {num_codebooks}"
+            f"delay=True needs T > K frames (the delay alignment keeps T - K), "
+            f"got T = {num_frames}, K = {num_codebooks}"
         )
     num_samples = batch * (num_frames - num_codebooks if delay else num_frames)
     if num_samples < 2:
-        raise ValueError(f"the loss needs N = B * T' >= 2 samples, got N = {num_samples} from x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"the loss needs N = B * T' >= 2 samples, got N = {num_samples} from x of shape {tuple(x.shape)}"
+        )
     if normalization == "reference" and batch < 2:
         raise ValueError(f"normalization='reference' divides by B (B - 1) and needs batch size B >= 2, got B = {batch}")
     bandwidths = tuple(float(a) for a in bandwidths)

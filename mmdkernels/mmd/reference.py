@@ -65,9 +65,7 @@ def draw_permutations(
     num_samples: int, num_codebooks: int, generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
     """One torch.randperm(N) per codebook, k = 0..K-1 in order (the published RNG use). Returns int64 [K, N]."""
-    return torch.stack(
-        [torch.randperm(num_samples, generator=generator, device=device) for _ in range(num_codebooks)]
-    )
+    return torch.stack([torch.randperm(num_samples, generator=generator, device=device) for _ in range(num_codebooks)])
 
 
 def codebook_groups(num_codebooks: int, mode: str, device: torch.device | None = None) -> torch.Tensor:
@@ -136,7 +134,7 @@ def shuffle_sums_ref(
 
 
 def dhsic_ref(z: torch.Tensor, groups: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
-    """dHSIC V-statistic of each codebook group, summed over groups and bandwidths (what the fused dHSIC kernels compute).
+    """dHSIC V-statistic of each codebook group, summed over groups and bandwidths (what the dHSIC kernels compute).
 
     For a group g and bandwidth a, with E_k = exp(-coef_a d_k) the Gram matrix of codebook k:
         mean_{n,m} prod_{k in g} E_k  +  prod_{k in g} mean_{n,m} E_k  -  2 mean_n prod_{k in g} mean_m E_k

@@ -72,8 +72,16 @@ def _bandwidth_values(dist, COEFS: tl.constexpr, SRC: tl.constexpr, STEP: tl.con
 
 
 @triton.jit
-def _load_samples(ptr, samples, feature_start, num_samples, NUM_CODEBOOKS: tl.constexpr, DIM: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_samples(
+    ptr,
+    samples,
+    feature_start,
+    num_samples,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Features [feature_start, feature_start + BLOCK_D) of rows `samples` of a [N, K, D] tensor, as a zero-padded
     tile [BLOCK_K, len(samples), BLOCK_D]."""
     codebooks = tl.arange(0, BLOCK_K)[:, None, None]
@@ -84,8 +92,16 @@ def _load_samples(ptr, samples, feature_start, num_samples, NUM_CODEBOOKS: tl.co
 
 
 @triton.jit
-def _store_samples(ptr, samples, tile, num_samples, NUM_CODEBOOKS: tl.constexpr, DIM: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_samples(
+    ptr,
+    samples,
+    tile,
+    num_samples,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Inverse of _load_samples (feature_start 0) for the rows, codebooks and features that exist."""
     codebooks = tl.arange(0, BLOCK_K)[:, None, None]
     features = tl.arange(0, BLOCK_D)[None, None, :]
@@ -95,8 +111,15 @@ def _store_samples(ptr, samples, tile, num_samples, NUM_CODEBOOKS: tl.constexpr,
 
 
 @triton.jit
-def _sample_sqnorms(ptr, samples, num_samples, NUM_CODEBOOKS: tl.constexpr, DIM: tl.constexpr,
-                    BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr):
+def _sample_sqnorms(
+    ptr,
+    samples,
+    num_samples,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK_D: tl.constexpr,
+):
     """|z_n^k|^2 for rows `samples`: [BLOCK_K, len(samples)]."""
     norms = tl.zeros([BLOCK_K, samples.shape[0]], tl.float32)
     for feature_start in range(0, DIM, CHUNK_D):
@@ -106,8 +129,18 @@ def _sample_sqnorms(ptr, samples, num_samples, NUM_CODEBOOKS: tl.constexpr, DIM:
 
 
 @triton.jit
-def _codebook_sqdists(rows_ptr, row_ids, row_norms, cols_ptr, col_ids, num_samples, NUM_CODEBOOKS: tl.constexpr,
-                      DIM: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr):
+def _codebook_sqdists(
+    rows_ptr,
+    row_ids,
+    row_norms,
+    cols_ptr,
+    col_ids,
+    num_samples,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK_D: tl.constexpr,
+):
     """d_k(row n, col m) = |a|^2 + |b|^2 - 2 a.b clamped at 0, as [BLOCK_K, len(row_ids), len(col_ids)].
 
     The dot runs over D in CHUNK_D slices reloaded from memory (cache hits), so no thread holds a whole feature row.
@@ -131,9 +164,18 @@ def _group_members(groups_ptr, group, NUM_CODEBOOKS: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def _group_kernel_sums(dists, groups_ptr, num_groups, NUM_CODEBOOKS: tl.constexpr, COEFS: tl.constexpr,
-                       SRC: tl.constexpr, STEP: tl.constexpr, BASE_COEF: tl.constexpr, COMPUTE_SLOPES: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _group_kernel_sums(
+    dists,
+    groups_ptr,
+    num_groups,
+    NUM_CODEBOOKS: tl.constexpr,
+    COEFS: tl.constexpr,
+    SRC: tl.constexpr,
+    STEP: tl.constexpr,
+    BASE_COEF: tl.constexpr,
+    COMPUTE_SLOPES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Kernel values and slopes of the group distances D_g = sum_{k in g} dists[k] (dists [BK, BN, BM]).
 
     Returns values [BN, BM] = sum_{g, j} e_j(D_g) and slopes [BK, BN, BM] = sum_{g contains k} sum_j -coef_j e_j(D_g)
@@ -157,9 +199,19 @@ def _group_kernel_sums(dists, groups_ptr, num_groups, NUM_CODEBOOKS: tl.constexp
 
 
 @triton.jit
-def _row_block_grad(grad_ptr, rows_ptr, row_ids, weight_rowsums, weighted_cols, num_samples,
-                    NUM_CODEBOOKS: tl.constexpr, DIM: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def _row_block_grad(
+    grad_ptr,
+    rows_ptr,
+    row_ids,
+    weight_rowsums,
+    weighted_cols,
+    num_samples,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """grad rows (+)= rowsum(W) * A - W @ B for the row block, from the accumulated rowsum(W) and W @ B."""
     rows = _load_samples(rows_ptr, row_ids, 0, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D)
     grad = weight_rowsums[:, :, None] * rows - weighted_cols
@@ -174,11 +226,30 @@ def _row_block_grad(grad_ptr, rows_ptr, row_ids, weight_rowsums, weighted_cols, 
 
 
 @triton.jit
-def _shuffle_term_kernel(rows_ptr, cols_ptr, groups_ptr, loss_ptr, grad_ptr, num_samples, num_groups, term_weight,
-                         NUM_CODEBOOKS: tl.constexpr, DIM: tl.constexpr, COEFS: tl.constexpr, SRC: tl.constexpr,
-                         STEP: tl.constexpr, BASE_COEF: tl.constexpr, SYMMETRIC: tl.constexpr,
-                         COMPUTE_GRAD: tl.constexpr, ACCUMULATE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _shuffle_term_kernel(
+    rows_ptr,
+    cols_ptr,
+    groups_ptr,
+    loss_ptr,
+    grad_ptr,
+    num_samples,
+    num_groups,
+    term_weight,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    COEFS: tl.constexpr,
+    SRC: tl.constexpr,
+    STEP: tl.constexpr,
+    BASE_COEF: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    ACCUMULATE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One term of the shuffle loss, rows A (a block of them) against all columns B.
 
     loss_ptr[pid] = w sum_{n in block, m (!= n if SYMMETRIC)} sum_{g, j} e_j(D_g(a_n, b_m)).
@@ -196,10 +267,12 @@ def _shuffle_term_kernel(rows_ptr, cols_ptr, groups_ptr, loss_ptr, grad_ptr, num
         if SYMMETRIC:
             # the diagonal is excluded by index, never by its computed distance (not exactly 0 in float32)
             valid = valid & (row_ids[:, None] != col_ids[None, :])
-        dists = _codebook_sqdists(rows_ptr, row_ids, row_norms, cols_ptr, col_ids, num_samples, NUM_CODEBOOKS, DIM,
-                                  BLOCK_K, CHUNK_D)
-        values, slopes = _group_kernel_sums(dists, groups_ptr, num_groups, NUM_CODEBOOKS, COEFS, SRC, STEP,
-                                            BASE_COEF, COMPUTE_GRAD, BLOCK_K)
+        dists = _codebook_sqdists(
+            rows_ptr, row_ids, row_norms, cols_ptr, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D
+        )
+        values, slopes = _group_kernel_sums(
+            dists, groups_ptr, num_groups, NUM_CODEBOOKS, COEFS, SRC, STEP, BASE_COEF, COMPUTE_GRAD, BLOCK_K
+        )
         loss += tl.sum(tl.where(valid, values, 0.0))
         if COMPUTE_GRAD:
             weights = tl.where(valid[None, :, :], (grad_scale * term_weight) * slopes, 0.0)
@@ -208,8 +281,19 @@ def _shuffle_term_kernel(rows_ptr, cols_ptr, groups_ptr, loss_ptr, grad_ptr, num
             weighted_cols = tl.dot(weights, cols, acc=weighted_cols, input_precision="ieee")
     tl.store(loss_ptr + tl.program_id(0), term_weight * loss)
     if COMPUTE_GRAD:
-        _row_block_grad(grad_ptr, rows_ptr, row_ids, weight_rowsums, weighted_cols, num_samples, NUM_CODEBOOKS, DIM,
-                        ACCUMULATE_GRAD, BLOCK_K, BLOCK_D)
+        _row_block_grad(
+            grad_ptr,
+            rows_ptr,
+            row_ids,
+            weight_rowsums,
+            weighted_cols,
+            num_samples,
+            NUM_CODEBOOKS,
+            DIM,
+            ACCUMULATE_GRAD,
+            BLOCK_K,
+            BLOCK_D,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,19 +302,43 @@ def _shuffle_term_kernel(rows_ptr, cols_ptr, groups_ptr, loss_ptr, grad_ptr, num
 
 
 @triton.jit
-def _dhsic_dists(z_ptr, row_ids, row_norms, col_ids, num_samples, NUM_CODEBOOKS: tl.constexpr, DIM: tl.constexpr,
-                 BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr):
+def _dhsic_dists(
+    z_ptr,
+    row_ids,
+    row_norms,
+    col_ids,
+    num_samples,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK_D: tl.constexpr,
+):
     """Per-codebook distances [BK, BN, BM] with the diagonal exactly 0 (so E = 1 there, as the V-statistic needs)."""
-    dists = _codebook_sqdists(z_ptr, row_ids, row_norms, z_ptr, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K,
-                              CHUNK_D)
+    dists = _codebook_sqdists(
+        z_ptr, row_ids, row_norms, z_ptr, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D
+    )
     return tl.where((row_ids[:, None] == col_ids[None, :])[None, :, :], 0.0, dists)
 
 
 @triton.jit
-def _dhsic_sums_kernel(z_ptr, groups_ptr, row_sums_ptr, joint_ptr, num_samples, num_groups,
-                       NUM_CODEBOOKS: tl.constexpr, DIM: tl.constexpr, COEFS: tl.constexpr, SRC: tl.constexpr,
-                       STEP: tl.constexpr, BASE_COEF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr):
+def _dhsic_sums_kernel(
+    z_ptr,
+    groups_ptr,
+    row_sums_ptr,
+    joint_ptr,
+    num_samples,
+    num_groups,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    COEFS: tl.constexpr,
+    SRC: tl.constexpr,
+    STEP: tl.constexpr,
+    BASE_COEF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK_D: tl.constexpr,
+):
     """Pass 1: row_sums[j, k, n] = sum_m E_{k,j}(n, m) for the block's rows ([J, K, N], J bandwidths); joint[pid] =
     sum over the block's rows, all columns, groups and bandwidths of prod_{k in g} E_{k,j}(n, m) = e_j(D_g(n, m))."""
     row_ids = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -248,8 +356,9 @@ def _dhsic_sums_kernel(z_ptr, groups_ptr, row_sums_ptr, joint_ptr, num_samples, 
         for j in tl.static_range(len(COEFS)):
             new_row_sums = new_row_sums + (row_sums[j] + tl.sum(tl.where(valid[None, :, :], grams[j], 0.0), axis=2),)
         row_sums = new_row_sums
-        joint_values, _ = _group_kernel_sums(dists, groups_ptr, num_groups, NUM_CODEBOOKS, COEFS, SRC, STEP, BASE_COEF,
-                                             False, BLOCK_K)
+        joint_values, _ = _group_kernel_sums(
+            dists, groups_ptr, num_groups, NUM_CODEBOOKS, COEFS, SRC, STEP, BASE_COEF, False, BLOCK_K
+        )
         joint += tl.sum(tl.where(valid, joint_values, 0.0))
     tl.store(joint_ptr + tl.program_id(0), joint)
     codebooks = tl.arange(0, BLOCK_K)[:, None]
@@ -260,8 +369,17 @@ def _dhsic_sums_kernel(z_ptr, groups_ptr, row_sums_ptr, joint_ptr, num_samples, 
 
 
 @triton.jit
-def _group_joint_sums(dists, groups_ptr, num_groups, NUM_CODEBOOKS: tl.constexpr, COEFS: tl.constexpr,
-                      SRC: tl.constexpr, STEP: tl.constexpr, BASE_COEF: tl.constexpr, BLOCK_K: tl.constexpr):
+def _group_joint_sums(
+    dists,
+    groups_ptr,
+    num_groups,
+    NUM_CODEBOOKS: tl.constexpr,
+    COEFS: tl.constexpr,
+    SRC: tl.constexpr,
+    STEP: tl.constexpr,
+    BASE_COEF: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Per bandwidth j, J_{k,j} = sum_{g contains k} prod_{i in g} E_{i,j} as a tuple of [BK, BN, BM] tiles.
 
     The group's Gram product is the kernel of the group distance: prod_{i in g} e_j(d_i) = e_j(D_g).
@@ -295,10 +413,27 @@ def _load_codebook_stat(ptr, bandwidth, samples, num_samples, NUM_CODEBOOKS: tl.
 
 
 @triton.jit
-def _dhsic_grad_kernel(z_ptr, groups_ptr, gamma_ptr, beta_ptr, grad_ptr, num_samples, num_groups, inv_n2,
-                       NUM_CODEBOOKS: tl.constexpr, DIM: tl.constexpr, COEFS: tl.constexpr, SRC: tl.constexpr,
-                       STEP: tl.constexpr, BASE_COEF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr, CHUNK_D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dhsic_grad_kernel(
+    z_ptr,
+    groups_ptr,
+    gamma_ptr,
+    beta_ptr,
+    grad_ptr,
+    num_samples,
+    num_groups,
+    inv_n2,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    COEFS: tl.constexpr,
+    SRC: tl.constexpr,
+    STEP: tl.constexpr,
+    BASE_COEF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Pass 2: grad rows = 2 (rowsum(W) z - W @ z) with W the symmetrised dHSIC weight (dhsic_entry_weight).
 
     gamma_ptr: [J, K]; beta_ptr: [J, K, N] (J bandwidths), from pass 1's statistics.
@@ -319,19 +454,38 @@ def _dhsic_grad_kernel(z_ptr, groups_ptr, gamma_ptr, beta_ptr, grad_ptr, num_sam
         valid = (row_ids[:, None] < num_samples) & (col_ids[None, :] < num_samples)
         dists = _dhsic_dists(z_ptr, row_ids, row_norms, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
         grams = _bandwidth_values(dists, COEFS, SRC, STEP, BASE_COEF)
-        joint_sums = _group_joint_sums(dists, groups_ptr, num_groups, NUM_CODEBOOKS, COEFS, SRC, STEP, BASE_COEF,
-                                       BLOCK_K)
+        joint_sums = _group_joint_sums(
+            dists, groups_ptr, num_groups, NUM_CODEBOOKS, COEFS, SRC, STEP, BASE_COEF, BLOCK_K
+        )
         weights = tl.zeros(dists.shape, tl.float32)
         for j in tl.static_range(len(COEFS)):
             col_betas = _load_codebook_stat(beta_ptr, j, col_ids, num_samples, NUM_CODEBOOKS, BLOCK_K)
-            weights += _dhsic_entry_weight(COEFS[j], inv_n2, joint_sums[j], grams[j], two_gammas[j][:, None, None],
-                                           row_betas[j][:, :, None], col_betas[:, None, :])
+            weights += _dhsic_entry_weight(
+                COEFS[j],
+                inv_n2,
+                joint_sums[j],
+                grams[j],
+                two_gammas[j][:, None, None],
+                row_betas[j][:, :, None],
+                col_betas[:, None, :],
+            )
         weights = tl.where(valid[None, :, :], 2.0 * weights, 0.0)
         cols = _load_samples(z_ptr, col_ids, 0, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D)
         weight_rowsums += tl.sum(weights, axis=2)
         weighted_cols = tl.dot(weights, cols, acc=weighted_cols, input_precision="ieee")
-    _row_block_grad(grad_ptr, z_ptr, row_ids, weight_rowsums, weighted_cols, num_samples, NUM_CODEBOOKS, DIM, False,
-                    BLOCK_K, BLOCK_D)
+    _row_block_grad(
+        grad_ptr,
+        z_ptr,
+        row_ids,
+        weight_rowsums,
+        weighted_cols,
+        num_samples,
+        NUM_CODEBOOKS,
+        DIM,
+        False,
+        BLOCK_K,
+        BLOCK_D,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,8 +502,12 @@ def _make_plan(coefs: Sequence[float], chain_src: Sequence[int], chain_step: Seq
             raise ValueError(f"bandwidth {j}: invalid chain src {src} / step {step}")
     if FROM_BASE.value in chain_src and not chain_base > 0.0:
         raise ValueError(f"bandwidths chained from the base need chain_base > 0, got {chain_base}")
-    return _Plan(tuple(float(c) for c in coefs), tuple(int(s) for s in chain_src), tuple(int(s) for s in chain_step),
-                 float(chain_base))
+    return _Plan(
+        tuple(float(c) for c in coefs),
+        tuple(int(s) for s in chain_src),
+        tuple(int(s) for s in chain_step),
+        float(chain_base),
+    )
 
 
 def _check_samples(z: torch.Tensor, groups: torch.Tensor) -> None:
@@ -366,8 +524,9 @@ def _check_samples(z: torch.Tensor, groups: torch.Tensor) -> None:
 
 def _check_perms(perms: torch.Tensor, z: torch.Tensor) -> None:
     if perms.dtype != torch.int64 or tuple(perms.shape) != (z.shape[1], z.shape[0]):
-        raise ValueError(f"perms must be int64 [K, N] = [{z.shape[1]}, {z.shape[0]}], got {perms.dtype} "
-                         f"{tuple(perms.shape)}")
+        raise ValueError(
+            f"perms must be int64 [K, N] = [{z.shape[1]}, {z.shape[0]}], got {perms.dtype} {tuple(perms.shape)}"
+        )
 
 
 def _plan_kwargs(plan: _Plan) -> dict:
@@ -375,8 +534,14 @@ def _plan_kwargs(plan: _Plan) -> dict:
 
 
 def _shape_kwargs(z: torch.Tensor) -> dict:
-    return {"NUM_CODEBOOKS": z.shape[1], "DIM": z.shape[2], "BLOCK_N": BLOCK_N, "BLOCK_M": BLOCK_M,
-            "BLOCK_K": triton.next_power_of_2(z.shape[1]), "CHUNK_D": CHUNK_D}
+    return {
+        "NUM_CODEBOOKS": z.shape[1],
+        "DIM": z.shape[2],
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_M": BLOCK_M,
+        "BLOCK_K": triton.next_power_of_2(z.shape[1]),
+        "CHUNK_D": CHUNK_D,
+    }
 
 
 def _grad_block_d(z: torch.Tensor) -> int:
@@ -392,8 +557,16 @@ def _nan_filled(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return torch.full(tuple(shape), float("nan"), dtype=torch.float32, device=like.device)
 
 
-def _shuffle_term(rows: torch.Tensor, cols: torch.Tensor, groups: torch.Tensor, plan: _Plan, weight: float,
-                  symmetric: bool, grad: torch.Tensor | None, accumulate_grad: bool) -> torch.Tensor:
+def _shuffle_term(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    groups: torch.Tensor,
+    plan: _Plan,
+    weight: float,
+    symmetric: bool,
+    grad: torch.Tensor | None,
+    accumulate_grad: bool,
+) -> torch.Tensor:
     """Launches _shuffle_term_kernel; writes (or adds) d term / d rows into `grad` unless it is None.
 
     Returns the term's loss partials, one per row block.
@@ -401,16 +574,36 @@ def _shuffle_term(rows: torch.Tensor, cols: torch.Tensor, groups: torch.Tensor, 
     num_blocks = _num_row_blocks(rows.shape[0])
     partials = _nan_filled((num_blocks,), rows)
     _shuffle_term_kernel[(num_blocks,)](
-        rows, cols, groups, partials, partials if grad is None else grad, rows.shape[0], groups.shape[0], weight,
-        SYMMETRIC=symmetric, COMPUTE_GRAD=grad is not None, ACCUMULATE_GRAD=accumulate_grad,
-        BLOCK_D=_grad_block_d(rows), num_warps=NUM_WARPS, **_plan_kwargs(plan), **_shape_kwargs(rows),
+        rows,
+        cols,
+        groups,
+        partials,
+        partials if grad is None else grad,
+        rows.shape[0],
+        groups.shape[0],
+        weight,
+        SYMMETRIC=symmetric,
+        COMPUTE_GRAD=grad is not None,
+        ACCUMULATE_GRAD=accumulate_grad,
+        BLOCK_D=_grad_block_d(rows),
+        num_warps=NUM_WARPS,
+        **_plan_kwargs(plan),
+        **_shape_kwargs(rows),
     )
     return partials
 
 
-def mmd_shuffle_triton(z: torch.Tensor, perms: torch.Tensor, groups: torch.Tensor, coefs: Sequence[float],
-                       chain_src: Sequence[int], chain_step: Sequence[int], chain_base: float,
-                       term_weights: Sequence[float], compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def mmd_shuffle_triton(
+    z: torch.Tensor,
+    perms: torch.Tensor,
+    groups: torch.Tensor,
+    coefs: Sequence[float],
+    chain_src: Sequence[int],
+    chain_step: Sequence[int],
+    chain_base: float,
+    term_weights: Sequence[float],
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused shuffle-estimator sums (spec: reference.shuffle_sums_ref) and their gradient.
 
     Args:
@@ -432,11 +625,13 @@ def mmd_shuffle_triton(z: torch.Tensor, perms: torch.Tensor, groups: torch.Tenso
     y = z[perms, codebook_ids[:, None]].transpose(0, 1).contiguous()
     grad_x = _nan_filled(z.shape, z) if compute_grad else None
     grad_y = _nan_filled(z.shape, z) if compute_grad else None
-    partials = torch.cat([
-        _shuffle_term(z, z, groups, plan, w_xx, symmetric=True, grad=grad_x, accumulate_grad=False),
-        _shuffle_term(z, y, groups, plan, w_xy, symmetric=False, grad=grad_x, accumulate_grad=True),
-        _shuffle_term(y, y, groups, plan, w_yy, symmetric=True, grad=grad_y, accumulate_grad=False),
-    ])
+    partials = torch.cat(
+        [
+            _shuffle_term(z, z, groups, plan, w_xx, symmetric=True, grad=grad_x, accumulate_grad=False),
+            _shuffle_term(z, y, groups, plan, w_xy, symmetric=False, grad=grad_x, accumulate_grad=True),
+            _shuffle_term(y, y, groups, plan, w_yy, symmetric=True, grad=grad_y, accumulate_grad=False),
+        ]
+    )
     loss = partials.double().sum().float()
     if not compute_grad:
         return loss, z.new_empty(0)
@@ -472,9 +667,15 @@ def _dhsic_stats(row_sums: torch.Tensor, joint_partials: torch.Tensor, groups: t
     return _DhsicStats(loss.float(), gamma.float().contiguous(), beta.float().contiguous())
 
 
-def mmd_dhsic_triton(z: torch.Tensor, groups: torch.Tensor, coefs: Sequence[float], chain_src: Sequence[int],
-                     chain_step: Sequence[int], chain_base: float,
-                     compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def mmd_dhsic_triton(
+    z: torch.Tensor,
+    groups: torch.Tensor,
+    coefs: Sequence[float],
+    chain_src: Sequence[int],
+    chain_step: Sequence[int],
+    chain_base: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused dHSIC V-statistic summed over groups and bandwidths (spec: reference.dhsic_ref) and its gradient.
 
     Args:
@@ -493,7 +694,14 @@ def mmd_dhsic_triton(z: torch.Tensor, groups: torch.Tensor, coefs: Sequence[floa
     row_sums = _nan_filled((len(plan.coefs), num_codebooks, num_samples), z)
     joint_partials = _nan_filled((num_blocks,), z)
     _dhsic_sums_kernel[(num_blocks,)](
-        z, groups, row_sums, joint_partials, num_samples, groups.shape[0], num_warps=NUM_WARPS, **_plan_kwargs(plan),
+        z,
+        groups,
+        row_sums,
+        joint_partials,
+        num_samples,
+        groups.shape[0],
+        num_warps=NUM_WARPS,
+        **_plan_kwargs(plan),
         **_shape_kwargs(z),
     )
     stats = _dhsic_stats(row_sums, joint_partials, groups)
@@ -501,7 +709,17 @@ def mmd_dhsic_triton(z: torch.Tensor, groups: torch.Tensor, coefs: Sequence[floa
         return stats.loss, z.new_empty(0)
     grad = _nan_filled(z.shape, z)
     _dhsic_grad_kernel[(num_blocks,)](
-        z, groups, stats.gamma, stats.beta, grad, num_samples, groups.shape[0], 1.0 / float(num_samples) ** 2,
-        BLOCK_D=_grad_block_d(z), num_warps=NUM_WARPS, **_plan_kwargs(plan), **_shape_kwargs(z),
+        z,
+        groups,
+        stats.gamma,
+        stats.beta,
+        grad,
+        num_samples,
+        groups.shape[0],
+        1.0 / float(num_samples) ** 2,
+        BLOCK_D=_grad_block_d(z),
+        num_warps=NUM_WARPS,
+        **_plan_kwargs(plan),
+        **_shape_kwargs(z),
     )
     return stats.loss, grad

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU check: on a CUDA machine, builds the extensions with the machine's own torch, runs every test (the CUDA
+# and compiled Triton backends included) and the GPU benchmarks, in one command of at most 10 minutes.
+# Results (logs, benchmark JSON) go to $OUT if set (the device tool's output folder), else ./gpu_results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_results}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+"$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+SECONDS=0
+"$python" setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+echo "build: ${SECONDS}s"
+timeout 300 "$python" -m pytest tests -q -p no:cacheprovider -x 2>&1 | tee "$out/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+timeout 240 "$python" -m pytest benchmarks/bench_mmd_gpu.py -q -p no:cacheprovider --benchmark-json="$out/bench_gpu.json" \
+  --benchmark-columns=min,mean,rounds 2>&1 | tee "$out/bench.log" | tail -40
+echo "tests exit $tests_rc; total ${SECONDS}s"
+exit "$tests_rc"
