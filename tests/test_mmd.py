@@ -8,17 +8,11 @@ import math
 
 import pytest
 import torch
+from mmd_cases import OPTIONS, assert_close_to_reference, make_input, option_id, run, valid
 
 import mmdkernels
 from mmdkernels import _dispatch
 from mmdkernels.mmd import reference as ref
-
-# Error allowed against the float64 reference, flash-attention style: at most RULE_FACTOR times the error of the
-# same maths done by PyTorch in float32 (the published computation), plus a floor relative to the loss scale.
-RULE_FACTOR = 2.0
-LOSS_FLOOR = 2e-6  # x (number of bandwidths x groups): the loss is a sum of that many kernel means <= 1
-LOSS_RTOL = 1e-6  # the float32 result itself (the published normalisation adds a large constant)
-GRAD_FLOOR = 2e-5  # relative to max |grad|
 
 
 def cpu_backends(max_n: int) -> list[str]:
@@ -29,74 +23,15 @@ def cpu_backends(max_n: int) -> list[str]:
     return backends
 
 
-def make_input(shape, dtype=torch.float32, duplicates=True, seed=0) -> torch.Tensor:
-    """Random codebook outputs with a shared component (so codebooks are dependent) and exact duplicate frames."""
-    g = torch.Generator().manual_seed(seed)
-    batch, num_codebooks, dim, num_frames = shape
-    shared = torch.randn(batch, 1, dim, num_frames, generator=g)
-    x = 0.7 * torch.randn(shape, generator=g) + shared
-    if duplicates and num_frames > 2:
-        x[..., 1] = x[..., 0]  # quantized outputs repeat: exact duplicates must be handled (d = 0)
-    return x.to(dtype)
-
-
-def run(x, backend, seed=7, **kwargs):
-    x = x.detach().clone().requires_grad_()
-    loss = mmdkernels.mmd_loss(x, generator=torch.Generator().manual_seed(seed), backend=backend, **kwargs)
-    loss.backward()
-    return loss.detach().double(), x.grad.double()
-
-
-def run_reference(x, dtype, seed=7, **kwargs):
-    x = x.detach().to(dtype).requires_grad_()
-    loss = ref.mmd_loss_ref(x, generator=torch.Generator().manual_seed(seed), **kwargs)
-    loss.backward()
-    return loss.detach().double(), x.grad.double()
-
-
-def assert_close_to_reference(x, backend, **kwargs):
-    """Kernel vs float64 reference, with the float32 PyTorch reference's own error as the yardstick."""
-    loss64, grad64 = run_reference(x, torch.float64, **kwargs)
-    loss32, grad32 = run_reference(x.float(), torch.float32, **kwargs)
-    loss, grad = run(x, backend, **kwargs)
-    num_terms = len(kwargs.get("bandwidths", ref.DEFAULT_BANDWIDTHS)) * (
-        x.shape[1] * (x.shape[1] - 1) // 2 if kwargs.get("mode") == "pairwise" else 1
-    )
-    loss_tol = RULE_FACTOR * (loss32 - loss64).abs() + LOSS_FLOOR * num_terms + LOSS_RTOL * loss64.abs()
-    assert (loss - loss64).abs() <= loss_tol, f"{backend}: loss {loss.item()} vs float64 {loss64.item()}"
-    scale = grad64.abs().max().clamp_min(1e-30)
-    grad_err = (grad - grad64).abs().max() / scale
-    grad_tol = RULE_FACTOR * (grad32 - grad64).abs().max() / scale + GRAD_FLOOR
-    assert grad_err <= grad_tol, f"{backend}: gradient error {grad_err.item():.3g} > {grad_tol.item():.3g}"
-    assert grad.dtype == torch.float64 and torch.isfinite(grad).all()
-
-
 SHAPES = [(1, 1, 1, 2), (2, 2, 3, 5), (3, 3, 5, 7), (2, 4, 17, 11), (5, 2, 8, 13)]
 LARGER_SHAPES = [(4, 4, 32, 129), (3, 2, 128, 200), (2, 8, 16, 261)]
-OPTIONS = [
-    dict(mode="joint", estimator="shuffle"),
-    dict(mode="pairwise", estimator="shuffle"),
-    dict(mode="joint", estimator="dhsic"),
-    dict(mode="pairwise", estimator="dhsic"),
-    dict(mode="joint", estimator="shuffle", normalization="reference"),
-]
-
-
-def _valid(shape, options, delay=False):
-    batch, num_codebooks, _, num_frames = shape
-    if options["mode"] == "pairwise" and num_codebooks < 2:
-        return False
-    if options.get("normalization") == "reference" and batch < 2:
-        return False
-    frames = num_frames - num_codebooks if delay else num_frames
-    return frames >= 1 and batch * frames >= 2
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o.values()))
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
 @pytest.mark.parametrize("delay", [False, True])
 def test_small_shapes_match_reference(shape, options, delay):
-    if not _valid(shape, options, delay):
+    if not valid(shape, options, delay):
         pytest.skip(f"shape {shape} is not a valid input for {options}, delay={delay} (tested in test_bad_input)")
     x = make_input(shape)
     for backend in cpu_backends(max_n=shape[0] * shape[3]):
@@ -104,7 +39,7 @@ def test_small_shapes_match_reference(shape, options, delay):
 
 
 @pytest.mark.parametrize("shape", LARGER_SHAPES)
-@pytest.mark.parametrize("options", OPTIONS[:4], ids=lambda o: "-".join(o.values()))
+@pytest.mark.parametrize("options", OPTIONS[:4], ids=option_id)
 def test_larger_shapes_match_reference(shape, options):
     """N past the 256-column chunk and several row blocks' worth of rows."""
     x = make_input(shape)
@@ -124,7 +59,7 @@ def test_low_precision_inputs(dtype, estimator):
     """bf16/fp16 inputs are standardised and reduced in float32: compare on the same rounded input."""
     x = make_input((3, 3, 16, 40), dtype=dtype)
     loss, grad = run(x, "cpp", estimator=estimator)
-    loss64, grad64 = run_reference(x, torch.float64, estimator=estimator)
+    loss64, grad64 = run(x, "reference", torch.float64, estimator=estimator)
     assert (loss - loss64).abs() <= 1e-5 * 6
     assert ((grad - grad64).abs().max() / grad64.abs().max()) < 1e-2  # the gradient is rounded to the input dtype
     assert mmdkernels.mmd_loss(x, estimator=estimator).dtype == torch.float32

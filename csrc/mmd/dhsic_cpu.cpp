@@ -1,5 +1,5 @@
 // dHSIC V-statistic of codebook groups on the CPU: the shuffle-free estimator of the same MMD, loss and gradient.
-// Two passes over row blocks of per-codebook distance tiles (one BLAS GEMM per codebook, 4 MiB tile budget):
+// Two passes over tiles of per-codebook distances (one BLAS GEMM per codebook and tile, 4 MiB tile budget):
 // pass 1 reduces each Gram matrix E_{k,j} to row sums and each group's product of Grams to a sum; the loss follows
 // from those O(K A N) numbers. Pass 2 (only for the gradient) recomputes the tiles, overwrites them with the
 // symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h) and adds 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook.
@@ -27,12 +27,12 @@ struct DhsicChunk {
       : num_codebooks(k), dist(k * kChunk), grams(k * kMaxBandwidths * kChunk), product(kChunk) {}
   float* gram(int64_t k, int j) { return grams.data() + (k * kMaxBandwidths + j) * kChunk; }
 
-  // Distances of row `row` (i-th row of the block) against columns [col0, col0 + len), diagonal exactly 0,
-  // and the Grams E_{k,j} of every codebook and bandwidth.
-  void load(const float* tile_data, const float* norms, int64_t rows_per_block, int64_t n, int64_t i, int64_t row,
-            int64_t col0, int64_t len, const BandwidthPlan& plan) {
+  // Distances of the tile's row i (global `row`) against columns [col0, col0 + len) (c0 within the tile),
+  // diagonal exactly 0, and the Grams E_{k,j} of every codebook and bandwidth.
+  void load(const TilePlane& plane, const Tile& tile, const float* norms, int64_t n, int64_t i, int64_t row,
+            int64_t c0, int64_t col0, int64_t len, const BandwidthPlan& plan) {
     for (int64_t k = 0; k < num_codebooks; ++k) {
-      const float* dots = tile_data + (k * rows_per_block + i) * n + col0;
+      const float* dots = plane.row(k, tile, i) + c0;
       const float norm_row = norms[k * n + row];
       const float* norm_cols = norms + k * n + col0;
       float* d = dist.data() + k * kChunk;
@@ -74,29 +74,27 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
   const auto plan = make_plan(coefs, chain_src, chain_step, chain_base);
   const auto layout = make_layout(groups, num_codebooks, dim, /*allow_joint_slice=*/false);
   const int num_bw = plan.count;
-  const int64_t rows_per_block = block_rows(n, n, num_codebooks, kTileBudgetFloats);
   const auto norms = slice_norms(z, layout);
   const float* norm_data = norms.data_ptr<float>();
-  auto tiles = at::empty({num_codebooks, rows_per_block, n}, z.options());
+  const TilePlane plane(n, num_codebooks, z.options());
   const double inv_n = 1.0 / static_cast<double>(n);
 
-  // Pass 1: row means of every Gram ([K][A][N]) and the sum of every group's joint Gram.
+  // Pass 1: row sums of every Gram ([K][A][N], made means below) and the sum of every group's joint Gram.
   std::vector<double> row_means(num_codebooks * num_bw * n, 0.0);
   std::vector<double> joint_row_sums(n, 0.0);
-  for (int64_t row0 = 0; row0 < n; row0 += rows_per_block) {
-    const int64_t rows = std::min(rows_per_block, n - row0);
-    dot_tiles(z, z, layout, row0, rows, tiles);
-    const float* tile_data = tiles.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  for (const Tile& tile : plane.tiles()) {
+    dot_tiles(z, z, layout, tile, plane);
+    at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
       DhsicChunk chunk(num_codebooks);
+      std::vector<double> gram_sums(num_codebooks * num_bw);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t row = row0 + i;
-        std::vector<double> gram_sums(num_codebooks * num_bw, 0.0);
+        const int64_t row = tile.row0 + i;
+        std::fill(gram_sums.begin(), gram_sums.end(), 0.0);
         double joint_sum = 0.0;
-        for (int64_t col0 = 0; col0 < n; col0 += kChunk) {
-          const int64_t len = std::min(kChunk, n - col0);
-          chunk.load(tile_data, norm_data, rows_per_block, n, i, row, col0, len, plan);
+        for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
+          const int64_t len = std::min(kChunk, tile.cols - c0);
+          chunk.load(plane, tile, norm_data, n, i, row, c0, tile.col0 + c0, len, plan);
           for (int64_t k = 0; k < num_codebooks; ++k) {
             for (int j = 0; j < num_bw; ++j) {
               gram_sums[k * num_bw + j] += sum_chunk(chunk.gram(k, j), len);
@@ -109,13 +107,14 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
             }
           }
         }
-        for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) row_means[kj * n + row] = gram_sums[kj] * inv_n;
-        joint_row_sums[row] = joint_sum;
+        for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) row_means[kj * n + row] += gram_sums[kj];
+        joint_row_sums[row] += joint_sum;
       }
     });
   }
 
   // The loss from the reductions: joint mean + product of means - 2 mean over n of the product of row means.
+  for (double& v : row_means) v *= inv_n;
   std::vector<double> means(num_codebooks * num_bw, 0.0);
   for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) {
     double s = 0.0;
@@ -152,19 +151,19 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
 
   // Pass 2: symmetrised weights W_k in place of the tiles, then the gradient GEMMs.
   auto grad = at::zeros_like(z);
-  for (int64_t row0 = 0; row0 < n; row0 += rows_per_block) {
-    const int64_t rows = std::min(rows_per_block, n - row0);
-    dot_tiles(z, z, layout, row0, rows, tiles);
-    float* tile_data = tiles.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  const GradientSink sink{grad, at::Tensor()};
+  for (const Tile& tile : plane.tiles()) {
+    dot_tiles(z, z, layout, tile, plane);
+    at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
       DhsicChunk chunk(num_codebooks);
       std::vector<float> joint(num_codebooks * num_bw * kChunk);  // J_{k,j}: sum of the joint Grams of k's groups
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t row = row0 + i;
-        for (int64_t col0 = 0; col0 < n; col0 += kChunk) {
-          const int64_t len = std::min(kChunk, n - col0);
-          chunk.load(tile_data, norm_data, rows_per_block, n, i, row, col0, len, plan);
+        const int64_t row = tile.row0 + i;
+        for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
+          const int64_t len = std::min(kChunk, tile.cols - c0);
+          const int64_t col0 = tile.col0 + c0;
+          chunk.load(plane, tile, norm_data, n, i, row, c0, col0, len, plan);
           std::fill(joint.begin(), joint.end(), 0.0f);
           for (const auto& members : layout.group_members) {
             for (int j = 0; j < num_bw; ++j) {
@@ -177,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
             }
           }
           for (int64_t k = 0; k < num_codebooks; ++k) {
-            float* weights = tile_data + (k * rows_per_block + i) * n + col0;
+            float* weights = plane.row(k, tile, i) + c0;
             std::fill(weights, weights + len, 0.0f);
             for (int j = 0; j < num_bw; ++j) {
               const float coef = plan.coef[j];
@@ -196,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
         }
       }
     });
-    add_row_gradient(tiles, z, z, layout, row0, rows, 2.0, GradientSink{grad, at::Tensor()});
+    add_row_gradient(plane, tile, z, z, layout, 2.0, sink);
   }
   return {at::scalar_tensor(loss, z.options()), grad};
 }

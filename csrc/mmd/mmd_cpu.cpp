@@ -1,5 +1,5 @@
 // Fused multi-kernel MMD loss on the CPU: shuffle estimator and dHSIC, loss and gradient in one pass over tiles.
-// Tiling: blocks of rows (block_rows x N, sized to a 4 MiB budget) against all N columns; the distance tile of each
+// Tiling: (row block x column block) tiles sized to a 4 MiB budget (TilePlane); the distance tile of each
 // feature slice comes from one BLAS GEMM (at::mm, the machine's fastest float32 product), then a vectorised pass
 // per row (at::parallel_for) turns dot products into distances, applies every bandwidth through the plan's chain
 // (one exp per entry), and overwrites the tile in place with the gradient weights W. A second GEMM per slice
@@ -17,46 +17,44 @@ namespace mmdkernels {
 namespace mmd {
 namespace {
 
-// One term (xx, yy or xy) of the shuffle estimator: returns its weighted sum; adds its gradient to grad_a / grad_b.
+// One term (xx, yy or xy) of the shuffle estimator: returns its weighted sum; adds its gradient to the sinks.
 double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, const SliceLayout& layout,
                     const BandwidthPlan& plan, float weight, bool compute_grad, const GradientSink& sink_a,
                     const GradientSink& sink_b) {
   const int64_t n = a.size(0);
   const int64_t num_slices = layout.num_slices;
-  const int64_t rows_per_block = block_rows(n, n, num_slices, kTileBudgetFloats);
   const auto norms_a = slice_norms(a, layout);
   const auto norms_b = symmetric ? norms_a : slice_norms(b, layout);
-  auto tiles = at::empty({num_slices, rows_per_block, n}, a.options());
+  const float* na = norms_a.data_ptr<float>();
+  const float* nb = norms_b.data_ptr<float>();
+  const TilePlane plane(n, num_slices, a.options());
   std::vector<double> row_sums(n, 0.0);
 
-  for (int64_t row0 = 0; row0 < n; row0 += rows_per_block) {
-    const int64_t rows = std::min(rows_per_block, n - row0);
-    dot_tiles(a, b, layout, row0, rows, tiles);
-    float* tile_data = tiles.data_ptr<float>();
-    const float* na = norms_a.data_ptr<float>();
-    const float* nb = norms_b.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  for (const Tile& tile : plane.tiles()) {
+    dot_tiles(a, b, layout, tile, plane);
+    at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
-      std::vector<float> scratch((num_slices + 2 + kMaxBandwidths) * kChunk);
-      float* dist = scratch.data();                   // [S][kChunk]
-      float* weights = dist + num_slices * kChunk;    // [kChunk] running W of the current slice set
-      float* group_dist = weights + kChunk;           // [kChunk]
+      std::vector<float> scratch((2 * num_slices + 2 + kMaxBandwidths) * kChunk);
+      float* dist = scratch.data();                         // [S][kChunk]
+      float* slice_weights = dist + num_slices * kChunk;    // [S][kChunk]: W of each slice
+      float* group_weights = slice_weights + num_slices * kChunk;  // [kChunk]: slope of the current group
+      float* group_dist = group_weights + kChunk;                  // [kChunk]
       auto* e = reinterpret_cast<float(*)[kChunk]>(group_dist + kChunk);
-      std::vector<float> slice_weights(num_slices * kChunk);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t row = row0 + i;
+        const int64_t row = tile.row0 + i;
         double row_sum = 0.0;
-        for (int64_t col0 = 0; col0 < n; col0 += kChunk) {
-          const int64_t len = std::min(kChunk, n - col0);
+        for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
+          const int64_t len = std::min(kChunk, tile.cols - c0);
+          const int64_t col0 = tile.col0 + c0;
           for (int64_t s = 0; s < num_slices; ++s) {
-            const float* dots = tile_data + (s * rows_per_block + i) * n + col0;
+            const float* dots = plane.row(s, tile, i) + c0;
             const float na_s = na[s * n + row];
             const float* nb_s = nb + s * n + col0;
             float* d = dist + s * kChunk;
 #pragma omp simd
             for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(na_s, nb_s[m], dots[m]);
           }
-          std::fill(slice_weights.begin(), slice_weights.end(), 0.0f);
+          std::fill(slice_weights, slice_weights + num_slices * kChunk, 0.0f);
           float chunk_value[kChunk] = {};
           for (const auto& members : layout.group_members) {
             std::copy(dist + members[0] * kChunk, dist + members[0] * kChunk + len, group_dist);
@@ -66,44 +64,42 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
               for (int64_t m = 0; m < len; ++m) group_dist[m] += d[m];
             }
             bandwidths_chunk(group_dist, plan, e, len);
-            std::fill(weights, weights + len, 0.0f);
+            std::fill(group_weights, group_weights + len, 0.0f);
             for (int j = 0; j < plan.count; ++j) {
               const float neg_coef = -plan.coef[j];
 #pragma omp simd
               for (int64_t m = 0; m < len; ++m) {
                 chunk_value[m] += e[j][m];
-                weights[m] += neg_coef * e[j][m];
+                group_weights[m] += neg_coef * e[j][m];
               }
             }
             for (int member : members) {
-              float* w = slice_weights.data() + member * kChunk;
+              float* w = slice_weights + member * kChunk;
 #pragma omp simd
-              for (int64_t m = 0; m < len; ++m) w[m] += weight * weights[m];
+              for (int64_t m = 0; m < len; ++m) w[m] += weight * group_weights[m];
             }
           }
           const int64_t diagonal = row - col0;
-          const bool has_diagonal = symmetric && diagonal >= 0 && diagonal < len;
-          if (has_diagonal) {
+          if (symmetric && diagonal >= 0 && diagonal < len) {  // n == m: excluded from the xx and yy sums
             chunk_value[diagonal] = 0.0f;
             for (int64_t s = 0; s < num_slices; ++s) slice_weights[s * kChunk + diagonal] = 0.0f;
           }
           row_sum += sum_chunk(chunk_value, len);
           if (compute_grad) {
             for (int64_t s = 0; s < num_slices; ++s) {
-              std::copy(slice_weights.data() + s * kChunk, slice_weights.data() + s * kChunk + len,
-                        tile_data + (s * rows_per_block + i) * n + col0);
+              std::copy(slice_weights + s * kChunk, slice_weights + s * kChunk + len, plane.row(s, tile, i) + c0);
             }
           }
         }
-        row_sums[row] = row_sum;
+        row_sums[row] += row_sum;
       }
     });
     if (compute_grad) {
       if (symmetric) {
-        add_row_gradient(tiles, a, a, layout, row0, rows, 4.0, sink_a);
+        add_row_gradient(plane, tile, a, a, layout, 4.0, sink_a);
       } else {
-        add_row_gradient(tiles, a, b, layout, row0, rows, 2.0, sink_a);
-        add_column_gradient(tiles, a, b, layout, row0, rows, 2.0, sink_b);
+        add_row_gradient(plane, tile, a, b, layout, 2.0, sink_a);
+        add_column_gradient(plane, tile, a, b, layout, 2.0, sink_b);
       }
     }
   }

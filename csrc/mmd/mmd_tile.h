@@ -95,14 +95,6 @@ MMD_HD float dhsic_entry_weight(float coef, float inv_n2, float joint_sum_k, flo
   return -coef * (2.0f * inv_n2 * joint_sum_k + gram_k * (2.0f * gamma_k - beta_k_row - beta_k_col));
 }
 
-// Rows per block so that `slices` distance tiles of block_rows x num_cols floats fit in `budget_floats`.
-MMD_HD int64_t block_rows(int64_t num_rows, int64_t num_cols, int64_t slices, int64_t budget_floats) {
-  int64_t rows = budget_floats / (num_cols * slices);
-  if (rows < 8) rows = 8;
-  if (rows > num_rows) rows = num_rows;
-  return rows;
-}
-
 // e[j] = exp(-plan.coef[j] * d) for every bandwidth, by the plan's chain. Every array index is a compile-time
 // constant once the loops are unrolled (e[src] becomes a select over the earlier bandwidths), so on a GPU e[]
 // stays in registers instead of local memory.

@@ -116,11 +116,34 @@ at::Tensor slice_norms(const at::Tensor& samples, const SliceLayout& layout) {
   return norms;
 }
 
-void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, int64_t row0, int64_t rows,
-               at::Tensor& tiles) {
+TilePlane::TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& options) : n_(n) {
+  row_block_ = std::min<int64_t>(n, 256);
+  col_block_ = std::min<int64_t>(n, std::max<int64_t>(kChunk, kTileBudgetFloats / (num_slices * row_block_)));
+  tile_floats_ = row_block_ * col_block_;
+  buffer_ = at::empty({num_slices * tile_floats_}, options);
+  data_ = buffer_.data_ptr<float>();
+}
+
+std::vector<Tile> TilePlane::tiles() const {
+  std::vector<Tile> out;
+  for (int64_t row0 = 0; row0 < n_; row0 += row_block_) {
+    for (int64_t col0 = 0; col0 < n_; col0 += col_block_) {
+      out.push_back({row0, std::min(row_block_, n_ - row0), col0, std::min(col_block_, n_ - col0)});
+    }
+  }
+  return out;
+}
+
+at::Tensor TilePlane::slice(int64_t s, const Tile& tile) const {
+  return buffer_.narrow(0, s * tile_floats_, tile.rows * tile.cols).view({tile.rows, tile.cols});
+}
+
+void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, const Tile& tile,
+               const TilePlane& plane) {
   for (int64_t s = 0; s < layout.num_slices; ++s) {
-    auto out = tiles.select(0, s).narrow(0, 0, rows);
-    at::mm_out(out, slice_of(a, layout, s).narrow(0, row0, rows), slice_of(b, layout, s).t());
+    auto out = plane.slice(s, tile);
+    at::mm_out(out, slice_of(a, layout, s).narrow(0, tile.row0, tile.rows),
+               slice_of(b, layout, s).narrow(0, tile.col0, tile.cols).t());
   }
 }
 
@@ -141,31 +164,24 @@ void GradientSink::add(const SliceLayout& layout, int64_t s, int64_t row0, const
   }
 }
 
-void add_row_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
-                      int64_t row0, int64_t rows, double scale, const GradientSink& sink_a) {
+void add_row_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
+                      const SliceLayout& layout, double scale, const GradientSink& sink_a) {
   for (int64_t s = 0; s < layout.num_slices; ++s) {
-    const auto weights = tiles.select(0, s).narrow(0, 0, rows);
-    const auto a_rows = slice_of(a, layout, s).narrow(0, row0, rows);
-    auto update = at::mm(weights, slice_of(b, layout, s));
-    update.mul_(-scale).addcmul_(weights.sum(1, true), a_rows, scale);
-    sink_a.add(layout, s, row0, update);
+    const auto weights = plane.slice(s, tile);
+    auto update = at::mm(weights, slice_of(b, layout, s).narrow(0, tile.col0, tile.cols));
+    update.mul_(-scale).addcmul_(weights.sum(1, true), slice_of(a, layout, s).narrow(0, tile.row0, tile.rows), scale);
+    sink_a.add(layout, s, tile.row0, update);
   }
 }
 
-void add_column_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
-                         int64_t row0, int64_t rows, double scale, const GradientSink& sink_b) {
-  const int64_t n = b.size(0);
-  const int64_t cols_per_chunk = std::max<int64_t>(1, kTileBudgetFloats / 4 / layout.width);
+void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
+                         const SliceLayout& layout, double scale, const GradientSink& sink_b) {
   for (int64_t s = 0; s < layout.num_slices; ++s) {
-    const auto weights = tiles.select(0, s).narrow(0, 0, rows);
-    const auto a_rows = slice_of(a, layout, s).narrow(0, row0, rows);
-    for (int64_t col0 = 0; col0 < n; col0 += cols_per_chunk) {
-      const int64_t cols = std::min(cols_per_chunk, n - col0);
-      const auto w = weights.narrow(1, col0, cols);
-      auto update = at::mm(w.t(), a_rows);
-      update.mul_(-scale).addcmul_(w.sum(0).unsqueeze(1), slice_of(b, layout, s).narrow(0, col0, cols), scale);
-      sink_b.add(layout, s, col0, update);
-    }
+    const auto weights = plane.slice(s, tile);
+    auto update = at::mm(weights.t(), slice_of(a, layout, s).narrow(0, tile.row0, tile.rows));
+    update.mul_(-scale).addcmul_(weights.sum(0).unsqueeze(1), slice_of(b, layout, s).narrow(0, tile.col0, tile.cols),
+                                 scale);
+    sink_b.add(layout, s, tile.col0, update);
   }
 }
 

@@ -65,9 +65,31 @@ at::Tensor slice_of(const at::Tensor& samples, const SliceLayout& layout, int64_
 // Squared norms per slice: [S, N].
 at::Tensor slice_norms(const at::Tensor& samples, const SliceLayout& layout);
 
-// Fills tiles[s] (block_rows x N) with the dot products of rows [row0, row0 + rows) of a against every row of b.
-void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, int64_t row0, int64_t rows,
-               at::Tensor& tiles);
+// One (row block x column block) tile of the N x N plane.
+struct Tile {
+  int64_t row0, rows, col0, cols;
+};
+
+// A buffer for `slices` distance tiles and the blocking of the N x N plane into tiles that fit it: row blocks of up
+// to 256 rows (GEMM-friendly) times column blocks sized to the budget, so both GEMM operands stay cache-resident
+// (full-width row blocks would stream all of B from memory for every few rows once N is large).
+class TilePlane {
+ public:
+  TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& options);
+  std::vector<Tile> tiles() const;
+  // slice s of a tile as a contiguous [rows, cols] tensor, and the start of its row i
+  at::Tensor slice(int64_t s, const Tile& tile) const;
+  float* row(int64_t s, const Tile& tile, int64_t i) const { return data_ + s * tile_floats_ + i * tile.cols; }
+
+ private:
+  int64_t n_, row_block_, col_block_, tile_floats_;
+  at::Tensor buffer_;
+  float* data_;
+};
+
+// Fills the tile's slices with the dot products of a's rows against b's columns.
+void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, const Tile& tile,
+               const TilePlane& plane);
 
 // Where gradient rows go: into grad's rows directly, or, for the shuffled samples y[m, k] = z[perms[k, m], k],
 // through the permutations into the gradient of z (so y's gradient is never stored).
@@ -78,13 +100,13 @@ struct GradientSink {
   void add(const SliceLayout& layout, int64_t s, int64_t row0, const at::Tensor& update) const;
 };
 
-// sink_a[rows] += scale * (rowsum(W) * a[rows] - W @ b), slice by slice; W = tiles (weights in place).
-void add_row_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
-                      int64_t row0, int64_t rows, double scale, const GradientSink& sink_a);
+// sink_a[tile rows] += scale * (rowsum(W) * a[rows] - W @ b[cols]), slice by slice; W = the tile (weights in place).
+void add_row_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
+                      const SliceLayout& layout, double scale, const GradientSink& sink_a);
 
-// sink_b += scale * (colsum(W) * b - W^T @ a[rows]): the column side of the xy term, in column chunks.
-void add_column_gradient(const at::Tensor& tiles, const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout,
-                         int64_t row0, int64_t rows, double scale, const GradientSink& sink_b);
+// sink_b[tile cols] += scale * (colsum(W) * b[cols] - W^T @ a[rows]): the column side of the xy term.
+void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
+                         const SliceLayout& layout, double scale, const GradientSink& sink_b);
 
 void check_samples(const at::Tensor& z);
 void check_groups(const at::Tensor& groups, int64_t num_codebooks);
