@@ -15,6 +15,11 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def(
       "mmd_dhsic(Tensor z, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, float chain_base, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // Fused residual VQ (contract: docs/rvq_kernels.md, spec: mmdkernels/rvq/reference.py). x: float32 [N, D];
+  // codebooks: float32 [K, C, D]; sqnorms: float32 [K, C]. Returns (codes int64 [N, K], quantized [N, K, D] or [0]).
+  m.def("rvq_encode(Tensor x, Tensor codebooks, Tensor sqnorms, bool return_quantized) -> (Tensor, Tensor)");
+  // Fused gather-sum: codes int64 [N, K], codebooks float32 [K, C, D] -> float32 [N, D].
+  m.def("rvq_decode(Tensor codes, Tensor codebooks) -> Tensor");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
 }

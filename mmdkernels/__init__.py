@@ -9,6 +9,16 @@ Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing
 
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
 from mmdkernels.nn import MMDLoss
+from mmdkernels.rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
 
 __version__ = "0.1.0"
-__all__ = ["mmd_loss", "mmd_loss_ref", "MMDLoss", "DEFAULT_BANDWIDTHS"]
+__all__ = [
+    "mmd_loss",
+    "mmd_loss_ref",
+    "MMDLoss",
+    "DEFAULT_BANDWIDTHS",
+    "rvq_encode",
+    "rvq_decode",
+    "rvq_encode_ref",
+    "rvq_decode_ref",
+]

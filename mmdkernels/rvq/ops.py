@@ -1,0 +1,66 @@
+"""The fused RVQ ops as torch.library custom ops with fake implementations: compiled (`mmdkernels::rvq_encode`,
+`mmdkernels::rvq_decode`; schemas in csrc/bindings.cpp, CPU and CUDA by dispatch key) and their Triton twins.
+Encoding is not differentiable (argmin); models use the straight-through estimator around it."""
+
+from __future__ import annotations
+
+import torch
+
+from mmdkernels import _ext
+
+_registered: set[str] = set()
+
+
+def _encode_fake(x, codebooks, sqnorms, return_quantized):
+    n, num_codebooks, dim = x.shape[0], codebooks.shape[0], codebooks.shape[2]
+    codes = x.new_empty((n, num_codebooks), dtype=torch.int64)
+    return codes, x.new_empty((n, num_codebooks, dim) if return_quantized else (0,))
+
+
+def _decode_fake(codes, codebooks):
+    return codebooks.new_empty((codes.shape[0], codebooks.shape[2]))
+
+
+@torch.library.custom_op("mmdkernels::rvq_encode_triton", mutates_args=())
+def rvq_encode_triton(
+    x: torch.Tensor, codebooks: torch.Tensor, sqnorms: torch.Tensor, return_quantized: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from mmdkernels.rvq import triton_kernels
+
+    return triton_kernels.rvq_encode_triton(x, codebooks, sqnorms, return_quantized)
+
+
+@torch.library.custom_op("mmdkernels::rvq_decode_triton", mutates_args=())
+def rvq_decode_triton(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    from mmdkernels.rvq import triton_kernels
+
+    return triton_kernels.rvq_decode_triton(codes, codebooks)
+
+
+rvq_encode_triton.register_fake(_encode_fake)
+rvq_decode_triton.register_fake(_decode_fake)
+
+
+def _compiled(name: str, backend: str, fake) -> object:
+    module = _ext.cuda_extension() if backend == "cuda" else _ext.cpu_extension()
+    if module is None:
+        raise RuntimeError(_ext.load_error("cuda" if backend == "cuda" else "cpu"))
+    qualified = f"mmdkernels::{name}"
+    if qualified not in _registered:
+        torch.library.register_fake(qualified)(fake)
+        _registered.add(qualified)
+    return getattr(torch.ops.mmdkernels, name)
+
+
+def encode_op(backend: str):
+    """The RVQ encode op for backend 'cpp', 'cuda' or 'triton'."""
+    if backend == "triton":
+        return torch.ops.mmdkernels.rvq_encode_triton
+    return _compiled("rvq_encode", backend, _encode_fake)
+
+
+def decode_op(backend: str):
+    """The RVQ decode op for backend 'cpp', 'cuda' or 'triton'."""
+    if backend == "triton":
+        return torch.ops.mmdkernels.rvq_decode_triton
+    return _compiled("rvq_decode", backend, _decode_fake)
