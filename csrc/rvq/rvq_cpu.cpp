@@ -1,38 +1,95 @@
 // Fused residual VQ on the CPU: all K stages of nearest-neighbour encoding in one pass over blocks of rows, and the
-// decode gather-sum. Blocks of kRowsPerBlock frames keep their residuals in cache through all K stages; per stage,
-// the score tile (rows x a chunk of entries) comes from one BLAS GEMM (all threads), a vectorised per-row scan
-// (at::parallel_for) turns it into a running (min score, lowest index), and the chosen entries are subtracted from
-// the residuals before the next stage. Nothing of size N x C is ever allocated. float32 throughout.
+// decode gather-sum. Each thread owns blocks of kRowsPerBlock frames whose residuals stay in its cache through all K
+// stages; per stage, the score tile (rows x a chunk of entries) comes from one single-threaded BLAS GEMM, a
+// vectorised scan turns it into a running (min score, lowest index) per row, and the chosen entries are subtracted
+// from the residuals before the next stage. Nothing of size N x C is ever allocated. float32 throughout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
 #include "common/checks.h"
 #include "rvq/rvq_tile.h"
 
+// The Fortran BLAS sgemm that torch's CPU library exports (MKL on x86 wheels). Weak, so a torch build without it
+// still loads this extension and falls back to at::mm. Inside at::parallel_for it runs single-threaded, which is
+// what a thread owning its own row block wants (at::mm there would start a nested thread team per call).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
 namespace mmdkernels {
 namespace rvq {
 namespace {
 
-constexpr int64_t kRowsPerBlock = 256;
-constexpr int64_t kEntriesPerChunk = 2048;  // score tile: 256 x 2048 floats = 2 MiB
-
-// Lowest index of the minimum of score[c] = sqnorms[c] - 2 dots[c] over c in [0, len), as (score, offset + index).
-// The scores overwrite the dots first, so the min and the search for it compare the very same stored floats.
-ScoredIndex best_in_chunk(const float* sqnorms, float* dots, int64_t len, int64_t offset) {
-  float lowest = std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(min : lowest)
-  for (int64_t c = 0; c < len; ++c) {
-    dots[c] = entry_score(sqnorms[c], dots[c]);
-    lowest = std::min(lowest, dots[c]);
+// dots [rows, len] (row-major) = residual [rows, dim] @ entries [len, dim]^T. In BLAS's column-major terms that is
+// dots^T [len, rows] = entries^T' x residual^T, where both operands are read in place with leading dimension dim.
+void score_tile(const float* entries, int64_t len, const float* residual, int64_t rows, int64_t dim, float* dots) {
+  if (sgemm_ != nullptr) {
+    const int m = static_cast<int>(len), n = static_cast<int>(rows), k = static_cast<int>(dim);
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_("T", "N", &m, &n, &k, &one, entries, &k, residual, &k, &zero, dots, &m);
+    return;
   }
-  int64_t c = 0;
-  while (c + 1 < len && dots[c] != lowest) ++c;
-  return {lowest, offset + c};
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  auto out = at::from_blob(dots, {rows, len}, options);
+  at::mm_out(out, at::from_blob(const_cast<float*>(residual), {rows, dim}, options),
+             at::from_blob(const_cast<float*>(entries), {len, dim}, options).t());
+}
+
+constexpr int64_t kRowsPerBlock = 512;
+constexpr int32_t kLanes = 16;  // running minima kept per SIMD lane in the argmin scan
+constexpr int64_t kEntriesPerChunk = 2048;  // score tile: 64 x 2048 floats = 512 KiB, in a core's L2
+
+// Lowest index of the minimum of score[c] = sqnorms[c] - 2 dots[c] over c in [0, len), as (score, offset + index):
+// one vectorised pass keeps a running (min, first index) per SIMD lane, then the lanes are merged with better_of
+// (lowest score, ties to the lowest index), which gives the first minimum of the whole row.
+ScoredIndex best_in_chunk(const float* sqnorms, const float* dots, int64_t len, int64_t offset) {
+  float lane_score[kLanes];
+  int32_t lane_index[kLanes];
+  std::fill(lane_score, lane_score + kLanes, std::numeric_limits<float>::infinity());
+  std::fill(lane_index, lane_index + kLanes, 0);
+  int64_t c0 = 0;
+#if defined(__AVX512F__)
+  // The same running minima with the lanes held in two registers (GCC keeps the portable loop's lane arrays in
+  // memory). sqnorm - 2 dot rounds once either way (2 dot is exact), so the scores equal entry_score's.
+  __m512 best_scores = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512i best_ids = _mm512_setzero_si512();
+  __m512i ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 two = _mm512_set1_ps(2.0f);
+  for (; c0 + kLanes <= len; c0 += kLanes) {
+    const __m512 scores =
+        _mm512_sub_ps(_mm512_loadu_ps(sqnorms + c0), _mm512_mul_ps(two, _mm512_loadu_ps(dots + c0)));
+    const __mmask16 better = _mm512_cmp_ps_mask(scores, best_scores, _CMP_LT_OQ);
+    best_scores = _mm512_mask_mov_ps(best_scores, better, scores);
+    best_ids = _mm512_mask_mov_epi32(best_ids, better, ids);
+    ids = _mm512_add_epi32(ids, _mm512_set1_epi32(kLanes));
+  }
+  _mm512_storeu_ps(lane_score, best_scores);
+  _mm512_storeu_si512(lane_index, best_ids);
+#else
+  for (; c0 + kLanes <= len; c0 += kLanes) {
+#pragma omp simd
+    for (int32_t lane = 0; lane < kLanes; ++lane) {
+      const float score = entry_score(sqnorms[c0 + lane], dots[c0 + lane]);
+      const bool better = score < lane_score[lane];
+      lane_score[lane] = better ? score : lane_score[lane];
+      lane_index[lane] = better ? static_cast<int32_t>(c0) + lane : lane_index[lane];
+    }
+  }
+#endif
+  ScoredIndex best = no_candidate();
+  for (int32_t lane = 0; c0 > 0 && lane < kLanes; ++lane) {
+    best = better_of(best, {lane_score[lane], offset + lane_index[lane]});
+  }
+  for (int64_t c = c0; c < len; ++c) best = better_of(best, {entry_score(sqnorms[c], dots[c]), offset + c});
+  return best;
 }
 
 void check_encode_inputs(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& sqnorms) {
@@ -66,32 +123,27 @@ std::tuple<at::Tensor, at::Tensor> rvq_encode_cpu(const at::Tensor& x, const at:
   float* quantized_data = return_quantized ? quantized.data_ptr<float>() : nullptr;
   const int64_t chunk = std::min(num_entries, kEntriesPerChunk);
 
-  auto scores = at::empty({std::min(n, kRowsPerBlock), chunk}, x.options());
-  std::vector<ScoredIndex> best(kRowsPerBlock);
-  for (int64_t row0 = 0; row0 < n; row0 += kRowsPerBlock) {
-    const int64_t rows = std::min(kRowsPerBlock, n - row0);
-    auto residual = x.narrow(0, row0, rows).clone();
-    float* residual_data = residual.data_ptr<float>();
-    for (int64_t k = 0; k < num_codebooks; ++k) {
-      std::fill(best.begin(), best.end(), no_candidate());
-      for (int64_t c0 = 0; c0 < num_entries; c0 += chunk) {
-        const int64_t len = std::min(chunk, num_entries - c0);
-        auto dots = scores.narrow(1, 0, len).narrow(0, 0, rows);
-        at::mm_out(dots, residual, codebooks[k].narrow(0, c0, len).t());  // BLAS, all threads
-        float* dot_data = dots.data_ptr<float>();
-        const int64_t stride = dots.stride(0);
-        at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const auto candidate = best_in_chunk(norm_data + k * num_entries + c0, dot_data + i * stride, len, c0);
-            best[i] = better_of(best[i], candidate);
+  const float* x_data = x.data_ptr<float>();
+  at::parallel_for(0, n, kRowsPerBlock, [&](int64_t begin, int64_t end) {
+    std::vector<float> residual(kRowsPerBlock * dim);
+    std::vector<float> dots(kRowsPerBlock * chunk);
+    std::vector<ScoredIndex> best(kRowsPerBlock);
+    for (int64_t row0 = begin; row0 < end; row0 += kRowsPerBlock) {
+      const int64_t rows = std::min(kRowsPerBlock, end - row0);
+      std::copy(x_data + row0 * dim, x_data + (row0 + rows) * dim, residual.begin());
+      for (int64_t k = 0; k < num_codebooks; ++k) {
+        std::fill(best.begin(), best.end(), no_candidate());
+        for (int64_t c0 = 0; c0 < num_entries; c0 += chunk) {
+          const int64_t len = std::min(chunk, num_entries - c0);
+          score_tile(book_data + entry_offset(k, c0, num_entries, dim), len, residual.data(), rows, dim, dots.data());
+          for (int64_t i = 0; i < rows; ++i) {
+            best[i] = better_of(best[i], best_in_chunk(norm_data + k * num_entries + c0, dots.data() + i * len, len, c0));
           }
-        });
-      }
-      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
+        }
+        for (int64_t i = 0; i < rows; ++i) {
           const int64_t code = best[i].index == no_candidate().index ? 0 : best[i].index;  // an all-NaN row
           const float* entry = book_data + entry_offset(k, code, num_entries, dim);
-          float* r = residual_data + i * dim;
+          float* r = residual.data() + i * dim;
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) r[d] -= entry[d];
           code_data[(row0 + i) * num_codebooks + k] = code;
@@ -99,9 +151,9 @@ std::tuple<at::Tensor, at::Tensor> rvq_encode_cpu(const at::Tensor& x, const at:
             std::copy(entry, entry + dim, quantized_data + quantized_offset(row0 + i, k, num_codebooks, dim));
           }
         }
-      });
+      }
     }
-  }
+  });
   return {codes, quantized};
 }
 
