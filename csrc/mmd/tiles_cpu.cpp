@@ -176,12 +176,19 @@ void add_row_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor
 
 void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
                          const SliceLayout& layout, double scale, const GradientSink& sink_b) {
+  // in column chunks, so the [cols, width] update stays small (the memory target counts it)
+  const int64_t cols_per_chunk = std::max<int64_t>(1, kTileBudgetFloats / 4 / layout.width);
   for (int64_t s = 0; s < layout.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
-    auto update = at::mm(weights.t(), slice_of(a, layout, s).narrow(0, tile.row0, tile.rows));
-    update.mul_(-scale).addcmul_(weights.sum(0).unsqueeze(1), slice_of(b, layout, s).narrow(0, tile.col0, tile.cols),
-                                 scale);
-    sink_b.add(layout, s, tile.col0, update);
+    const auto a_rows = slice_of(a, layout, s).narrow(0, tile.row0, tile.rows);
+    for (int64_t c0 = 0; c0 < tile.cols; c0 += cols_per_chunk) {
+      const int64_t cols = std::min(cols_per_chunk, tile.cols - c0);
+      const auto w = weights.narrow(1, c0, cols);
+      auto update = at::mm(w.t(), a_rows);
+      update.mul_(-scale).addcmul_(w.sum(0).unsqueeze(1), slice_of(b, layout, s).narrow(0, tile.col0 + c0, cols),
+                                   scale);
+      sink_b.add(layout, s, tile.col0 + c0, update);
+    }
   }
 }
 
