@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 
 FULL = os.environ.get("MMDKERNELS_BENCH", "ci") == "full"
@@ -14,7 +13,3 @@ def pytest_report_header(config):
         f"torch threads: {torch.get_num_threads()}",
     ]
 
-
-@pytest.fixture
-def full_size():
-    return FULL
