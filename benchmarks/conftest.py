@@ -12,4 +12,3 @@ def pytest_report_header(config):
         f"benchmark sizes: {'full' if FULL else 'ci (set MMDKERNELS_BENCH=full for the issue sizes)'}",
         f"torch threads: {torch.get_num_threads()}",
     ]
-

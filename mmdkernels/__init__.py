@@ -8,7 +8,7 @@ Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing
 """
 
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
-from mmdkernels.nn import MMDLoss
+from mmdkernels.nn import MMDLoss, ResidualVQ, RVQOutput
 from mmdkernels.rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
 
 __version__ = "0.1.0"
@@ -16,6 +16,8 @@ __all__ = [
     "mmd_loss",
     "mmd_loss_ref",
     "MMDLoss",
+    "ResidualVQ",
+    "RVQOutput",
     "DEFAULT_BANDWIDTHS",
     "rvq_encode",
     "rvq_decode",

@@ -1,4 +1,4 @@
-"""Thin nn.Modules over the ops."""
+"""Thin nn.Modules over the ops (ResidualVQ lives in mmdkernels/rvq/module.py and is re-exported here)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from typing import Sequence
 import torch
 
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss
+from mmdkernels.rvq.module import ResidualVQ, RVQOutput
+
+__all__ = ["MMDLoss", "ResidualVQ", "RVQOutput"]
 
 
 class MMDLoss(torch.nn.Module):
