@@ -18,7 +18,7 @@ Bias correction: the plug-in entropy (empirical frequencies) underestimates H by
 occupied bins and N samples, so plug-in MI of independent codes is positive, about (C - 1)^2 / (2N) for C
 equiprobable entries. bias_correction="miller_madow" (the default) uses H_MM = H_plugin + (m - 1) / (2N) for every
 entropy term: it removes that O(1/N) bias term, so MI of independent codes is ~0 (and can be slightly negative:
-it is an unbiased-ish estimate, not a bound). It does not fix the undersampled regime (m comparable to N), where
+it is a bias-reduced estimate, not a bound). It does not fix the undersampled regime (m comparable to N), where
 higher-order bias terms dominate. bias_correction="none" gives the plug-in values.
 """
 
