@@ -1,0 +1,289 @@
+"""Train, evaluate and use the reference codec (models/codec.py).
+
+    python -m models.train_codec train --out runs/codec --steps 2000 --lambda-mmd 0.0
+    python -m models.train_codec train --out runs/codec-mmd --steps 2000 --lambda-mmd 1.0   # same seed and data
+    python -m models.train_codec encode --checkpoint runs/codec/last.pt song.wav codes.pt
+    python -m models.train_codec decode --checkpoint runs/codec/last.pt codes.pt song-decoded.wav
+
+Training data: the music21 corpus rendered to 32 kHz (models/data.py, cached), or `--audio-dir` with your own WAV/FLAC
+files; train/valid split by piece. Checkpoints every `--checkpoint-every` steps and at the end (`last.pt`, with the
+optimiser and RNG states); a rerun with the same `--out` resumes. Every logged step goes to `log.jsonl` and `log.csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from tqdm import tqdm
+
+from mmdkernels.metrics import dependence_report
+from models import data
+from models.codec import Codec, CodecConfig
+
+
+def si_snr(estimate: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale-invariant signal-to-noise ratio in dB per item: estimate, target [B, 1, S] -> [B]."""
+    estimate = estimate - estimate.mean(-1, keepdim=True)
+    target = target - target.mean(-1, keepdim=True)
+    projection = (estimate * target).sum(-1, keepdim=True) / ((target * target).sum(-1, keepdim=True) + eps) * target
+    noise = estimate - projection
+    ratio = (projection.pow(2).sum(-1) + eps) / (noise.pow(2).sum(-1) + eps)
+    return 10 * torch.log10(ratio).squeeze(1)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(codec: Codec, clips: torch.utils.data.Dataset, batch_size: int = 8) -> dict:
+    """Reconstruction (mel distance, SI-SNR) and codebook dependence (MI matrix, total correlation, plain and
+    delay-aligned) on held-out clips."""
+    codec.eval()
+    mel, snr, codes = [], [], []
+    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, shuffle=False)
+    for waveform in loader:
+        out = codec(waveform)
+        mel.append(out.losses["mel"].item())
+        snr.append(si_snr(out.reconstruction, waveform))
+        codes.append(out.codes)
+    codec.train()
+    all_codes = torch.cat(codes)
+    return {
+        "mel_distance": float(np.mean(mel)),
+        "si_snr_db": float(torch.cat(snr).mean()),
+        "dependence": dependence_report(all_codes, codec.config.codebook_size),
+        "dependence_delay": dependence_report(all_codes, codec.config.codebook_size, delay=True)
+        if all_codes.shape[-1] > all_codes.shape[1]
+        else None,
+    }
+
+
+def _segment_seconds(args) -> float:
+    """--segment-seconds rounded to whole codec frames (the codec needs a multiple of the hop)."""
+    hop = math.prod(CodecConfig.strides)
+    frames = max(1, round(args.segment_seconds * args.sample_rate / hop))
+    return frames * hop / args.sample_rate
+
+
+def _datasets(args):
+    if args.audio_dir:
+        paths = data.load_audio_folder(args.audio_dir)
+    else:
+        paths = data.render_corpus(
+            args.cache_dir,
+            args.pieces,
+            seconds_per_piece=args.piece_seconds,
+            sample_rate=args.sample_rate,
+            renderer=args.renderer,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    train_paths, valid_paths = data.split_by_piece(paths, valid_fraction=args.valid_fraction, seed=args.seed)
+    if not valid_paths:
+        raise ValueError(f"no held-out piece: {len(paths)} piece(s) with --valid-fraction {args.valid_fraction}")
+    seconds = _segment_seconds(args)
+    train = data.AudioClips(train_paths, seconds, args.sample_rate, random_offsets=True, seed=args.seed)
+    valid = data.AudioClips(valid_paths, seconds, args.sample_rate, random_offsets=False)
+    return train, valid
+
+
+def _batches(clips: data.AudioClips, batch_size: int, generator: torch.Generator, first_epoch: int):
+    """Endless batches [batch_size, 1, S]: each epoch draws new clip offsets and a new order (from generator)."""
+    epoch = first_epoch
+    while True:
+        clips.set_epoch(epoch)
+        order = torch.randperm(len(clips), generator=generator).tolist()
+        while len(order) < batch_size:  # fewer pieces than a batch: repeat them
+            order += torch.randperm(len(clips), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield torch.stack([clips[i] for i in order[start : start + batch_size]]), epoch
+        epoch += 1
+
+
+def _config(args) -> CodecConfig:
+    return CodecConfig(
+        sample_rate=args.sample_rate,
+        channels=args.channels,
+        latent_dim=args.latent_dim,
+        num_codebooks=args.codebooks,
+        codebook_size=args.codebook_size,
+        lambda_mmd=args.lambda_mmd,
+        mmd_estimator=args.mmd_estimator,
+        quantizer_dropout=args.quantizer_dropout,
+    )
+
+
+class RunLog:
+    """Appends one record per logged step to log.jsonl and log.csv in the run folder."""
+
+    def __init__(self, out: Path):
+        self.jsonl, self.csv = out / "log.jsonl", out / "log.csv"
+
+    def write(self, record: dict) -> None:
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        fresh = not self.csv.exists()
+        with self.csv.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(record))
+            if fresh:
+                writer.writeheader()
+            writer.writerow(record)
+
+
+def save_checkpoint(path: Path, codec: Codec, optimizer, step: int, epoch: int, generator: torch.Generator) -> None:
+    """Model, optimiser, step, the epoch to resume from and the RNG states, written atomically."""
+    torch.save(
+        {
+            "config": codec.config.to_dict(),
+            "model": codec.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "torch_rng": torch.get_rng_state(),
+            "generator": generator.get_state(),
+        },
+        path.with_suffix(".tmp"),
+    )
+    path.with_suffix(".tmp").replace(path)
+
+
+def load_codec(path: str | Path) -> Codec:
+    """A codec from a checkpoint written by `train`, in eval mode."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    config = CodecConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    codec = Codec(config)
+    codec.load_state_dict(state["model"])
+    return codec.eval()
+
+
+def train(args) -> dict:
+    """The training loop; returns the final evaluation (also written to eval.json)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = seed_everything(args.seed)
+    train_clips, valid_clips = _datasets(args)
+    codec = Codec(_config(args), generator=generator)
+    optimizer = torch.optim.Adam(codec.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    step, epoch = 0, 0
+    last = out / "last.pt"
+    if last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        codec.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch = state["step"], state["epoch"]
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["generator"])
+        print(f"resumed from {last} at step {step}")
+    log = RunLog(out)
+    batches = _batches(train_clips, args.batch_size, generator, epoch)
+    codec.train()
+    with tqdm(total=args.steps, initial=step, desc=f"codec lambda_mmd={args.lambda_mmd}", disable=args.quiet) as bar:
+        while step < args.steps:
+            waveform, epoch = next(batches)
+            result = codec(waveform)
+            optimizer.zero_grad(set_to_none=True)
+            result.losses["total"].backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                record = {"step": step, **{k: round(float(v.detach()), 6) for k, v in result.losses.items()}}
+                log.write(record)
+                bar.set_postfix(total=record["total"], mel=record["mel"])
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                save_checkpoint(last, codec, optimizer, step, epoch + 1, generator)
+    report = evaluate(codec, valid_clips)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def read_waveform(path: str | Path, sample_rate: int) -> torch.Tensor:
+    """A whole audio file as mono float32 [1, S] at sample_rate."""
+    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    mono = torch.from_numpy(samples.mean(axis=1))
+    if rate != sample_rate:
+        mono = torchaudio.functional.resample(mono, rate, sample_rate)
+    return mono.unsqueeze(0)
+
+
+def encode_file(args) -> None:
+    codec = load_codec(args.checkpoint)
+    waveform = read_waveform(args.audio, codec.config.sample_rate)
+    hop = codec.config.hop_length
+    padded = torch.nn.functional.pad(waveform, (0, (-waveform.shape[-1]) % hop))
+    with torch.no_grad():
+        codes = codec.encode(padded[None])
+    torch.save({"codes": codes, "num_samples": waveform.shape[-1]}, args.codes)
+    print(f"{args.audio}: {codes.shape[-1]} frames x {codes.shape[1]} codebooks -> {args.codes}")
+
+
+def decode_file(args) -> None:
+    codec = load_codec(args.checkpoint)
+    saved = torch.load(args.codes, map_location="cpu")
+    with torch.no_grad():
+        waveform = codec.decode(saved["codes"])[0, :, : saved["num_samples"]]
+    soundfile.write(str(args.audio), waveform[0].numpy(), codec.config.sample_rate)
+    print(f"{args.codes} -> {args.audio}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    t = commands.add_parser("train", help="train (or resume) a codec")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--segment-seconds", type=float, default=1.0)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--lambda-mmd", type=float, default=0.0)
+    t.add_argument("--mmd-estimator", choices=("shuffle", "dhsic"), default="shuffle")
+    t.add_argument("--quantizer-dropout", action="store_true")
+    t.add_argument("--channels", type=int, default=8)
+    t.add_argument("--latent-dim", type=int, default=64)
+    t.add_argument("--codebooks", type=int, default=4)
+    t.add_argument("--codebook-size", type=int, default=256)
+    t.add_argument("--sample-rate", type=int, default=32000)
+    t.add_argument("--audio-dir", default=None, help="your own WAV/FLAC files instead of the rendered corpus")
+    t.add_argument("--cache-dir", default="outputs/audio-cache")
+    t.add_argument("--pieces", type=int, default=60)
+    t.add_argument("--piece-seconds", type=float, default=20.0)
+    t.add_argument("--renderer", choices=("auto", "builtin", "fluidsynth"), default="auto")
+    t.add_argument("--valid-fraction", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--checkpoint-every", type=int, default=200)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(run=train)
+    e = commands.add_parser("encode", help="audio file -> codes (.pt)")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("audio")
+    e.add_argument("codes")
+    e.set_defaults(run=encode_file)
+    d = commands.add_parser("decode", help="codes (.pt) -> audio file")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("codes")
+    d.add_argument("audio")
+    d.set_defaults(run=decode_file)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    main()
