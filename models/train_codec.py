@@ -4,6 +4,7 @@
     python -m models.train_codec train --out runs/codec-mmd --steps 2000 --lambda-mmd 1.0   # same seed and data
     python -m models.train_codec encode --checkpoint runs/codec/last.pt song.wav codes.pt
     python -m models.train_codec decode --checkpoint runs/codec/last.pt codes.pt song-decoded.wav
+    python -m models.train_codec compare runs/codec runs/codec-mmd
 
 Training data: the music21 corpus rendered to 32 kHz (models/data.py, cached), or `--audio-dir` with your own WAV/FLAC
 files; train/valid split by piece. Checkpoints every `--checkpoint-every` steps and at the end (`last.pt`, with the
@@ -239,6 +240,26 @@ def decode_file(args) -> None:
     print(f"{args.codes} -> {args.audio}")
 
 
+def compare_runs(args) -> str:
+    """A Markdown table of the runs' held-out evaluations (eval.json), side by side."""
+    rows = [
+        ("mel distance (lower is better)", lambda r: r["mel_distance"]),
+        ("SI-SNR, dB (higher is better)", lambda r: r["si_snr_db"]),
+        ("mean pairwise MI, nats", lambda r: r["dependence"]["mean_offdiag_mutual_information"]),
+        ("mean pairwise NMI", lambda r: r["dependence"]["mean_offdiag_normalized_mutual_information"]),
+        ("total correlation, nats", lambda r: r["dependence"]["total_correlation"]),
+        ("mean pairwise MI, delay-aligned", lambda r: r["dependence_delay"]["mean_offdiag_mutual_information"]),
+        ("total correlation, delay-aligned", lambda r: r["dependence_delay"]["total_correlation"]),
+    ]
+    reports = {Path(run).name: json.loads((Path(run) / "eval.json").read_text()) for run in args.runs}
+    lines = ["| measure | " + " | ".join(reports) + " |", "| --- |" + " ---: |" * len(reports)]
+    for name, get in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{get(r):.4f}" for r in reports.values()) + " |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -277,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("codes")
     d.add_argument("audio")
     d.set_defaults(run=decode_file)
+    c = commands.add_parser("compare", help="Markdown table of several runs' eval.json")
+    c.add_argument("runs", nargs="+")
+    c.set_defaults(run=compare_runs)
     return parser
 
 

@@ -60,6 +60,22 @@ def test_train_resume_evaluate_encode_decode(tmp_path):
     assert torch.load(codes)["codes"].shape == (1, 4, 100)
 
 
+def test_compare_prints_a_table(tmp_path, capsys):
+    report = {"mel_distance": 1.0, "si_snr_db": 2.0}
+    dependence = {
+        "mean_offdiag_mutual_information": 0.1,
+        "mean_offdiag_normalized_mutual_information": 0.2,
+        "total_correlation": 0.3,
+    }
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(
+            json.dumps({**report, "dependence": dependence, "dependence_delay": dependence})
+        )
+    table = train_codec.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert table.splitlines()[0] == "| measure | a | b |" and "| 0.3000 | 0.3000 |" in table
+
+
 def test_si_snr_of_a_scaled_copy_is_high():
     x = torch.randn(2, 1, 1000)
     assert (train_codec.si_snr(3.0 * x, x) > 60).all()
