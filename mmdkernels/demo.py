@@ -1,7 +1,7 @@
 """The main job on its embedded default: measure codebook dependence with the MMD loss, and time the kernels.
 
-It residual-quantizes a synthetic latent sequence with K random codebooks (a real RVQ's per-codebook outputs are
-dependent: each stage quantizes what the previous ones left), then reports the loss of every estimator and mode
+It residual-quantizes (fused `rvq_encode`) a synthetic latent sequence with K random codebooks (a real RVQ's
+per-codebook outputs are dependent: each stage quantizes what the previous ones left), then reports the loss of every estimator and mode
 for those outputs and for a control whose codebooks were made independent, and times the fused kernel against
 the materialising reference, forward + backward, side by side.
 
@@ -20,24 +20,13 @@ import mmdkernels
 from mmdkernels._dispatch import choose_backend
 
 
-def residual_quantize(latents: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Greedy residual VQ. latents [B, D, T], codebooks [K, C, D] -> per-codebook outputs [B, K, D, T]."""
-    residual = latents.transpose(1, 2)  # [B, T, D]
-    outputs = []
-    for codebook in codebooks:
-        codes = torch.cdist(residual, codebook[None].expand(residual.shape[0], -1, -1)).argmin(-1)
-        quantized = codebook[codes]  # [B, T, D]
-        outputs.append(quantized.transpose(1, 2))
-        residual = residual - quantized
-    return torch.stack(outputs, dim=1)
-
-
 def synthetic_rvq_outputs(batch: int, frames: int, num_codebooks: int, dim: int, seed: int) -> torch.Tensor:
     """RVQ outputs of a smooth random latent sequence (a stand-in for an encoder's output until the codec lands)."""
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, dim, frames, generator=g).cumsum(-1) / frames**0.5
     codebooks = torch.randn(num_codebooks, 64, dim, generator=g) * torch.logspace(0, -1, num_codebooks)[:, None, None]
-    return residual_quantize(latents, codebooks)
+    _, per_codebook = mmdkernels.rvq_encode(latents, codebooks, return_quantized=True)  # fused, all K stages
+    return per_codebook
 
 
 def independent_control(outputs: torch.Tensor, seed: int) -> torch.Tensor:
