@@ -1,9 +1,9 @@
 """The main job on its embedded default: measure codebook dependence with the MMD loss, and time the kernels.
 
 It residual-quantizes (fused `rvq_encode`) a synthetic latent sequence with K random codebooks (a real RVQ's
-per-codebook outputs are dependent: each stage quantizes what the previous ones left), then reports the loss of every estimator and mode
-for those outputs and for a control whose codebooks were made independent, and times the fused kernel against
-the materialising reference, forward + backward, side by side.
+per-codebook outputs are dependent: each stage quantizes what the previous ones left), then reports the loss of
+every estimator and mode for those outputs and for a control whose codebooks were made independent, and times the
+fused kernel against the materialising reference, forward + backward, side by side.
 
     python -m mmdkernels.demo [--num-samples 4096] [--json out.json]
 """
