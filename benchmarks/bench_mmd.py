@@ -50,7 +50,7 @@ def _info(benchmark, provider: str, num_samples: int, memory_call: str | None):
 @pytest.mark.parametrize("provider", ["cpp", "reference"])
 def test_mmd_forward_backward(benchmark, provider, num_samples):
     if provider == "reference" and num_samples > REFERENCE_MAX_N:
-        pytest.skip(f"reference needs O(N^2) memory; stops at N = {REFERENCE_MAX_N}")
+        pytest.skip(reason=f"reference needs O(N^2) memory; stops at N = {REFERENCE_MAX_N}")
     benchmark.group = f"mmd-fwd+bwd-joint-shuffle-N{num_samples}"
     x = make_input(num_samples)
     rounds = 1 if provider == "reference" and num_samples >= 4096 else 3

@@ -60,7 +60,7 @@ def test_rvq_encode(benchmark, provider):
             return mmdkernels.rvq_encode(latents, codebooks, backend=provider)
     elif provider == "faiss":
         if importlib.util.find_spec("faiss") is None:
-            pytest.skip("faiss-cpu is not installed")
+            pytest.skip(reason="faiss-cpu is not installed")
         import faiss
 
         indexes = []
@@ -73,7 +73,7 @@ def test_rvq_encode(benchmark, provider):
             return faiss_encode(latents, codebooks, indexes)
     else:
         if importlib.util.find_spec("vector_quantize_pytorch") is None:
-            pytest.skip("vector-quantize-pytorch is not installed")
+            pytest.skip(reason="vector-quantize-pytorch is not installed")
         model = vqp_model(codebooks)
 
         def encode():

@@ -19,7 +19,7 @@ SHAPES = [(1, 1, 1, 2), (2, 2, 3, 5), (3, 4, 17, 11), (4, 4, 32, 129), (2, 8, 16
 @pytest.mark.parametrize("options", OPTIONS, ids=option_id)
 def test_gpu_backend_matches_reference(backend, shape, options):
     if not valid(shape, options):
-        pytest.skip(f"{shape} is not a valid input for {options}")
+        pytest.skip(reason=f"{shape} is not a valid input for {options}")
     assert_close_to_reference(make_input(shape, device="cuda"), backend, grad_floor=GRAD_FLOOR_GPU, **options)
 
 

@@ -86,9 +86,9 @@ def test_cuda_sources_were_compiled_when_the_toolchain_is_there():
     from torch.utils.cpp_extension import CUDA_HOME
 
     if not (torch.version.cuda and CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))):
-        pytest.skip("no nvcc/CUDA build of torch here, so the CUDA kernels are not built")
+        pytest.skip(reason="no nvcc/CUDA build of torch here, so the CUDA kernels are not built")
     if os.environ.get("MMDKERNELS_SKIP_CUDA") == "1":
-        pytest.skip("MMDKERNELS_SKIP_CUDA=1 disabled the CUDA build")
+        pytest.skip(reason="MMDKERNELS_SKIP_CUDA=1 disabled the CUDA build")
     import mmdkernels
 
     package_dir = os.path.dirname(mmdkernels.__file__)
