@@ -32,7 +32,9 @@ LARGER_SHAPES = [(4, 4, 32, 129), (3, 2, 128, 200), (2, 8, 16, 261)]
 @pytest.mark.parametrize("delay", [False, True])
 def test_small_shapes_match_reference(shape, options, delay):
     if not valid(shape, options, delay):
-        pytest.skip(reason=f"shape {shape} is not a valid input for {options}, delay={delay} (tested in test_bad_input)")
+        pytest.skip(
+            reason=f"shape {shape} is not a valid input for {options}, delay={delay} (tested in test_bad_input)"
+        )
     x = make_input(shape)
     for backend in cpu_backends(max_n=shape[0] * shape[3]):
         assert_close_to_reference(x, backend, delay=delay, **options)
