@@ -7,6 +7,8 @@ soundfont when one is installed), cached as WAV files, cut into fixed-length cli
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -409,14 +411,15 @@ def _resolve_renderer(renderer: str) -> str:
     return renderer
 
 
-def _cache_file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "__")) + ".wav"
+def _cache_file_name(name: str, seconds: float) -> str:
+    """One file per (piece, excerpt length): runs asking for different lengths share a cache without clobbering."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "__")) + f".{seconds:g}s.wav"
 
 
 def _write_wav_atomically(out_wav: Path, waveform: np.ndarray, sample_rate: int) -> None:
     """Write via a temporary name so an interrupted run never leaves a truncated file that looks cached."""
     out_wav.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_wav.with_name(out_wav.name + ".partial")
+    partial = out_wav.with_name(f"{out_wav.name}.{os.getpid()}.partial")
     soundfile.write(partial, waveform, sample_rate, subtype="PCM_16", format="WAV")
     os.replace(partial, out_wav)
 
@@ -441,7 +444,7 @@ def _read_index(index_path: Path) -> dict:
 
 
 def _write_index(index_path: Path, index: dict) -> None:
-    partial = index_path.with_name(index_path.name + ".partial")
+    partial = index_path.with_name(f"{index_path.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps(index, indent=1, sort_keys=True))
     os.replace(partial, index_path)
 
@@ -452,23 +455,23 @@ def _render_into_cache(
     """The WAV of one piece, rendered unless already cached; None if the piece cannot be rendered.
 
     Renders and failures are recorded in ``index``; a failure is not retried for the same ``seconds`` (delete its
-    entry under "failed" in index.json to retry).
+    entry "<piece>@<seconds>s" under "failed" in index.json to retry).
     """
     name = piece_name(path)
-    failure = index["failed"].get(name)
-    if failure is not None and failure["max_seconds"] == seconds:
+    key = f"{name}@{seconds:g}s"
+    if key in index["failed"]:
         return None
-    entry = index["pieces"].get(name)
-    if entry is not None and entry["max_seconds"] == seconds and (out_dir / entry["path"]).exists():
+    entry = index["pieces"].get(key)
+    if entry is not None and (out_dir / entry["path"]).exists():
         return out_dir / entry["path"]
-    file_name = _cache_file_name(name)
+    file_name = _cache_file_name(name, seconds)
     try:
         duration_s = _render_piece(path, renderer, out_dir / file_name, sample_rate, seconds)
     except Exception as error:  # music21 raises many exception types on unsupported score content
         logger.warning("skipping %s: %s", path, error)
-        index["failed"][name] = {"error": repr(error), "max_seconds": seconds}
+        index["failed"][key] = {"error": repr(error), "max_seconds": seconds}
         return None
-    index["pieces"][name] = {"path": file_name, "duration_s": duration_s, "max_seconds": seconds}
+    index["pieces"][key] = {"path": file_name, "duration_s": duration_s, "max_seconds": seconds}
     return out_dir / file_name
 
 
@@ -510,6 +513,30 @@ def render_corpus(
     out_dir = Path(cache_dir) / f"{renderer}-{sample_rate}"
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / "index.json"
+    with _exclusive_lock(out_dir / ".lock"):  # concurrent runs (a sweep) render each piece once, in turn
+        return _render_locked(out_dir, index_path, num_pieces, seconds_per_piece, sample_rate, renderer, seed, progress)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path):
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _render_locked(
+    out_dir: Path,
+    index_path: Path,
+    num_pieces: int,
+    seconds_per_piece: float,
+    sample_rate: int,
+    renderer: str,
+    seed: int,
+    progress: bool,
+) -> list[Path]:
     index = _read_index(index_path)
     wav_paths: list[Path] = []
     with tqdm(total=num_pieces, disable=not progress, unit="piece", desc=f"render {renderer}") as bar:

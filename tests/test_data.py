@@ -134,9 +134,34 @@ def test_render_corpus_skips_and_remembers_unparsable_pieces(chorale_path, tmp_p
     broken.write_bytes(b"not a zip archive")
     monkeypatch.setattr(data, "_shuffled_corpus_pieces", lambda seed: [str(broken), str(chorale_path)])
     paths = data.render_corpus(tmp_path / "cache", 2, seconds_per_piece=1.0, renderer="builtin", progress=False)
-    assert [path.name for path in paths] == ["bach__bwv66.6.wav"]
+    assert [path.name for path in paths] == ["bach__bwv66.6.1s.wav"]
     index = json.loads((tmp_path / "cache" / f"builtin-{SR}" / "index.json").read_text())
-    assert list(index["failed"]) == ["broken"] and list(index["pieces"]) == [CHORALE]
+    assert list(index["failed"]) == ["broken@1s"] and list(index["pieces"]) == [f"{CHORALE}@1s"]
+
+
+def test_render_corpus_keeps_one_file_per_excerpt_length(chorale_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
+    short = data.render_corpus(tmp_path, 1, seconds_per_piece=1.0, renderer="builtin", progress=False)
+    long = data.render_corpus(tmp_path, 1, seconds_per_piece=2.0, renderer="builtin", progress=False)
+    assert short != long
+    modified = short[0].stat().st_mtime_ns
+    assert data.render_corpus(tmp_path, 1, seconds_per_piece=1.0, renderer="builtin", progress=False) == short
+    assert short[0].stat().st_mtime_ns == modified
+    assert soundfile.info(short[0]).duration == pytest.approx(1.0) and soundfile.info(long[0]).duration > 1.5
+
+
+def _render_one_second(cache):
+    return [str(path) for path in data.render_corpus(cache, 2, seconds_per_piece=1.0, renderer="builtin", progress=False)]
+
+
+def test_render_corpus_concurrent_runs_agree(tmp_path):
+    """Two processes rendering into one cache (a sweep started side by side) get the same files, none skipped."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        first, second = pool.map(_render_one_second, [tmp_path, tmp_path])
+    assert first == second and len(first) == 2
+    assert not list((tmp_path / f"builtin-{SR}").glob("*.partial"))
 
 
 def test_render_corpus_rejects_bad_arguments(tmp_path):
