@@ -6,7 +6,6 @@ backend cannot, the error lists its reasons; when automatic choice falls back to
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
@@ -16,6 +15,12 @@ from mmdkernels import _ext
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+
+
+def checking_values() -> bool:
+    """Whether to run the data-dependent input checks (NaN/Inf, index ranges). Eagerly yes; inside torch.compile no:
+    reading a value back would sync the device and break the graph (the compiled kernels still bound-check indices)."""
+    return not torch.compiler.is_compiling()
 
 
 def triton_interpreter_enabled() -> bool:
@@ -34,15 +39,15 @@ def not_supported_reasons(backend: str, x: torch.Tensor, max_codebooks: int | No
     if backend == "cpp":
         if x.device.type != "cpu":
             reasons.append(f"input on {x.device}: the C++ kernel runs on CPU tensors")
-        elif _ext.cpu_extension() is None:
+        elif not _ext.available("cpu"):
             reasons.append(_ext.load_error("cpu"))
     elif backend == "cuda":
         if x.device.type != "cuda":
             reasons.append(f"input on {x.device}: the CUDA kernel runs on CUDA tensors")
-        elif _ext.cuda_extension() is None:
+        elif not _ext.available("cuda"):
             reasons.append(_ext.load_error("cuda"))
     elif backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _ext.triton_installed():
             reasons.append("triton is not installed")
         elif x.device.type == "cpu" and not triton_interpreter_enabled():
             reasons.append("input on cpu: Triton runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1")

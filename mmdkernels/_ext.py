@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import warnings
+
+import torch
 
 _CPU_MODULE = "mmdkernels._C"
 _CUDA_MODULE = "mmdkernels._C_cuda"
@@ -12,6 +15,23 @@ REINSTALL_HINT = "rebuild with `pip install -e . --no-build-isolation` (see READ
 _loaded: dict[str, object] = {}
 _errors: dict[str, str] = {}
 _warned: set[str] = set()
+_fakes: dict[str, object] = {}  # "mmdkernels::op" -> fake (meta) implementation, registered once the schemas load
+_fakes_registered: set[str] = set()
+
+
+def register_fake_on_load(qualified_name: str, fake) -> None:
+    """Register `fake` for a compiled op as soon as the op library (which defines its schema) is loaded, so that
+    torch.compile can trace the op even when its first call happens inside a compiled region."""
+    _fakes[qualified_name] = fake
+    if _CPU_MODULE in _loaded:
+        _register_pending_fakes()
+
+
+def _register_pending_fakes() -> None:
+    for name, fake in _fakes.items():
+        if name not in _fakes_registered:
+            torch.library.register_fake(name)(fake)
+            _fakes_registered.add(name)
 
 
 def _load(name: str) -> object | None:
@@ -25,6 +45,8 @@ def _load(name: str) -> object | None:
         _errors[name] = f"{name} could not be imported ({error}); {REINSTALL_HINT}"
         return None
     _loaded[name] = module
+    if name == _CPU_MODULE:
+        _register_pending_fakes()
     return module
 
 
@@ -39,6 +61,17 @@ def cuda_extension() -> object | None:
         _errors.setdefault(_CUDA_MODULE, f"needs {_CPU_MODULE}: {_errors.get(_CPU_MODULE)}")
         return None
     return _load(_CUDA_MODULE)
+
+
+@torch.compiler.assume_constant_result
+def available(which: str) -> bool:
+    """Whether the `cpu` or `cuda` extension loads; torch.compile treats the answer as a constant (no graph break)."""
+    return (cpu_extension() if which == "cpu" else cuda_extension()) is not None
+
+
+@torch.compiler.assume_constant_result
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def load_error(which: str) -> str:

@@ -8,8 +8,6 @@ import torch
 
 from mmdkernels import _ext
 
-_registered: set[str] = set()
-
 
 def _encode_fake(x, codebooks, sqnorms, return_quantized):
     n, num_codebooks, dim = x.shape[0], codebooks.shape[0], codebooks.shape[2]
@@ -41,14 +39,14 @@ rvq_encode_triton.register_fake(_encode_fake)
 rvq_decode_triton.register_fake(_decode_fake)
 
 
-def _compiled(name: str, backend: str, fake) -> object:
-    module = _ext.cuda_extension() if backend == "cuda" else _ext.cpu_extension()
-    if module is None:
-        raise RuntimeError(_ext.load_error("cuda" if backend == "cuda" else "cpu"))
-    qualified = f"mmdkernels::{name}"
-    if qualified not in _registered:
-        torch.library.register_fake(qualified)(fake)
-        _registered.add(qualified)
+_ext.register_fake_on_load("mmdkernels::rvq_encode", _encode_fake)
+_ext.register_fake_on_load("mmdkernels::rvq_decode", _decode_fake)
+
+
+def _compiled(name: str, backend: str) -> object:
+    which = "cuda" if backend == "cuda" else "cpu"
+    if not _ext.available(which):
+        raise RuntimeError(_ext.load_error(which))
     return getattr(torch.ops.mmdkernels, name)
 
 
@@ -56,11 +54,11 @@ def encode_op(backend: str):
     """The RVQ encode op for backend 'cpp', 'cuda' or 'triton'."""
     if backend == "triton":
         return torch.ops.mmdkernels.rvq_encode_triton
-    return _compiled("rvq_encode", backend, _encode_fake)
+    return _compiled("rvq_encode", backend)
 
 
 def decode_op(backend: str):
     """The RVQ decode op for backend 'cpp', 'cuda' or 'triton'."""
     if backend == "triton":
         return torch.ops.mmdkernels.rvq_decode_triton
-    return _compiled("rvq_decode", backend, _decode_fake)
+    return _compiled("rvq_decode", backend)
