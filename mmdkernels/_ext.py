@@ -63,13 +63,21 @@ def cuda_extension() -> object | None:
     return _load(_CUDA_MODULE)
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn):
+    """torch.compiler.assume_constant_result without its import of torch._dynamo (which pulls in triton and would
+    make `import mmdkernels` heavy): dynamo calls `fn` eagerly while tracing and uses the result as a constant.
+    tests/test_compile.py checks that the marker is still the one torch uses."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def available(which: str) -> bool:
     """Whether the `cpu` or `cuda` extension loads; torch.compile treats the answer as a constant (no graph break)."""
     return (cpu_extension() if which == "cpu" else cuda_extension()) is not None
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

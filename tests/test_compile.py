@@ -26,3 +26,14 @@ def test_rvq_encode_decode_fullgraph():
     compiled = torch.compile(encode_decode, fullgraph=True)
     for got, expected in zip(compiled(x), encode_decode(x)):
         assert torch.equal(got, expected)
+
+
+def test_constant_marker_matches_torch():
+    from mmdkernels import _ext
+
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert vars(marked), "torch no longer marks the function itself: update _ext.constant_under_compile"
+    assert all(getattr(_ext.available, name, None) == value for name, value in vars(marked).items())
