@@ -15,11 +15,36 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def(
       "mmd_dhsic(Tensor z, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, float chain_base, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // Row-range forms for the distributed loss (mmdkernels/mmd/distributed.py): only the entries (n, m) with
+  // row_begin <= n < row_end, every column m. mmd_shuffle_rows returns (partial loss float64 [], partial grad
+  // float32 [N, K, D] for all N samples). mmd_dhsic_sums returns float64 [K*A + 1, N]: row k*A + j holds the Gram
+  // row sums sum_m E_{k,j}(n, m) of the rows in range (0 elsewhere), the last row the joint sums (only its total is
+  // used). mmd_dhsic_rows takes the sums of ALL rows and returns (loss float32 [], partial grad [N, K, D] or [0]).
+  m.def(
+      "mmd_shuffle_rows(Tensor z, Tensor perms, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, "
+      "float chain_base, float[] term_weights, int row_begin, int row_end, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "mmd_dhsic_sums(Tensor z, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, float chain_base, "
+      "int row_begin, int row_end) -> Tensor");
+  m.def(
+      "mmd_dhsic_rows(Tensor z, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, float chain_base, "
+      "Tensor sums, int row_begin, int row_end, bool compute_grad) -> (Tensor, Tensor)");
   // Fused residual VQ (contract: docs/rvq_kernels.md, spec: mmdkernels/rvq/reference.py). x: float32 [N, D];
   // codebooks: float32 [K, C, D]; sqnorms: float32 [K, C]. Returns (codes int64 [N, K], quantized [N, K, D] or [0]).
   m.def("rvq_encode(Tensor x, Tensor codebooks, Tensor sqnorms, bool return_quantized) -> (Tensor, Tensor)");
   // Fused gather-sum: codes int64 [N, K], codebooks float32 [K, C, D] -> float32 [N, D].
   m.def("rvq_decode(Tensor codes, Tensor codebooks) -> Tensor");
+  // KV-cached decode attention (spec: mmdkernels/attention/reference.py). q [B, H, Dh]; k_cache, v_cache
+  // [B, H_kv, S_max, Dh] (q's dtype: float32/bfloat16/float16; any strides; H_kv divides H); lengths int64 [B]
+  // (keys < lengths[b] are attended). Returns [B, H, Dh] in q's dtype, accumulated in float32.
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
+  // Fused multi-codebook sampling (contract: docs/sampling_kernels.md, spec: mmdkernels/sampling/reference.py).
+  // logits: float32/bfloat16/float16 [N, K, V] contiguous, N = B (or 2B, conditional rows first, with use_cfg);
+  // uniforms: float64 [B, K] in [0, 1); temperature 0 = greedy; top_k 0 = off; top_p 1 = off.
+  // Returns int64 [B, K], -1 for a row with NaN/+inf logits or only -inf logits.
+  m.def(
+      "sample_tokens(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, float cfg_coef, "
+      "bool use_cfg) -> Tensor");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
 }

@@ -10,6 +10,7 @@ Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
 from mmdkernels.nn import MMDLoss, ResidualVQ, RVQOutput
 from mmdkernels.rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
+from mmdkernels.sampling import sample, sample_ref
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,4 +24,6 @@ __all__ = [
     "rvq_decode",
     "rvq_encode_ref",
     "rvq_decode_ref",
+    "sample",
+    "sample_ref",
 ]

@@ -23,7 +23,8 @@ class MMDLoss(torch.nn.Module):
     Args:
         delay: delay-align codebook k by k frames before the loss.
         device: if set, inputs are moved there first.
-        bandwidths, mode, estimator, normalization, generator, backend: as `mmdkernels.mmd_loss`.
+        bandwidths, mode, estimator, normalization, generator, backend, process_group: as `mmdkernels.mmd_loss`
+            (process_group: the loss over every rank's batch together, a collective).
     Shape:
         forward(inputs [B, K, D, T]) -> 0-dim float32 loss.
     """
@@ -40,6 +41,7 @@ class MMDLoss(torch.nn.Module):
         normalization: str = "reference",
         generator: torch.Generator | None = None,
         backend: str | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ):
         super().__init__()
         self.delay = delay
@@ -51,6 +53,7 @@ class MMDLoss(torch.nn.Module):
         self.normalization = normalization
         self.generator = generator
         self.backend = backend
+        self.process_group = process_group
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.device is not None:
@@ -64,6 +67,7 @@ class MMDLoss(torch.nn.Module):
             normalization=self.normalization,
             generator=self.generator,
             backend=self.backend,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -5,6 +5,12 @@
     python -m models.train_codec encode --checkpoint runs/codec/last.pt song.wav codes.pt
     python -m models.train_codec decode --checkpoint runs/codec/last.pt codes.pt song-decoded.wav
     python -m models.train_codec compare runs/codec runs/codec-mmd
+    torchrun --standalone --nproc-per-node 2 -m models.train_codec train --out runs/codec-ddp --lambda-mmd 1.0
+
+Under torchrun (or with --distributed) training runs on every process with DistributedDataParallel (NCCL on
+GPUs, gloo on CPUs): --batch-size is per process, each process takes its own slice of every epoch's order, and the
+MMD term is estimated over the union of all processes' batches (mmd_loss(process_group=...)). Only rank 0 logs,
+checkpoints and evaluates; a rerun resumes on every rank from rank 0's checkpoint.
 
 Training data: the music21 corpus rendered to 32 kHz (models/data.py, cached), or `--audio-dir` with your own WAV/FLAC
 files; train/valid split by piece. Checkpoints every `--checkpoint-every` steps and at the end (`last.pt`, with the
@@ -15,17 +21,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import datetime
 import json
 import math
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import torch
+import torch.distributed as dist
 import torchaudio
 from tqdm import tqdm
 
+import mmdkernels
 from mmdkernels.metrics import dependence_report
 from models import data
 from models.codec import Codec, CodecConfig
@@ -53,13 +64,15 @@ def evaluate(codec: Codec, clips: torch.utils.data.Dataset, batch_size: int = 8)
     """Reconstruction (mel distance, SI-SNR) and codebook dependence (MI matrix, total correlation, plain and
     delay-aligned) on held-out clips."""
     codec.eval()
+    device = next(codec.parameters()).device
     mel, snr, codes = [], [], []
     loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, shuffle=False)
     for waveform in loader:
+        waveform = waveform.to(device)
         out = codec(waveform)
         mel.append(out.losses["mel"].item())
-        snr.append(si_snr(out.reconstruction, waveform))
-        codes.append(out.codes)
+        snr.append(si_snr(out.reconstruction, waveform).cpu())
+        codes.append(out.codes.cpu())
     codec.train()
     all_codes = torch.cat(codes)
     return {
@@ -101,16 +114,24 @@ def _datasets(args):
     return train, valid
 
 
-def _batches(clips: data.AudioClips, batch_size: int, generator: torch.Generator, first_epoch: int):
-    """Endless batches [batch_size, 1, S]: each epoch draws new clip offsets and a new order (from generator)."""
+def _batches(
+    clips: data.AudioClips, batch_size: int, generator: torch.Generator, first_epoch: int, rank: int = 0, world: int = 1
+):
+    """Endless batches [batch_size, 1, S]: each epoch draws new clip offsets and a new order (from generator).
+
+    With `world` processes (DistributedSampler-style) every process draws the same order and takes slice `rank` of
+    each global batch of world * batch_size clips, so the processes see disjoint clips and their generators stay equal.
+    """
     epoch = first_epoch
+    global_batch = batch_size * world
     while True:
         clips.set_epoch(epoch)
         order = torch.randperm(len(clips), generator=generator).tolist()
-        while len(order) < batch_size:  # fewer pieces than a batch: repeat them
+        while len(order) < global_batch:  # fewer pieces than a batch: repeat them
             order += torch.randperm(len(clips), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield torch.stack([clips[i] for i in order[start : start + batch_size]]), epoch
+        for start in range(0, len(order) - global_batch + 1, global_batch):
+            mine = order[start + rank * batch_size : start + (rank + 1) * batch_size]
+            yield torch.stack([clips[i] for i in mine]), epoch
         epoch += 1
 
 
@@ -170,13 +191,94 @@ def load_codec(path: str | Path) -> Codec:
     return codec.eval()
 
 
-def train(args) -> dict:
-    """The training loop; returns the final evaluation (also written to eval.json)."""
+@dataclasses.dataclass
+class World:
+    """This process's place in the training job: rank 0 of 1 without torch.distributed."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(args) -> World:
+    """Joins the torch.distributed job when asked (--distributed) or launched by torchrun (WORLD_SIZE > 1)."""
+    if not (args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        return World(device=device)
+    backend = args.dist_backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+    return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+class GlobalBatchCodec(Codec):
+    """The codec whose training MMD term is estimated over every process's batch together.
+
+    In training mode the MMD term comes from mmd_loss(process_group=WORLD) (a collective: every rank calls it); the
+    permutations use a seed shared by rank 0. In eval mode it is the plain codec (no collective), so rank 0 can
+    evaluate alone.
+    """
+
+    def forward(self, waveform: torch.Tensor):
+        config = self.config
+        if not self.training or config.lambda_mmd <= 0:
+            return super().forward(waveform)
+        self.config = dataclasses.replace(config, lambda_mmd=0.0)
+        try:
+            out = super().forward(waveform)
+        finally:
+            self.config = config
+        per_codebook = out.per_codebook
+        if per_codebook.shape[1] >= 2:
+            out.losses["mmd"] = mmdkernels.mmd_loss(
+                per_codebook,
+                delay=config.mmd_delay and per_codebook.shape[-1] > per_codebook.shape[1],
+                estimator=config.mmd_estimator,
+                process_group=dist.group.WORLD,
+            )
+            total = out.losses.pop("total") + config.lambda_mmd * out.losses["mmd"]
+            out.losses["total"] = total
+        return out
+
+
+def _averaged(losses: dict, world: World) -> dict:
+    """Each loss averaged over the processes (the MMD term is already global), as floats."""
+    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    if world.size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world.size
+    return {name: round(float(v), 6) for name, v in zip(losses, values.cpu())}
+
+
+def train(args) -> dict | None:
+    """The training loop; returns the final evaluation (also written to eval.json), None on ranks other than 0."""
+    world = init_world(args)
+    try:
+        return _train(args, world)
+    finally:
+        if world.size > 1:
+            dist.destroy_process_group()
+
+
+def _train(args, world: World) -> dict | None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(args.seed)
     train_clips, valid_clips = _datasets(args)
-    codec = Codec(_config(args), generator=generator)
+    # the codec's own draws (k-means seeds, dead codes, MMD permutations) need a generator on its device
+    codec_generator = generator if world.device.type == "cpu" else torch.Generator(world.device).manual_seed(args.seed)
+    codec = (GlobalBatchCodec if world.size > 1 else Codec)(_config(args), generator=codec_generator)
     optimizer = torch.optim.Adam(codec.parameters(), lr=args.lr, betas=(0.5, 0.9))
     step, epoch = 0, 0
     last = out / "last.pt"
@@ -187,25 +289,42 @@ def train(args) -> dict:
         step, epoch = state["step"], state["epoch"]
         torch.set_rng_state(state["torch_rng"])
         generator.set_state(state["generator"])
-        print(f"resumed from {last} at step {step}")
+        if world.is_main:
+            print(f"resumed from {last} at step {step}")
+    model = codec.to(world.device)
+    if world.size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            codec,
+            device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            find_unused_parameters=args.quantizer_dropout,  # dropped codebooks get no gradient
+        )
     log = RunLog(out)
-    batches = _batches(train_clips, args.batch_size, generator, epoch)
+    batches = _batches(train_clips, args.batch_size, generator, epoch, world.rank, world.size)
     codec.train()
-    with tqdm(total=args.steps, initial=step, desc=f"codec lambda_mmd={args.lambda_mmd}", disable=args.quiet) as bar:
+    show = not args.quiet and world.is_main
+    with tqdm(total=args.steps, initial=step, desc=f"codec lambda_mmd={args.lambda_mmd}", disable=not show) as bar:
         while step < args.steps:
             waveform, epoch = next(batches)
-            result = codec(waveform)
+            result = model(waveform.to(world.device))
+            loss = result.losses["total"]
+            if "mmd" in result.losses and world.size > 1:
+                # DDP averages the ranks' gradients, but each rank's MMD gradient is only its own samples' share of
+                # the global term's gradient: scale it back to the sum.
+                loss = loss + (world.size - 1) * args.lambda_mmd * result.losses["mmd"]
             optimizer.zero_grad(set_to_none=True)
-            result.losses["total"].backward()
+            loss.backward()
             optimizer.step()
             step += 1
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
-                record = {"step": step, **{k: round(float(v.detach()), 6) for k, v in result.losses.items()}}
-                log.write(record)
+                record = {"step": step, **_averaged(result.losses, world)}
+                if world.is_main:
+                    log.write(record)
                 bar.set_postfix(total=record["total"], mel=record["mel"])
-            if step % args.checkpoint_every == 0 or step == args.steps:
+            if world.is_main and (step % args.checkpoint_every == 0 or step == args.steps):
                 save_checkpoint(last, codec, optimizer, step, epoch + 1, generator)
+    if not world.is_main:
+        return None
     report = evaluate(codec, valid_clips)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     return report
@@ -287,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (single process; torchrun ranks use LOCAL_RANK)")
+    t.add_argument("--distributed", action="store_true", help="join a torch.distributed job (automatic under torchrun)")
+    t.add_argument("--dist-backend", choices=("auto", "nccl", "gloo"), default="auto", help="auto: nccl on GPUs")
+    t.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a collective may wait for a rank")
     t.set_defaults(run=train)
     e = commands.add_parser("encode", help="audio file -> codes (.pt)")
     e.add_argument("--checkpoint", required=True)

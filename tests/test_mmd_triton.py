@@ -183,7 +183,7 @@ def _param_type(param, constexprs: dict) -> str:
         return "constexpr"
     if param.name.endswith("_ptr"):
         return "*i32" if param.name == "groups_ptr" else "*fp32"
-    return "i32" if param.name.startswith("num_") else "fp32"
+    return "i32" if param.name.startswith(("num_", "row_")) else "fp32"
 
 
 def _compile_kernels_for_sm90() -> None:

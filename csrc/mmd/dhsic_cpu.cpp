@@ -64,25 +64,19 @@ double product_except(const std::vector<int>& members, int skip, const double* v
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::Tensor& groups,
-                                                 c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
-                                                 c10::ArrayRef<int64_t> chain_step, double chain_base,
-                                                 bool compute_grad) {
-  check_samples(z);
-  const int64_t n = z.size(0), num_codebooks = z.size(1), dim = z.size(2);
-  check_groups(groups, num_codebooks);
-  const auto plan = make_plan(coefs, chain_src, chain_step, chain_base);
-  const auto layout = make_layout(groups, num_codebooks, dim, /*allow_joint_slice=*/false);
+// Pass 1 over the rows [row_begin, row_end): float64 [K*A + 1, N], row k*A + j = sum_m E_{k,j}(n, m) of each
+// row n in range, last row = sum over groups, bandwidths and columns of the joint Gram (0 outside the range).
+at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const BandwidthPlan& plan, int64_t row_begin,
+                      int64_t row_end) {
+  const int64_t n = z.size(0), num_codebooks = z.size(1);
   const int num_bw = plan.count;
   const auto norms = slice_norms(z, layout);
   const float* norm_data = norms.data_ptr<float>();
   const TilePlane plane(n, num_codebooks, z.options());
-  const double inv_n = 1.0 / static_cast<double>(n);
-
-  // Pass 1: row sums of every Gram ([K][A][N], made means below) and the sum of every group's joint Gram.
-  std::vector<double> row_means(num_codebooks * num_bw * n, 0.0);
-  std::vector<double> joint_row_sums(n, 0.0);
-  for (const Tile& tile : plane.tiles()) {
+  auto sums = at::zeros({num_codebooks * num_bw + 1, n}, z.options().dtype(at::kDouble));
+  double* row_sums = sums.data_ptr<double>();
+  double* joint_row_sums = row_sums + num_codebooks * num_bw * n;
+  for (const Tile& tile : plane.tiles(row_begin, row_end)) {
     dot_tiles(z, z, layout, tile, plane);
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
@@ -107,13 +101,27 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
             }
           }
         }
-        for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) row_means[kj * n + row] += gram_sums[kj];
+        for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) row_sums[kj * n + row] += gram_sums[kj];
         joint_row_sums[row] += joint_sum;
       }
     });
   }
+  return sums;
+}
+
+// The loss from the sums of ALL rows, and (compute_grad) pass 2 over the rows [row_begin, row_end): the gradient
+// of those rows (the weights W_k are symmetrised, so the row side over every column is their whole gradient).
+std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z, const SliceLayout& layout,
+                                                            const BandwidthPlan& plan, const at::Tensor& sums,
+                                                            int64_t row_begin, int64_t row_end, bool compute_grad) {
+  const int64_t n = z.size(0), num_codebooks = z.size(1);
+  const int num_bw = plan.count;
+  const double inv_n = 1.0 / static_cast<double>(n);
+  const double* sums_data = sums.data_ptr<double>();
+  const double* joint_row_sums = sums_data + num_codebooks * num_bw * n;
 
   // The loss from the reductions: joint mean + product of means - 2 mean over n of the product of row means.
+  std::vector<double> row_means(sums_data, sums_data + num_codebooks * num_bw * n);
   for (double& v : row_means) v *= inv_n;
   std::vector<double> means(num_codebooks * num_bw, 0.0);
   for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) {
@@ -122,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
     means[kj] = s * inv_n;
   }
   double loss = 0.0;
-  for (double v : joint_row_sums) loss += v * inv_n * inv_n;
+  for (int64_t row = 0; row < n; ++row) loss += joint_row_sums[row] * inv_n * inv_n;
   for (const auto& members : layout.group_members) {
     for (int j = 0; j < num_bw; ++j) {
       loss += product_except(members, -1, means.data(), num_bw, j);
@@ -150,9 +158,12 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
   }
 
   // Pass 2: symmetrised weights W_k in place of the tiles, then the gradient GEMMs.
+  const auto norms = slice_norms(z, layout);
+  const float* norm_data = norms.data_ptr<float>();
+  const TilePlane plane(n, num_codebooks, z.options());
   auto grad = at::zeros_like(z);
   const GradientSink sink{grad, at::Tensor()};
-  for (const Tile& tile : plane.tiles()) {
+  for (const Tile& tile : plane.tiles(row_begin, row_end)) {
     dot_tiles(z, z, layout, tile, plane);
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
@@ -200,8 +211,57 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::
   return {at::scalar_tensor(loss, z.options()), grad};
 }
 
+struct DhsicSetup {
+  BandwidthPlan plan;
+  SliceLayout layout;
+};
+
+DhsicSetup dhsic_setup(const at::Tensor& z, const at::Tensor& groups, c10::ArrayRef<double> coefs,
+                       c10::ArrayRef<int64_t> chain_src, c10::ArrayRef<int64_t> chain_step, double chain_base) {
+  check_samples(z);
+  check_groups(groups, z.size(1));
+  return {make_plan(coefs, chain_src, chain_step, chain_base),
+          make_layout(groups, z.size(1), z.size(2), /*allow_joint_slice=*/false)};
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::Tensor& groups,
+                                                 c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
+                                                 c10::ArrayRef<int64_t> chain_step, double chain_base,
+                                                 bool compute_grad) {
+  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base);
+  const int64_t n = z.size(0);
+  const auto sums = dhsic_sums(z, setup.layout, setup.plan, 0, n);
+  return dhsic_loss_and_rows_grad(z, setup.layout, setup.plan, sums, 0, n, compute_grad);
+}
+
+at::Tensor mmd_dhsic_sums_cpu(const at::Tensor& z, const at::Tensor& groups, c10::ArrayRef<double> coefs,
+                              c10::ArrayRef<int64_t> chain_src, c10::ArrayRef<int64_t> chain_step, double chain_base,
+                              int64_t row_begin, int64_t row_end) {
+  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base);
+  row_end = check_row_range(row_begin, row_end, z.size(0));
+  return dhsic_sums(z, setup.layout, setup.plan, row_begin, row_end);
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_dhsic_rows_cpu(const at::Tensor& z, const at::Tensor& groups,
+                                                      c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
+                                                      c10::ArrayRef<int64_t> chain_step, double chain_base,
+                                                      const at::Tensor& sums, int64_t row_begin, int64_t row_end,
+                                                      bool compute_grad) {
+  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base);
+  const int64_t n = z.size(0);
+  row_end = check_row_range(row_begin, row_end, n);
+  MMD_CHECK_DEVICE(sums, at::Device(at::kCPU));
+  MMD_CHECK_DTYPE(sums, at::kDouble);
+  MMD_CHECK_SHAPE(sums, z.size(1) * setup.plan.count + 1, n);
+  return dhsic_loss_and_rows_grad(z, setup.layout, setup.plan, sums.contiguous(), row_begin, row_end, compute_grad);
+}
+
 }  // namespace
 }  // namespace mmd
 }  // namespace mmdkernels
 
-TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) { m.impl("mmd_dhsic", &mmdkernels::mmd::mmd_dhsic_cpu); }
+TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) {
+  m.impl("mmd_dhsic", &mmdkernels::mmd::mmd_dhsic_cpu);
+  m.impl("mmd_dhsic_sums", &mmdkernels::mmd::mmd_dhsic_sums_cpu);
+  m.impl("mmd_dhsic_rows", &mmdkernels::mmd::mmd_dhsic_rows_cpu);
+}

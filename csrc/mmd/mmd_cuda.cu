@@ -37,6 +37,8 @@ struct TileArgs {
   const float* col_norms;  // [N, K]
   const int32_t* groups;   // [G, K], 0/1
   int num_samples;
+  int row_begin;  // the rows [row_begin, row_end) of the N x N plane are computed, against every column
+  int row_end;
   int num_codebooks;
   int dim;
   int num_groups;
@@ -124,7 +126,7 @@ __device__ void distance_tile(const TileArgs& args, int k, int row0, int col0, f
       const int r = ty + kThreadGrid * i, c = tx + kThreadGrid * j;
       const int row = row0 + r, col = col0 + c;
       float d = 0.0f;
-      if (row < args.num_samples && col < args.num_samples && !(args.same_set && row == col)) {
+      if (row < args.row_end && col < args.num_samples && !(args.same_set && row == col)) {
         d = sqdist_from_dot(args.row_norms[static_cast<int64_t>(row) * num_codebooks + k],
                             args.col_norms[static_cast<int64_t>(col) * num_codebooks + k], dot[i][j]);
       }
@@ -138,13 +140,13 @@ template <int T>
 struct TileEntry {
   int r, c, row, col;
   bool in_range;
-  __device__ TileEntry(int index, int row0, int col0, int num_samples) {
+  __device__ TileEntry(int index, int row0, int col0, int row_end, int num_samples) {
     constexpr int P = TileShape<T>::kPerThread;
     r = threadIdx.x / kThreadGrid + kThreadGrid * (index / P);
     c = threadIdx.x % kThreadGrid + kThreadGrid * (index % P);
     row = row0 + r;
     col = col0 + c;
-    in_range = row < num_samples && col < num_samples;
+    in_range = row < row_end && col < num_samples;
   }
 };
 
@@ -183,7 +185,7 @@ __device__ float shuffle_weights(const TileArgs& args, const BandwidthPlan& plan
   constexpr int P = TileShape<T>::kPerThread;
   float value = 0.0f;
   for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.num_samples);
+    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
     float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
     float w[kMaxCodebooks] = {};
     if (e.in_range && !(args.same_set && e.row == e.col)) {
@@ -205,7 +207,7 @@ __device__ float dhsic_joint_sums(const TileArgs& args, const BandwidthPlan& pla
   constexpr int P = TileShape<T>::kPerThread;
   float value = 0.0f;
   for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.num_samples);
+    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
     if (!e.in_range) continue;
     const float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
     for (int g = 0; g < args.num_groups; ++g) {
@@ -233,7 +235,7 @@ __device__ void dhsic_row_sums(const TileArgs& args, const BandwidthPlan& plan, 
       float sums[kMaxBandwidths] = {};
       for (int j = 0; j < P; ++j) {
         const int c = tx + kThreadGrid * j;
-        if (row >= args.num_samples || col0 + c >= args.num_samples) continue;
+        if (row >= args.row_end || col0 + c >= args.num_samples) continue;
         float kernel[kMaxBandwidths];
         eval_bandwidths(tiles[k * TileShape<T>::kFloats + r * TileShape<T>::kStride + c], plan, kernel);
 #pragma unroll
@@ -246,7 +248,7 @@ __device__ void dhsic_row_sums(const TileArgs& args, const BandwidthPlan& plan, 
         if (a < plan.count) {  // uniform across the warp, so every lane takes part in the shuffles
           float sum = sums[a];
           for (int offset = kThreadGrid / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-          if (tx == 0 && row < args.num_samples) {
+          if (tx == 0 && row < args.row_end) {
             atomicAdd(&args.row_sums[(static_cast<int64_t>(k) * plan.count + a) * args.num_samples + row],
                       static_cast<double>(sum));
           }
@@ -265,7 +267,7 @@ __device__ void dhsic_weights(const TileArgs& args, const BandwidthPlan& plan, f
   constexpr int P = TileShape<T>::kPerThread;
   const int64_t n = args.num_samples;
   for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.num_samples);
+    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
     float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
     float w[kMaxCodebooks] = {};
     if (!e.in_range || e.row == e.col) {
@@ -379,7 +381,7 @@ __device__ void accumulate_gradient(const TileArgs& args, int k, int row0, int c
     for (int mi = 0; mi < P; ++mi) {
       const int o = kColumnSide ? P * ty + mi : ty + kThreadGrid * mi;
       const int sample = self0 + o;
-      if (sample >= args.num_samples) continue;
+      if (sample >= (kColumnSide ? args.num_samples : args.row_end)) continue;
 #pragma unroll
       for (int mj = 0; mj < kChunkPerThread; ++mj) {
         const int d = d0 + tx + kThreadGrid * mj;
@@ -426,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) mmd_tiles_kernel(const __grid_consta
   __syncthreads();
 
   const int num_tiles = (args.num_samples + T - 1) / T;
-  const int row0 = blockIdx.x * T;
+  const int row0 = args.row_begin + blockIdx.x * T;
   const int first_tile = blockIdx.y * args.tiles_per_split;
   const int end_tile = min(first_tile + args.tiles_per_split, num_tiles);
   double thread_total = 0.0;
@@ -479,7 +481,8 @@ struct LaunchConfig {
   int64_t num_blocks() const { return static_cast<int64_t>(grid.x) * grid.y; }
 };
 
-LaunchConfig make_launch_config(int64_t num_samples, int64_t num_codebooks, int64_t num_groups) {
+// num_rows: how many rows of the plane are computed (all N, or a distributed rank's share).
+LaunchConfig make_launch_config(int64_t num_rows, int64_t num_samples, int64_t num_codebooks, int64_t num_groups) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const size_t limit = props->sharedMemPerBlockOptin;
   LaunchConfig config{};
@@ -494,9 +497,10 @@ LaunchConfig make_launch_config(int64_t num_samples, int64_t num_codebooks, int6
   }
   // Enough CTAs for a few waves: split the column tiles of each row block over several CTAs.
   const int64_t num_tiles = ceil_div(num_samples, config.tile);
-  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * props->multiProcessorCount, num_tiles), 1, num_tiles);
+  const int64_t row_blocks = std::max<int64_t>(1, ceil_div(num_rows, config.tile));
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * props->multiProcessorCount, row_blocks), 1, num_tiles);
   config.tiles_per_split = static_cast<int>(ceil_div(num_tiles, splits));
-  config.grid = dim3(static_cast<unsigned>(num_tiles), static_cast<unsigned>(ceil_div(num_tiles, config.tiles_per_split)));
+  config.grid = dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(ceil_div(num_tiles, config.tiles_per_split)));
   return config;
 }
 
@@ -566,11 +570,22 @@ void check_groups(const at::Tensor& groups, const at::Tensor& z) {
   TORCH_CHECK(groups.size(0) <= INT32_MAX, "groups has too many rows: ", groups.size(0));
 }
 
-// Fields shared by every launch on the samples z.
-TileArgs base_args(const at::Tensor& z, const at::Tensor& groups, bool compute_grad) {
+// row_end = -1 means N; checks 0 <= row_begin <= row_end <= N and returns row_end.
+int64_t check_row_range(int64_t row_begin, int64_t row_end, int64_t n) {
+  if (row_end < 0) row_end = n;
+  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= n,
+              "row range must satisfy 0 <= row_begin <= row_end <= N = ", n, ", got [", row_begin, ", ", row_end, ")");
+  return row_end;
+}
+
+// Fields shared by every launch on the samples z, for the rows [row_begin, row_end).
+TileArgs base_args(const at::Tensor& z, const at::Tensor& groups, bool compute_grad, int64_t row_begin,
+                   int64_t row_end) {
   TileArgs args{};
   args.groups = groups.data_ptr<int32_t>();
   args.num_samples = static_cast<int>(z.size(0));
+  args.row_begin = static_cast<int>(row_begin);
+  args.row_end = static_cast<int>(row_end);
   args.num_codebooks = static_cast<int>(z.size(1));
   args.dim = static_cast<int>(z.size(2));
   args.num_groups = static_cast<int>(groups.size(0));
@@ -578,13 +593,16 @@ TileArgs base_args(const at::Tensor& z, const at::Tensor& groups, bool compute_g
   return args;
 }
 
-std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cuda(const at::Tensor& z, const at::Tensor& perms,
-                                                    const at::Tensor& groups, c10::ArrayRef<double> coefs,
-                                                    c10::ArrayRef<int64_t> chain_src,
-                                                    c10::ArrayRef<int64_t> chain_step, double chain_base,
-                                                    c10::ArrayRef<double> term_weights, bool compute_grad) {
+// The shuffle sums over the rows [row_begin, row_end): (loss float64 [], grad float32 [N, K, D] or [0]).
+std::tuple<at::Tensor, at::Tensor> mmd_shuffle_rows_cuda(const at::Tensor& z, const at::Tensor& perms,
+                                                         const at::Tensor& groups, c10::ArrayRef<double> coefs,
+                                                         c10::ArrayRef<int64_t> chain_src,
+                                                         c10::ArrayRef<int64_t> chain_step, double chain_base,
+                                                         c10::ArrayRef<double> term_weights, int64_t row_begin,
+                                                         int64_t row_end, bool compute_grad) {
   check_samples(z);
   const int64_t num_samples = z.size(0), num_codebooks = z.size(1), dim = z.size(2);
+  row_end = check_row_range(row_begin, row_end, num_samples);
   MMD_CHECK_DEVICE(perms, z.device());
   MMD_CHECK_DTYPE(perms, at::kLong);
   MMD_CHECK_SHAPE(perms, num_codebooks, num_samples);
@@ -595,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cuda(const at::Tensor& z, const a
   const c10::cuda::CUDAGuard device_guard(z.device());
 
   const at::Tensor groups_c = groups.contiguous();
-  const LaunchConfig config = make_launch_config(num_samples, num_codebooks, groups_c.size(0));
+  const LaunchConfig config = make_launch_config(row_end - row_begin, num_samples, num_codebooks, groups_c.size(0));
   // y[m, k, :] = z[perms[k, m], k, :]
   const at::Tensor sample_index = perms.t();
   const at::Tensor y = z.gather(0, sample_index.unsqueeze(-1).expand({num_samples, num_codebooks, dim}));
@@ -622,7 +640,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cuda(const at::Tensor& z, const a
   for (int t = 0; t < 3; ++t) {
     if (term_weights[t] == 0.0) continue;
     const Term& term = terms[t];
-    TileArgs args = base_args(z, groups_c, compute_grad);
+    TileArgs args = base_args(z, groups_c, compute_grad, row_begin, row_end);
     args.rows = term.rows.data_ptr<float>();
     args.cols = term.cols.data_ptr<float>();
     args.row_norms = term.row_norms.data_ptr<float>();
@@ -640,39 +658,56 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cuda(const at::Tensor& z, const a
     launch_tiles<Pass::kShuffle>(config, args, plan);
   }
 
-  const at::Tensor loss = loss_partials.sum().to(at::kFloat);
+  const at::Tensor loss = loss_partials.sum();
   if (!compute_grad) return {loss, at::empty({0}, z.options())};
   // grad[perms[k, m], k, :] += grad_y[m, k, :]
   grad_x.scatter_add_(0, sample_index.unsqueeze(-1).expand({num_samples, num_codebooks, dim}), grad_y);
   return {loss, grad_x};
 }
 
-std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cuda(const at::Tensor& z, const at::Tensor& groups,
-                                                  c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
-                                                  c10::ArrayRef<int64_t> chain_step, double chain_base,
-                                                  bool compute_grad) {
-  check_samples(z);
-  check_groups(groups, z);
-  const BandwidthPlan plan = make_bandwidth_plan(coefs, chain_src, chain_step, chain_base);
-  const c10::cuda::CUDAGuard device_guard(z.device());
+std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cuda(const at::Tensor& z, const at::Tensor& perms,
+                                                    const at::Tensor& groups, c10::ArrayRef<double> coefs,
+                                                    c10::ArrayRef<int64_t> chain_src,
+                                                    c10::ArrayRef<int64_t> chain_step, double chain_base,
+                                                    c10::ArrayRef<double> term_weights, bool compute_grad) {
+  auto [loss, grad] = mmd_shuffle_rows_cuda(z, perms, groups, coefs, chain_src, chain_step, chain_base,
+                                            term_weights, 0, -1, compute_grad);
+  return {loss.to(at::kFloat), grad};
+}
 
+// dHSIC pass 1 over the rows [row_begin, row_end): float64 [K*A + 1, N], row k*A + j = sum_m E_{k,j}(n, m) of the
+// rows in range (0 elsewhere), the last row = the joint sum of the range in column 0 (only its total is used).
+at::Tensor dhsic_sums_cuda(const at::Tensor& z, const at::Tensor& groups_c, const BandwidthPlan& plan, int64_t row_begin,
+                           int64_t row_end) {
   const int64_t num_samples = z.size(0), num_codebooks = z.size(1), num_bandwidths = plan.count;
-  const at::Tensor groups_c = groups.contiguous();
-  const int64_t num_groups = groups_c.size(0);
-  const LaunchConfig config = make_launch_config(num_samples, num_codebooks, num_groups);
+  const LaunchConfig config = make_launch_config(row_end - row_begin, num_samples, num_codebooks, groups_c.size(0));
   const at::Tensor norms = z.square().sum(-1);
   const auto double_options = z.options().dtype(at::kDouble);
-
-  // Pass 1: row sums of every per-codebook Gram matrix and the joint sums.
-  at::Tensor row_sums = at::zeros({num_codebooks, num_bandwidths, num_samples}, double_options);
+  at::Tensor sums = at::zeros({num_codebooks * num_bandwidths + 1, num_samples}, double_options);
   at::Tensor joint_partials = at::zeros({config.num_blocks()}, double_options);
-  TileArgs args = base_args(z, groups_c, compute_grad);
+  TileArgs args = base_args(z, groups_c, false, row_begin, row_end);
   args.rows = args.cols = z.data_ptr<float>();
   args.row_norms = args.col_norms = norms.data_ptr<float>();
   args.same_set = true;
-  args.row_sums = row_sums.data_ptr<double>();
+  args.row_sums = sums.data_ptr<double>();
   args.loss_partials = joint_partials.data_ptr<double>();
   launch_tiles<Pass::kDhsicSums>(config, args, plan);
+  sums.select(0, num_codebooks * num_bandwidths).narrow(0, 0, 1).copy_(joint_partials.sum().reshape({1}));
+  return sums;
+}
+
+// The loss from the pass-1 sums of ALL rows, and (compute_grad) the gradient of the rows [row_begin, row_end)
+// (the weights W_k are symmetrised, so the row side over every column is their whole gradient).
+std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad_cuda(const at::Tensor& z, const at::Tensor& groups_c,
+                                                                 const BandwidthPlan& plan, const at::Tensor& sums,
+                                                                 int64_t row_begin, int64_t row_end,
+                                                                 bool compute_grad) {
+  const int64_t num_samples = z.size(0), num_codebooks = z.size(1), num_bandwidths = plan.count;
+  const int64_t num_groups = groups_c.size(0);
+  const auto double_options = z.options().dtype(at::kDouble);
+  const at::Tensor row_sums = sums.narrow(0, 0, num_codebooks * num_bandwidths).view({num_codebooks, num_bandwidths,
+                                                                                      num_samples});
+  const at::Tensor joint_total = sums.select(0, num_codebooks * num_bandwidths).sum();
 
   // Products over a group's codebooks as exp(groups @ log(.)): every row mean is >= 1/N (E = 1 on the diagonal),
   // so the logs are finite, and prod_{i in g, i != k} is the group's product divided by the k-th factor.
@@ -697,16 +732,19 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cuda(const at::Tensor& z, const at:
           .copy_(membership.t().mm(row_products).view({num_codebooks, num_bandwidths, length}) / rbar * (2.0 / (n * n)));
     }
   }
-  const at::Tensor loss =
-      (joint_partials.sum() / (n * n) + mean_products.sum() - cross_sum * (2.0 / n)).to(at::kFloat);
+  const at::Tensor loss = (joint_total / (n * n) + mean_products.sum() - cross_sum * (2.0 / n)).to(at::kFloat);
   if (!compute_grad) return {loss, at::empty({0}, z.options())};
 
   // Pass 2: recompute the tiles with the gradient weights.
   const at::Tensor gamma = (membership.t().mm(mean_products) / means / (n * n)).to(at::kFloat).contiguous();
   const at::Tensor beta_f = beta.to(at::kFloat).contiguous();
   at::Tensor grad = at::zeros_like(z);
-  args.row_sums = nullptr;
-  args.loss_partials = nullptr;
+  const LaunchConfig config = make_launch_config(row_end - row_begin, num_samples, num_codebooks, num_groups);
+  const at::Tensor norms = z.square().sum(-1);
+  TileArgs args = base_args(z, groups_c, true, row_begin, row_end);
+  args.rows = args.cols = z.data_ptr<float>();
+  args.row_norms = args.col_norms = norms.data_ptr<float>();
+  args.same_set = true;
   args.gamma = gamma.data_ptr<float>();
   args.beta = beta_f.data_ptr<float>();
   args.inv_n2 = static_cast<float>(1.0 / (n * n));
@@ -716,6 +754,48 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cuda(const at::Tensor& z, const at:
   return {loss, grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cuda(const at::Tensor& z, const at::Tensor& groups,
+                                                  c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
+                                                  c10::ArrayRef<int64_t> chain_step, double chain_base,
+                                                  bool compute_grad) {
+  check_samples(z);
+  check_groups(groups, z);
+  const BandwidthPlan plan = make_bandwidth_plan(coefs, chain_src, chain_step, chain_base);
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  const at::Tensor groups_c = groups.contiguous();
+  const int64_t n = z.size(0);
+  const at::Tensor sums = dhsic_sums_cuda(z, groups_c, plan, 0, n);
+  return dhsic_loss_and_rows_grad_cuda(z, groups_c, plan, sums, 0, n, compute_grad);
+}
+
+at::Tensor mmd_dhsic_sums_cuda(const at::Tensor& z, const at::Tensor& groups, c10::ArrayRef<double> coefs,
+                               c10::ArrayRef<int64_t> chain_src, c10::ArrayRef<int64_t> chain_step,
+                               double chain_base, int64_t row_begin, int64_t row_end) {
+  check_samples(z);
+  check_groups(groups, z);
+  const BandwidthPlan plan = make_bandwidth_plan(coefs, chain_src, chain_step, chain_base);
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  row_end = check_row_range(row_begin, row_end, z.size(0));
+  return dhsic_sums_cuda(z, groups.contiguous(), plan, row_begin, row_end);
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_dhsic_rows_cuda(const at::Tensor& z, const at::Tensor& groups,
+                                                       c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
+                                                       c10::ArrayRef<int64_t> chain_step, double chain_base,
+                                                       const at::Tensor& sums, int64_t row_begin, int64_t row_end,
+                                                       bool compute_grad) {
+  check_samples(z);
+  check_groups(groups, z);
+  const BandwidthPlan plan = make_bandwidth_plan(coefs, chain_src, chain_step, chain_base);
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  row_end = check_row_range(row_begin, row_end, z.size(0));
+  MMD_CHECK_DEVICE(sums, z.device());
+  MMD_CHECK_DTYPE(sums, at::kDouble);
+  MMD_CHECK_SHAPE(sums, z.size(1) * plan.count + 1, z.size(0));
+  return dhsic_loss_and_rows_grad_cuda(z, groups.contiguous(), plan, sums.contiguous(), row_begin, row_end,
+                                       compute_grad);
+}
+
 }  // namespace
 }  // namespace mmd
 }  // namespace mmdkernels
@@ -723,4 +803,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cuda(const at::Tensor& z, const at:
 TORCH_LIBRARY_IMPL(mmdkernels, CUDA, m) {
   m.impl("mmd_shuffle", &mmdkernels::mmd::mmd_shuffle_cuda);
   m.impl("mmd_dhsic", &mmdkernels::mmd::mmd_dhsic_cuda);
+  m.impl("mmd_shuffle_rows", &mmdkernels::mmd::mmd_shuffle_rows_cuda);
+  m.impl("mmd_dhsic_sums", &mmdkernels::mmd::mmd_dhsic_sums_cuda);
+  m.impl("mmd_dhsic_rows", &mmdkernels::mmd::mmd_dhsic_rows_cuda);
 }

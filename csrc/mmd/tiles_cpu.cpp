@@ -124,11 +124,12 @@ TilePlane::TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& opt
   data_ = buffer_.data_ptr<float>();
 }
 
-std::vector<Tile> TilePlane::tiles() const {
+std::vector<Tile> TilePlane::tiles(int64_t row_begin, int64_t row_end) const {
+  if (row_end < 0) row_end = n_;
   std::vector<Tile> out;
-  for (int64_t row0 = 0; row0 < n_; row0 += row_block_) {
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += row_block_) {
     for (int64_t col0 = 0; col0 < n_; col0 += col_block_) {
-      out.push_back({row0, std::min(row_block_, n_ - row0), col0, std::min(col_block_, n_ - col0)});
+      out.push_back({row0, std::min(row_block_, row_end - row0), col0, std::min(col_block_, n_ - col0)});
     }
   }
   return out;
@@ -207,6 +208,13 @@ void check_groups(const at::Tensor& groups, int64_t num_codebooks) {
   MMD_CHECK_DIM(groups, 2);
   TORCH_CHECK(groups.size(1) == num_codebooks && groups.size(0) >= 1, "groups must have shape [G >= 1, ",
               num_codebooks, "], got ", groups.sizes());
+}
+
+int64_t check_row_range(int64_t row_begin, int64_t row_end, int64_t n) {
+  if (row_end < 0) row_end = n;
+  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= n,
+              "row range must satisfy 0 <= row_begin <= row_end <= N = ", n, ", got [", row_begin, ", ", row_end, ")");
+  return row_end;
 }
 
 }  // namespace mmd

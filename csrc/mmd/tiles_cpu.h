@@ -76,7 +76,8 @@ struct Tile {
 class TilePlane {
  public:
   TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& options);
-  std::vector<Tile> tiles() const;
+  // The tiles of rows [row_begin, row_end) against every column (the whole plane by default).
+  std::vector<Tile> tiles(int64_t row_begin = 0, int64_t row_end = -1) const;
   // slice s of a tile as a contiguous [rows, cols] tensor, and the start of its row i
   at::Tensor slice(int64_t s, const Tile& tile) const;
   float* row(int64_t s, const Tile& tile, int64_t i) const { return data_ + s * tile_floats_ + i * tile.cols; }
@@ -110,6 +111,8 @@ void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Ten
 
 void check_samples(const at::Tensor& z);
 void check_groups(const at::Tensor& groups, int64_t num_codebooks);
+// row_end = -1 means N; checks 0 <= row_begin <= row_end <= N and returns row_end.
+int64_t check_row_range(int64_t row_begin, int64_t row_end, int64_t n);
 
 }  // namespace mmd
 }  // namespace mmdkernels

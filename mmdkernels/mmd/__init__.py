@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from mmdkernels._dispatch import choose_backend
-from mmdkernels.mmd import ops
+from mmdkernels.mmd import distributed, ops
 from mmdkernels.mmd.plan import MAX_BANDWIDTHS, build_plan
 from mmdkernels.mmd.reference import (
     DEFAULT_BANDWIDTHS,
@@ -27,7 +27,11 @@ MAX_CODEBOOKS = 32  # kMaxCodebooks in csrc/mmd/mmd_tile.h
 __all__ = ["mmd_loss", "mmd_loss_ref", "DEFAULT_BANDWIDTHS"]
 
 
-def _check_arguments(x, delay, bandwidths, mode, estimator, normalization, generator) -> tuple[float, ...]:
+def _check_arguments(
+    x, delay, bandwidths, mode, estimator, normalization, generator, local_share: bool = False
+) -> tuple[float, ...]:
+    """Validates mmd_loss's arguments; returns the bandwidths as floats. local_share: x is one rank's share of a
+    distributed batch (the sample-count checks then apply to the whole batch, in distributed.py)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [B, K, D, T], got {type(x).__name__}")
     if not x.is_floating_point():
@@ -57,11 +61,11 @@ def _check_arguments(x, delay, bandwidths, mode, estimator, normalization, gener
             f"got T = {num_frames}, K = {num_codebooks}"
         )
     num_samples = batch * (num_frames - num_codebooks if delay else num_frames)
-    if num_samples < 2:
+    if num_samples < 2 and not local_share:
         raise ValueError(
             f"the loss needs N = B * T' >= 2 samples, got N = {num_samples} from x of shape {tuple(x.shape)}"
         )
-    if normalization == "reference" and batch < 2:
+    if normalization == "reference" and batch < 2 and not local_share:
         raise ValueError(f"normalization='reference' divides by B (B - 1) and needs batch size B >= 2, got B = {batch}")
     bandwidths = tuple(float(a) for a in bandwidths)
     if not 1 <= len(bandwidths) <= MAX_BANDWIDTHS or not all(math.isfinite(a) and a > 0 for a in bandwidths):
@@ -86,6 +90,7 @@ def mmd_loss(
     normalization: str = "unbiased",
     generator: torch.Generator | None = None,
     backend: str | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Multi-kernel MMD between the joint codebook outputs and the product of their marginals.
 
@@ -101,6 +106,10 @@ def mmd_loss(
         generator: torch.Generator for the permutations (None: the global RNG, as the published code).
         backend: "cpp", "cuda", "triton" or "reference"; None picks the fastest available (MMDKERNELS_BACKEND
             overrides).
+        process_group: a torch.distributed group (torch.distributed.group.WORLD: all ranks): the loss over the
+            samples of every rank together (docs/mmd_kernels.md, "Global-batch MMD"); a collective, so every rank
+            of the group must call it. With the shuffle estimator a `generator` must be seeded identically on
+            every rank (checked); None shares a seed drawn by rank 0. None (default): this process's x only.
     Returns:
         0-dim float32 tensor (float64 for float64 input), differentiable w.r.t. x.
 
@@ -108,6 +117,23 @@ def mmd_loss(
         >>> q = torch.randn(8, 4, 128, 50, requires_grad=True)
         >>> mmdkernels.mmd_loss(q, delay=True).backward()
     """
+    if process_group is not None:
+
+        def check_share():
+            checked = _check_arguments(x, delay, bandwidths, mode, estimator, normalization, generator, True)
+            frames = x.shape[3] - x.shape[1] if delay else x.shape[3]
+            return checked, frames, choose_backend(x, backend, "mmd_loss", MAX_CODEBOOKS)
+
+        return distributed.mmd_loss_distributed(
+            x,
+            process_group,
+            check_share,
+            delay=delay,
+            mode=mode,
+            estimator=estimator,
+            normalization=normalization,
+            generator=generator,
+        )
     bandwidths = _check_arguments(x, delay, bandwidths, mode, estimator, normalization, generator)
     backend = choose_backend(x, backend, "mmd_loss", MAX_CODEBOOKS)
     if backend == "reference":

@@ -74,8 +74,91 @@ def mmd_dhsic_triton(
     return triton_kernels.mmd_dhsic_triton(z, groups, coefs, chain_src, chain_step, chain_base, compute_grad)
 
 
+@torch.library.custom_op("mmdkernels::mmd_shuffle_rows_triton", mutates_args=())
+def mmd_shuffle_rows_triton(
+    z: torch.Tensor,
+    perms: torch.Tensor,
+    groups: torch.Tensor,
+    coefs: list[float],
+    chain_src: list[int],
+    chain_step: list[int],
+    chain_base: float,
+    term_weights: list[float],
+    row_begin: int,
+    row_end: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from mmdkernels.mmd import triton_kernels
+
+    return triton_kernels.mmd_shuffle_triton(
+        z, perms, groups, coefs, chain_src, chain_step, chain_base, term_weights, compute_grad, (row_begin, row_end)
+    )
+
+
+@torch.library.custom_op("mmdkernels::mmd_dhsic_sums_triton", mutates_args=())
+def mmd_dhsic_sums_triton(
+    z: torch.Tensor,
+    groups: torch.Tensor,
+    coefs: list[float],
+    chain_src: list[int],
+    chain_step: list[int],
+    chain_base: float,
+    row_begin: int,
+    row_end: int,
+) -> torch.Tensor:
+    from mmdkernels.mmd import triton_kernels
+
+    return triton_kernels.mmd_dhsic_sums_triton(z, groups, coefs, chain_src, chain_step, chain_base, row_begin, row_end)
+
+
+@torch.library.custom_op("mmdkernels::mmd_dhsic_rows_triton", mutates_args=())
+def mmd_dhsic_rows_triton(
+    z: torch.Tensor,
+    groups: torch.Tensor,
+    coefs: list[float],
+    chain_src: list[int],
+    chain_step: list[int],
+    chain_base: float,
+    sums: torch.Tensor,
+    row_begin: int,
+    row_end: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from mmdkernels.mmd import triton_kernels
+
+    return triton_kernels.mmd_dhsic_rows_triton(
+        z, groups, coefs, chain_src, chain_step, chain_base, sums, row_begin, row_end, compute_grad
+    )
+
+
+def _fake_shuffle_rows(z: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    compute_grad = args[-1]
+    return z.new_empty((), dtype=torch.float64), z.new_empty(tuple(z.shape) if compute_grad else (0,))
+
+
+def _fake_dhsic_sums(z: torch.Tensor, groups: torch.Tensor, coefs: list[float], *args) -> torch.Tensor:
+    return z.new_empty((z.shape[1] * len(coefs) + 1, z.shape[0]), dtype=torch.float64)
+
+
+_ROW_RANGE_FAKES = {
+    "mmd_shuffle_rows": _fake_shuffle_rows,
+    "mmd_dhsic_sums": _fake_dhsic_sums,
+    "mmd_dhsic_rows": _fake,
+}
+
+
+def _register_row_range(name: str) -> None:
+    """Fake implementations of the row-range ops (no autograd: the distributed loss calls them under no_grad)."""
+    qualified = f"mmdkernels::{name}"
+    if qualified not in _registered:
+        torch.library.register_fake(qualified)(_ROW_RANGE_FAKES[name.removesuffix("_triton")])
+        _registered.add(qualified)
+
+
 _register("mmdkernels::mmd_shuffle_triton")
 _register("mmdkernels::mmd_dhsic_triton")
+for _name in ("mmd_shuffle_rows_triton", "mmd_dhsic_sums_triton", "mmd_dhsic_rows_triton"):
+    _register_row_range(_name)
 
 
 def shuffle_op(backend: str):
@@ -94,6 +177,17 @@ def dhsic_op(backend: str):
     _load_compiled(backend)
     _register("mmdkernels::mmd_dhsic")
     return torch.ops.mmdkernels.mmd_dhsic
+
+
+def row_range_ops(backend: str):
+    """(mmd_shuffle_rows, mmd_dhsic_sums, mmd_dhsic_rows) for `backend` in ('cpp', 'cuda', 'triton')."""
+    names = ("mmd_shuffle_rows", "mmd_dhsic_sums", "mmd_dhsic_rows")
+    if backend == "triton":
+        return tuple(getattr(torch.ops.mmdkernels, f"{name}_triton") for name in names)
+    _load_compiled(backend)
+    for name in names:
+        _register_row_range(name)
+    return tuple(getattr(torch.ops.mmdkernels, name) for name in names)
 
 
 def _load_compiled(backend: str) -> None:

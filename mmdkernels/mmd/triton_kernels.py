@@ -233,6 +233,8 @@ def _shuffle_term_kernel(
     loss_ptr,
     grad_ptr,
     num_samples,
+    row_begin,
+    row_end,
     num_groups,
     term_weight,
     NUM_CODEBOOKS: tl.constexpr,
@@ -250,12 +252,12 @@ def _shuffle_term_kernel(
     CHUNK_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One term of the shuffle loss, rows A (a block of them) against all columns B.
+    """One term of the shuffle loss, rows A (a block of those in [row_begin, row_end)) against all columns B.
 
     loss_ptr[pid] = w sum_{n in block, m (!= n if SYMMETRIC)} sum_{g, j} e_j(D_g(a_n, b_m)).
     grad_ptr rows (+)= d/dA: 4 (SYMMETRIC: A is B, both orders) or 2 times (rowsum(W) A - W @ B).
     """
-    row_ids = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ids = row_begin + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_norms = _sample_sqnorms(rows_ptr, row_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
     grad_scale = 4.0 if SYMMETRIC else 2.0
     loss = tl.zeros([], tl.float32)
@@ -263,7 +265,7 @@ def _shuffle_term_kernel(
     weighted_cols = tl.zeros([BLOCK_K, BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, num_samples, BLOCK_M):
         col_ids = start + tl.arange(0, BLOCK_M)
-        valid = (row_ids[:, None] < num_samples) & (col_ids[None, :] < num_samples)
+        valid = (row_ids[:, None] < row_end) & (col_ids[None, :] < num_samples)
         if SYMMETRIC:
             # the diagonal is excluded by index, never by its computed distance (not exactly 0 in float32)
             valid = valid & (row_ids[:, None] != col_ids[None, :])
@@ -287,7 +289,7 @@ def _shuffle_term_kernel(
             row_ids,
             weight_rowsums,
             weighted_cols,
-            num_samples,
+            row_end,
             NUM_CODEBOOKS,
             DIM,
             ACCUMULATE_GRAD,
@@ -327,6 +329,8 @@ def _dhsic_sums_kernel(
     row_sums_ptr,
     joint_ptr,
     num_samples,
+    row_begin,
+    row_end,
     num_groups,
     NUM_CODEBOOKS: tl.constexpr,
     DIM: tl.constexpr,
@@ -340,8 +344,9 @@ def _dhsic_sums_kernel(
     CHUNK_D: tl.constexpr,
 ):
     """Pass 1: row_sums[j, k, n] = sum_m E_{k,j}(n, m) for the block's rows ([J, K, N], J bandwidths); joint[pid] =
-    sum over the block's rows, all columns, groups and bandwidths of prod_{k in g} E_{k,j}(n, m) = e_j(D_g(n, m))."""
-    row_ids = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sum over the block's rows, all columns, groups and bandwidths of prod_{k in g} E_{k,j}(n, m) = e_j(D_g(n, m)).
+    The blocks cover the rows [row_begin, row_end)."""
+    row_ids = row_begin + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_norms = _sample_sqnorms(z_ptr, row_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
     joint = tl.zeros([], tl.float32)
     row_sums = ()
@@ -349,7 +354,7 @@ def _dhsic_sums_kernel(
         row_sums = row_sums + (tl.zeros([BLOCK_K, BLOCK_N], tl.float32),)
     for start in range(0, num_samples, BLOCK_M):
         col_ids = start + tl.arange(0, BLOCK_M)
-        valid = (row_ids[:, None] < num_samples) & (col_ids[None, :] < num_samples)
+        valid = (row_ids[:, None] < row_end) & (col_ids[None, :] < num_samples)
         dists = _dhsic_dists(z_ptr, row_ids, row_norms, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
         grams = _bandwidth_values(dists, COEFS, SRC, STEP, BASE_COEF)
         new_row_sums = ()
@@ -362,7 +367,7 @@ def _dhsic_sums_kernel(
         joint += tl.sum(tl.where(valid, joint_values, 0.0))
     tl.store(joint_ptr + tl.program_id(0), joint)
     codebooks = tl.arange(0, BLOCK_K)[:, None]
-    mask = (codebooks < NUM_CODEBOOKS) & (row_ids[None, :] < num_samples)
+    mask = (codebooks < NUM_CODEBOOKS) & (row_ids[None, :] < row_end)
     for j in tl.static_range(len(COEFS)):
         offsets = (j * NUM_CODEBOOKS + codebooks) * num_samples + row_ids[None, :]
         tl.store(row_sums_ptr + offsets, row_sums[j], mask=mask)
@@ -420,6 +425,8 @@ def _dhsic_grad_kernel(
     beta_ptr,
     grad_ptr,
     num_samples,
+    row_begin,
+    row_end,
     num_groups,
     inv_n2,
     NUM_CODEBOOKS: tl.constexpr,
@@ -436,9 +443,9 @@ def _dhsic_grad_kernel(
 ):
     """Pass 2: grad rows = 2 (rowsum(W) z - W @ z) with W the symmetrised dHSIC weight (dhsic_entry_weight).
 
-    gamma_ptr: [J, K]; beta_ptr: [J, K, N] (J bandwidths), from pass 1's statistics.
+    gamma_ptr: [J, K]; beta_ptr: [J, K, N] (J bandwidths), from pass 1's statistics. Rows [row_begin, row_end).
     """
-    row_ids = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ids = row_begin + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_norms = _sample_sqnorms(z_ptr, row_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
     codebooks = tl.arange(0, BLOCK_K)
     two_gammas = ()
@@ -451,7 +458,7 @@ def _dhsic_grad_kernel(
     weighted_cols = tl.zeros([BLOCK_K, BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, num_samples, BLOCK_M):
         col_ids = start + tl.arange(0, BLOCK_M)
-        valid = (row_ids[:, None] < num_samples) & (col_ids[None, :] < num_samples)
+        valid = (row_ids[:, None] < row_end) & (col_ids[None, :] < num_samples)
         dists = _dhsic_dists(z_ptr, row_ids, row_norms, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
         grams = _bandwidth_values(dists, COEFS, SRC, STEP, BASE_COEF)
         joint_sums = _group_joint_sums(
@@ -479,7 +486,7 @@ def _dhsic_grad_kernel(
         row_ids,
         weight_rowsums,
         weighted_cols,
-        num_samples,
+        row_end,
         NUM_CODEBOOKS,
         DIM,
         False,
@@ -557,6 +564,21 @@ def _nan_filled(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return torch.full(tuple(shape), float("nan"), dtype=torch.float32, device=like.device)
 
 
+def _row_range(num_samples: int, row_range: tuple[int, int] | None) -> tuple[int, int]:
+    row_begin, row_end = (0, num_samples) if row_range is None else (int(row_range[0]), int(row_range[1]))
+    if row_end < 0:
+        row_end = num_samples
+    if not 0 <= row_begin <= row_end <= num_samples:
+        raise ValueError(f"row range must satisfy 0 <= row_begin <= row_end <= N = {num_samples}, got {row_range}")
+    return row_begin, row_end
+
+
+def _grad_buffer(z: torch.Tensor, full_range: bool) -> torch.Tensor:
+    """Every row of the gradient is written when the range is all rows (NaN-filled catches a missed one), else the
+    rows outside the range must hold 0."""
+    return _nan_filled(z.shape, z) if full_range else torch.zeros_like(z)
+
+
 def _shuffle_term(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -566,13 +588,17 @@ def _shuffle_term(
     symmetric: bool,
     grad: torch.Tensor | None,
     accumulate_grad: bool,
+    row_range: tuple[int, int],
 ) -> torch.Tensor:
-    """Launches _shuffle_term_kernel; writes (or adds) d term / d rows into `grad` unless it is None.
+    """Launches _shuffle_term_kernel on the rows in row_range; writes (or adds) d term / d rows into `grad` unless
+    it is None.
 
     Returns the term's loss partials, one per row block.
     """
-    num_blocks = _num_row_blocks(rows.shape[0])
+    num_blocks = _num_row_blocks(row_range[1] - row_range[0])
     partials = _nan_filled((num_blocks,), rows)
+    if num_blocks == 0:
+        return partials
     _shuffle_term_kernel[(num_blocks,)](
         rows,
         cols,
@@ -580,6 +606,8 @@ def _shuffle_term(
         partials,
         partials if grad is None else grad,
         rows.shape[0],
+        row_range[0],
+        row_range[1],
         groups.shape[0],
         weight,
         SYMMETRIC=symmetric,
@@ -603,6 +631,7 @@ def mmd_shuffle_triton(
     chain_base: float,
     term_weights: Sequence[float],
     compute_grad: bool,
+    row_range: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused shuffle-estimator sums (spec: reference.shuffle_sums_ref) and their gradient.
 
@@ -613,30 +642,37 @@ def mmd_shuffle_triton(
         coefs, chain_src, chain_step, chain_base: the bandwidth plan (mmdkernels/mmd/plan.py), at most 8 bandwidths.
         term_weights: [w_xx, w_yy, w_xy].
         compute_grad: also return d loss / d z.
+        row_range: (row_begin, row_end): only the entries of those rows, against every column (mmd_shuffle_rows).
     Returns:
-        (loss float32 0-dim, grad float32 [N, K, D] or an empty [0] tensor when compute_grad is False).
+        (loss 0-dim: float32, or the float64 partial sum with a row_range; grad float32 [N, K, D] (with a row_range,
+        the gradient of the partial sum for all N samples) or an empty [0] tensor when compute_grad is False).
     """
     _check_samples(z, groups)
     _check_perms(perms, z)
     plan = _make_plan(coefs, chain_src, chain_step, chain_base)
+    rows = _row_range(z.shape[0], row_range)
+    full_range = rows == (0, z.shape[0])
     groups = groups.to(device=z.device, dtype=torch.int32).contiguous()
     w_xx, w_yy, w_xy = (float(w) for w in term_weights)
     codebook_ids = torch.arange(z.shape[1], device=z.device)
     y = z[perms, codebook_ids[:, None]].transpose(0, 1).contiguous()
-    grad_x = _nan_filled(z.shape, z) if compute_grad else None
-    grad_y = _nan_filled(z.shape, z) if compute_grad else None
+    grad_x = _grad_buffer(z, full_range) if compute_grad else None
+    grad_y = _grad_buffer(z, full_range) if compute_grad else None
     partials = torch.cat(
         [
-            _shuffle_term(z, z, groups, plan, w_xx, symmetric=True, grad=grad_x, accumulate_grad=False),
-            _shuffle_term(z, y, groups, plan, w_xy, symmetric=False, grad=grad_x, accumulate_grad=True),
-            _shuffle_term(y, y, groups, plan, w_yy, symmetric=True, grad=grad_y, accumulate_grad=False),
+            _shuffle_term(z, z, groups, plan, w_xx, symmetric=True, grad=grad_x, accumulate_grad=False, row_range=rows),
+            _shuffle_term(z, y, groups, plan, w_xy, symmetric=False, grad=grad_x, accumulate_grad=True, row_range=rows),
+            _shuffle_term(y, y, groups, plan, w_yy, symmetric=True, grad=grad_y, accumulate_grad=False, row_range=rows),
         ]
     )
-    loss = partials.double().sum().float()
+    loss = partials.double().sum()
+    if row_range is None:
+        loss = loss.float()
     if not compute_grad:
         return loss, z.new_empty(0)
-    # The xy term's column side: the same term with rows Y and columns X (its loss is already counted).
-    _shuffle_term(y, z, groups, plan, w_xy, symmetric=False, grad=grad_y, accumulate_grad=True)
+    # The xy term's column side: the same term with rows Y and columns X (its loss is already counted). With a row
+    # range this is the column side of Y's rows in the range, so the ranges of all ranks together cover it once.
+    _shuffle_term(y, z, groups, plan, w_xy, symmetric=False, grad=grad_y, accumulate_grad=True, row_range=rows)
     # grad[perms[k, m], k] += grad_y[m, k]
     return loss, grad_x.scatter_add_(0, perms.t()[:, :, None].expand_as(grad_y), grad_y)
 
@@ -647,24 +683,127 @@ class _DhsicStats(NamedTuple):
     beta: torch.Tensor  # float32 [J, K, N]
 
 
-def _dhsic_stats(row_sums: torch.Tensor, joint_partials: torch.Tensor, groups: torch.Tensor) -> _DhsicStats:
+def _dhsic_stats(row_sums: torch.Tensor, joint_total: torch.Tensor, groups: torch.Tensor) -> _DhsicStats:
     """Loss and gradient statistics from pass 1, in float64 (O(G J N) work).
 
-    row_sums: [J, K, N] sums of E_{k,j} over columns. Group products prod_{k in g} go through logs: every row mean
-    is at least 1/N (the diagonal entry is exactly 1), so the logs are finite.
+    row_sums: float64 [J, K, N] sums of E_{k,j} over columns; joint_total: float64 [] the joint sum. Group products
+    prod_{k in g} go through logs: every row mean is at least 1/N (the diagonal entry is exactly 1), so the logs are
+    finite.
     """
     num_samples = row_sums.shape[2]
     inv_n2 = 1.0 / float(num_samples) ** 2
     members = groups.double()
-    row_means = row_sums.double() / num_samples
+    row_means = row_sums / num_samples
     means = row_means.mean(dim=2)
     row_products = torch.exp(torch.einsum("gk,jkn->jgn", members, row_means.log()))  # [J, G, N]
     mean_products = torch.exp(means.log() @ members.t())  # [J, G]
-    loss = joint_partials.double().sum() * inv_n2 + mean_products.sum() - (2.0 / num_samples) * row_products.sum()
+    loss = joint_total * inv_n2 + mean_products.sum() - (2.0 / num_samples) * row_products.sum()
     # prod_{i in g, i != k} = prod_{i in g} / (factor k), summed over the groups that contain k
     gamma = inv_n2 * (mean_products @ members) / means
     beta = 2.0 * inv_n2 * torch.einsum("jgn,gk->jkn", row_products, members) / row_means
     return _DhsicStats(loss.float(), gamma.float().contiguous(), beta.float().contiguous())
+
+
+def mmd_dhsic_sums_triton(
+    z: torch.Tensor,
+    groups: torch.Tensor,
+    coefs: Sequence[float],
+    chain_src: Sequence[int],
+    chain_step: Sequence[int],
+    chain_base: float,
+    row_begin: int,
+    row_end: int,
+) -> torch.Tensor:
+    """dHSIC pass 1 over the rows [row_begin, row_end) (contract of mmdkernels::mmd_dhsic_sums).
+
+    Returns:
+        float64 [K*J + 1, N]: row k*J + j = sum_m E_{k,j}(n, m) for n in the range (0 elsewhere); the last row holds
+        the range's joint sum in column 0 (only its total is used).
+    """
+    _check_samples(z, groups)
+    plan = _make_plan(coefs, chain_src, chain_step, chain_base)
+    row_begin, row_end = _row_range(z.shape[0], (row_begin, row_end))
+    groups = groups.to(device=z.device, dtype=torch.int32).contiguous()
+    num_samples, num_codebooks, _ = z.shape
+    num_bandwidths = len(plan.coefs)
+    num_blocks = _num_row_blocks(row_end - row_begin)
+    row_sums = torch.zeros((num_bandwidths, num_codebooks, num_samples), dtype=torch.float32, device=z.device)
+    joint_partials = torch.zeros((max(num_blocks, 1),), dtype=torch.float32, device=z.device)
+    if num_blocks > 0:
+        _dhsic_sums_kernel[(num_blocks,)](
+            z,
+            groups,
+            row_sums,
+            joint_partials,
+            num_samples,
+            row_begin,
+            row_end,
+            groups.shape[0],
+            num_warps=NUM_WARPS,
+            **_plan_kwargs(plan),
+            **_shape_kwargs(z),
+        )
+    sums = torch.zeros((num_codebooks * num_bandwidths + 1, num_samples), dtype=torch.float64, device=z.device)
+    sums[:-1] = row_sums.double().transpose(0, 1).reshape(num_codebooks * num_bandwidths, num_samples)
+    sums[-1, 0] = joint_partials.double().sum()
+    return sums
+
+
+def mmd_dhsic_rows_triton(
+    z: torch.Tensor,
+    groups: torch.Tensor,
+    coefs: Sequence[float],
+    chain_src: Sequence[int],
+    chain_step: Sequence[int],
+    chain_base: float,
+    sums: torch.Tensor,
+    row_begin: int,
+    row_end: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dHSIC loss from the pass-1 sums of ALL rows, and the gradient of the rows [row_begin, row_end)
+    (contract of mmdkernels::mmd_dhsic_rows).
+
+    Returns:
+        (loss float32 0-dim, grad float32 [N, K, D] (0 outside the range) or an empty [0] tensor).
+    """
+    _check_samples(z, groups)
+    plan = _make_plan(coefs, chain_src, chain_step, chain_base)
+    row_begin, row_end = _row_range(z.shape[0], (row_begin, row_end))
+    groups = groups.to(device=z.device, dtype=torch.int32).contiguous()
+    num_samples, num_codebooks, _ = z.shape
+    num_bandwidths = len(plan.coefs)
+    if sums.dtype != torch.float64 or tuple(sums.shape) != (num_codebooks * num_bandwidths + 1, num_samples):
+        raise ValueError(
+            f"sums must be float64 [K*J + 1, N] = [{num_codebooks * num_bandwidths + 1}, {num_samples}], "
+            f"got {sums.dtype} {tuple(sums.shape)}"
+        )
+    row_sums = sums[:-1].reshape(num_codebooks, num_bandwidths, num_samples).transpose(0, 1)
+    stats = _dhsic_stats(row_sums, sums[-1].sum(), groups)
+    if not compute_grad:
+        return stats.loss, z.new_empty(0)
+    full_range = (row_begin, row_end) == (0, num_samples)
+    grad = _grad_buffer(z, full_range)
+    num_blocks = _num_row_blocks(row_end - row_begin)
+    if num_blocks == 0:
+        return stats.loss, grad
+    _dhsic_grad_kernel[(num_blocks,)](
+        z,
+        groups,
+        stats.gamma,
+        stats.beta,
+        grad,
+        num_samples,
+        row_begin,
+        row_end,
+        groups.shape[0],
+        1.0 / float(num_samples) ** 2,
+        BLOCK_D=_grad_block_d(z),
+        num_warps=NUM_WARPS,
+        **_plan_kwargs(plan),
+        **_shape_kwargs(z),
+    )
+    return stats.loss, grad
 
 
 def mmd_dhsic_triton(
@@ -686,40 +825,8 @@ def mmd_dhsic_triton(
     Returns:
         (loss float32 0-dim, grad float32 [N, K, D] or an empty [0] tensor when compute_grad is False).
     """
-    _check_samples(z, groups)
-    plan = _make_plan(coefs, chain_src, chain_step, chain_base)
-    groups = groups.to(device=z.device, dtype=torch.int32).contiguous()
-    num_samples, num_codebooks, _ = z.shape
-    num_blocks = _num_row_blocks(num_samples)
-    row_sums = _nan_filled((len(plan.coefs), num_codebooks, num_samples), z)
-    joint_partials = _nan_filled((num_blocks,), z)
-    _dhsic_sums_kernel[(num_blocks,)](
-        z,
-        groups,
-        row_sums,
-        joint_partials,
-        num_samples,
-        groups.shape[0],
-        num_warps=NUM_WARPS,
-        **_plan_kwargs(plan),
-        **_shape_kwargs(z),
+    num_samples = z.shape[0]
+    sums = mmd_dhsic_sums_triton(z, groups, coefs, chain_src, chain_step, chain_base, 0, num_samples)
+    return mmd_dhsic_rows_triton(
+        z, groups, coefs, chain_src, chain_step, chain_base, sums, 0, num_samples, compute_grad
     )
-    stats = _dhsic_stats(row_sums, joint_partials, groups)
-    if not compute_grad:
-        return stats.loss, z.new_empty(0)
-    grad = _nan_filled(z.shape, z)
-    _dhsic_grad_kernel[(num_blocks,)](
-        z,
-        groups,
-        stats.gamma,
-        stats.beta,
-        grad,
-        num_samples,
-        groups.shape[0],
-        1.0 / float(num_samples) ** 2,
-        BLOCK_D=_grad_block_d(z),
-        num_warps=NUM_WARPS,
-        **_plan_kwargs(plan),
-        **_shape_kwargs(z),
-    )
-    return stats.loss, grad
