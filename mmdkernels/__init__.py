@@ -7,6 +7,7 @@
 Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing compiled until an op runs.
 """
 
+from mmdkernels.attention import decode_attention, decode_attention_ref
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
 from mmdkernels.nn import MMDLoss, ResidualVQ, RVQOutput
 from mmdkernels.rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
@@ -24,6 +25,8 @@ __all__ = [
     "rvq_decode",
     "rvq_encode_ref",
     "rvq_decode_ref",
+    "decode_attention",
+    "decode_attention_ref",
     "sample",
     "sample_ref",
 ]

@@ -15,23 +15,25 @@ REINSTALL_HINT = "rebuild with `pip install -e . --no-build-isolation` (see READ
 _loaded: dict[str, object] = {}
 _errors: dict[str, str] = {}
 _warned: set[str] = set()
-_fakes: dict[str, object] = {}  # "mmdkernels::op" -> fake (meta) implementation, registered once the schemas load
-_fakes_registered: set[str] = set()
+_on_load: dict[str, tuple] = {}  # "mmdkernels::op" -> (fake, autograd) registered once the schemas load
+_registered_on_load: set[str] = set()
 
 
-def register_fake_on_load(qualified_name: str, fake) -> None:
-    """Register `fake` for a compiled op as soon as the op library (which defines its schema) is loaded, so that
-    torch.compile can trace the op even when its first call happens inside a compiled region."""
-    _fakes[qualified_name] = fake
+def register_on_load(qualified_name: str, fake, backward=None, setup_context=None) -> None:
+    """Register a compiled op's fake (and autograd, when given) as soon as the op library that defines its schema is
+    loaded, so torch.compile can trace the op even when its first call happens inside a compiled region."""
+    _on_load[qualified_name] = (fake, backward, setup_context)
     if _CPU_MODULE in _loaded:
-        _register_pending_fakes()
+        _register_pending()
 
 
-def _register_pending_fakes() -> None:
-    for name, fake in _fakes.items():
-        if name not in _fakes_registered:
+def _register_pending() -> None:
+    for name, (fake, backward, setup_context) in _on_load.items():
+        if name not in _registered_on_load:
             torch.library.register_fake(name)(fake)
-            _fakes_registered.add(name)
+            if backward is not None:
+                torch.library.register_autograd(name, backward, setup_context=setup_context)
+            _registered_on_load.add(name)
 
 
 def _load(name: str) -> object | None:
@@ -46,7 +48,7 @@ def _load(name: str) -> object | None:
         return None
     _loaded[name] = module
     if name == _CPU_MODULE:
-        _register_pending_fakes()
+        _register_pending()
     return module
 
 

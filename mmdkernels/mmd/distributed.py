@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mmdkernels.mmd import ops
-from mmdkernels.mmd.plan import build_plan
+from mmdkernels.mmd.plan import plan_op_args
 from mmdkernels.mmd.reference import (
     codebook_groups,
     delay_align,
@@ -251,7 +251,7 @@ def _fused_share(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This rank's rows through the fused row-range ops, summed over the ranks: (loss float32 [], grad [N, K, D])."""
     shuffle_rows, dhsic_sums, dhsic_rows = ops.row_range_ops(backend)
-    plan_args = build_plan(bandwidths).as_op_args()
+    plan_args = plan_op_args(tuple(bandwidths))
     if estimator == "dhsic":
         sums = _all_reduce(dhsic_sums(samples, groups, *plan_args, *rows), group)
         loss, grad = dhsic_rows(samples, groups, *plan_args, sums, *rows, needs_grad)

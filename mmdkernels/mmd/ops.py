@@ -159,6 +159,11 @@ _register("mmdkernels::mmd_shuffle_triton")
 _register("mmdkernels::mmd_dhsic_triton")
 for _name in ("mmd_shuffle_rows_triton", "mmd_dhsic_sums_triton", "mmd_dhsic_rows_triton"):
     _register_row_range(_name)
+# the compiled twins: registered when the extension loads (csrc/bindings.cpp defines their schemas)
+for _name in ("mmdkernels::mmd_shuffle", "mmdkernels::mmd_dhsic"):
+    _ext.register_on_load(_name, _fake, _backward, _setup_context)
+for _name, _row_fake in _ROW_RANGE_FAKES.items():
+    _ext.register_on_load(f"mmdkernels::{_name}", _row_fake)
 
 
 def shuffle_op(backend: str):
@@ -166,7 +171,6 @@ def shuffle_op(backend: str):
     if backend == "triton":
         return torch.ops.mmdkernels.mmd_shuffle_triton
     _load_compiled(backend)
-    _register("mmdkernels::mmd_shuffle")
     return torch.ops.mmdkernels.mmd_shuffle
 
 
@@ -175,7 +179,6 @@ def dhsic_op(backend: str):
     if backend == "triton":
         return torch.ops.mmdkernels.mmd_dhsic_triton
     _load_compiled(backend)
-    _register("mmdkernels::mmd_dhsic")
     return torch.ops.mmdkernels.mmd_dhsic
 
 
@@ -185,12 +188,10 @@ def row_range_ops(backend: str):
     if backend == "triton":
         return tuple(getattr(torch.ops.mmdkernels, f"{name}_triton") for name in names)
     _load_compiled(backend)
-    for name in names:
-        _register_row_range(name)
     return tuple(getattr(torch.ops.mmdkernels, name) for name in names)
 
 
 def _load_compiled(backend: str) -> None:
-    module = _ext.cuda_extension() if backend == "cuda" else _ext.cpu_extension()
-    if module is None:
-        raise RuntimeError(_ext.load_error("cuda" if backend == "cuda" else "cpu"))
+    which = "cuda" if backend == "cuda" else "cpu"
+    if not _ext.available(which):
+        raise RuntimeError(_ext.load_error(which))

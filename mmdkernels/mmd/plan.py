@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
 
+from mmdkernels._ext import constant_under_compile
+
 MAX_BANDWIDTHS = 8  # kMaxBandwidths in csrc/mmd/mmd_tile.h
 MAX_CHAIN_POWER = 1024
 DIRECT_EXP = -2  # kDirectExp
@@ -80,3 +82,10 @@ def build_plan(bandwidths: Sequence[float], chain: bool = True) -> BandwidthPlan
             src.append(FROM_BASE)
             step.append(power)
     return BandwidthPlan(tuple(coefs), tuple(src), tuple(step), float(base))
+
+
+@constant_under_compile
+def plan_op_args(bandwidths: tuple[float, ...]) -> tuple[list[float], list[int], list[int], float]:
+    """build_plan(bandwidths).as_op_args(), which torch.compile takes as a constant (the plan's rational arithmetic
+    is not traceable)."""
+    return build_plan(bandwidths).as_op_args()

@@ -39,8 +39,8 @@ rvq_encode_triton.register_fake(_encode_fake)
 rvq_decode_triton.register_fake(_decode_fake)
 
 
-_ext.register_fake_on_load("mmdkernels::rvq_encode", _encode_fake)
-_ext.register_fake_on_load("mmdkernels::rvq_decode", _decode_fake)
+_ext.register_on_load("mmdkernels::rvq_encode", _encode_fake)
+_ext.register_on_load("mmdkernels::rvq_decode", _decode_fake)
 
 
 def _compiled(name: str, backend: str) -> object:

@@ -30,7 +30,7 @@ def sample_tokens_triton(
 sample_tokens_triton.register_fake(_sample_fake)
 
 
-_ext.register_fake_on_load("mmdkernels::sample_tokens", _sample_fake)
+_ext.register_on_load("mmdkernels::sample_tokens", _sample_fake)
 
 
 def sample_op(backend: str):

@@ -1,0 +1,315 @@
+// KV-cached decode attention on the CPU (spec: mmdkernels/attention/reference.py), flash-decoding style. A work item
+// is one (sequence, KV head, key range): it streams its keys once in blocks of kBlock, dots every key with the
+// H / H_kv query heads that share it (grouped-query attention reuses each loaded key and value row), folds the
+// block's scores into a running softmax (attention_tile.h) and accumulates exp-weighted value rows. When there are
+// fewer (sequence, KV head) pairs than threads, long key ranges are split and a combine pass merges the partials.
+// Caches are read in place through their strides (rows must be contiguous); arithmetic is float32 in any dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// GCC 12 warns about uninitialised variables inside its own AVX-512 headers (masked loads): a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <vector>
+
+#include "attention/attention_tile.h"
+#include "common/checks.h"
+
+namespace mmdkernels {
+namespace attention {
+namespace {
+
+constexpr int64_t kBlock = 64;           // keys scored before the softmax update: scores stay in L1
+constexpr int64_t kMinSplitKeys = 256;   // a split below this many keys costs more in combining than it gains
+constexpr int64_t kItemsPerThread = 4;   // split until there are this many work items per thread (load balance)
+
+// exp(x) for x <= 0 (scores minus their running max), vectorisable: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its
+// degree-6 Taylor polynomial (relative error < 2e-7), 2^n by building the float's exponent bits. Below -87 (where
+// exp underflows float32) it returns about 1e-38 instead of 0: negligible next to the max key's weight of 1.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504f);
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split in two for an exact n * ln2_high
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+// Strided [B, H_kv, S_max, Dh] cache with contiguous rows.
+template <typename T>
+struct CacheView {
+  const T* data;
+  int64_t batch_stride, head_stride, pos_stride;
+  const T* row(int64_t b, int64_t g, int64_t s) const {
+    return data + b * batch_stride + g * head_stride + s * pos_stride;
+  }
+};
+
+template <typename T>
+CacheView<T> cache_view(const at::Tensor& cache) {
+  return {cache.data_ptr<T>(), cache.stride(0), cache.stride(1), cache.stride(2)};
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// 16 lanes of a row as float32 (lanes outside `mask` read as 0 and are not touched in memory). GCC does not
+// vectorise c10::Half's scalar conversion, and bfloat16's only poorly, hence the explicit conversions.
+inline __m512 load_floats(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load_floats(const c10::BFloat16* p, __mmask16 mask) {
+  const __m512i widened = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));  // bfloat16 is the top half of a float32
+}
+inline __m512 load_floats(const c10::Half* p, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+}
+inline __mmask16 lanes_from(int64_t d, int64_t dim) {
+  return dim - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (dim - d)) - 1);
+}
+
+// scores[j] = q . keys[j] for the n keys keys + j * stride. Four keys at a time share each load of q.
+template <typename T>
+inline void score_keys(const float* q, const T* keys, int64_t stride, int64_t n, int64_t dim, float* scores) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* k = keys + j * stride;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __mmask16 mask = lanes_from(d, dim);
+      const __m512 qd = _mm512_maskz_loadu_ps(mask, q + d);
+      s0 = _mm512_fmadd_ps(qd, load_floats(k + d, mask), s0);
+      s1 = _mm512_fmadd_ps(qd, load_floats(k + stride + d, mask), s1);
+      s2 = _mm512_fmadd_ps(qd, load_floats(k + 2 * stride + d, mask), s2);
+      s3 = _mm512_fmadd_ps(qd, load_floats(k + 3 * stride + d, mask), s3);
+    }
+    scores[j] = _mm512_reduce_add_ps(s0);
+    scores[j + 1] = _mm512_reduce_add_ps(s1);
+    scores[j + 2] = _mm512_reduce_add_ps(s2);
+    scores[j + 3] = _mm512_reduce_add_ps(s3);
+  }
+  for (; j < n; ++j) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __mmask16 mask = lanes_from(d, dim);
+      sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), load_floats(keys + j * stride + d, mask), sum);
+    }
+    scores[j] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// acc += sum_j weights[j] * values[j] for the n values values + j * stride; each 16-lane slice of acc stays in a
+// register through all n values.
+template <typename T>
+inline void accumulate_values(float* acc, const float* weights, const T* values, int64_t stride, int64_t n,
+                              int64_t dim) {
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 mask = lanes_from(d, dim);
+    __m512 sum = _mm512_maskz_loadu_ps(mask, acc + d);
+    for (int64_t j = 0; j < n; ++j) {
+      sum = _mm512_fmadd_ps(_mm512_set1_ps(weights[j]), load_floats(values + j * stride + d, mask), sum);
+    }
+    _mm512_mask_storeu_ps(acc + d, mask, sum);
+  }
+}
+#else
+template <typename T>
+inline void score_keys(const float* q, const T* keys, int64_t stride, int64_t n, int64_t dim, float* scores) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* k = keys + j * stride;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < dim; ++d) sum += q[d] * static_cast<float>(k[d]);
+    scores[j] = sum;
+  }
+}
+
+template <typename T>
+inline void accumulate_values(float* acc, const float* weights, const T* values, int64_t stride, int64_t n,
+                              int64_t dim) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = values + j * stride;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) acc[d] += weights[j] * static_cast<float>(v[d]);
+  }
+}
+#endif
+
+// Asks for rows [first, first + count) of a cache ahead of use, into L2: the hardware prefetcher alone stops at every
+// 4 KiB page, and a block of rows spans several. One request per 64-byte line.
+template <typename T>
+inline void prefetch_rows(const CacheView<T>& cache, int64_t b, int64_t g, int64_t first, int64_t count, int64_t dim) {
+  constexpr int64_t kLine = 64;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < count; ++j) {
+    const char* row = reinterpret_cast<const char*>(cache.row(b, g, first + j));
+    for (int64_t offset = 0; offset < row_bytes; offset += kLine) __builtin_prefetch(row + offset, 0, 2);
+  }
+}
+
+// Attention of the `group` query heads q [group, dim] (pre-scaled, float32) over keys [begin, end) of one
+// (sequence, KV head). Leaves the unnormalised accumulator in acc [group, dim] and the statistics in states.
+template <typename T>
+void attend_range(const float* q, float scale, int64_t group, const CacheView<T>& k, const CacheView<T>& v, int64_t b,
+                  int64_t g, int64_t begin, int64_t end, int64_t dim, float* acc, SoftmaxState* states, float* scores) {
+  std::fill(acc, acc + group * dim, 0.0f);
+  std::fill(states, states + group, empty_state());
+  for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - s0);
+    prefetch_rows(k, b, g, s0 + kBlock, std::min(kBlock, end - s0 - kBlock), dim);
+    prefetch_rows(v, b, g, s0 + kBlock, std::min(kBlock, end - s0 - kBlock), dim);
+    for (int64_t h = 0; h < group; ++h) {
+      score_keys(q + h * dim, k.row(b, g, s0), k.pos_stride, n, dim, scores + h * kBlock);
+    }
+    for (int64_t h = 0; h < group; ++h) {
+      float* row = scores + h * kBlock;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) row[j] *= scale;
+      const float block_max = *std::max_element(row, row + n);
+      const float factor = raise_max(states[h], block_max);
+      if (factor != 1.0f) {
+        for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] *= factor;
+      }
+      const float max_score = states[h].max_score;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        row[j] = exp_nonpositive(row[j] - max_score);
+        sum += row[j];
+      }
+      states[h].sum += sum;
+    }
+    for (int64_t h = 0; h < group; ++h) {
+      accumulate_values(acc + h * dim, scores + h * kBlock, v.row(b, g, s0), v.pos_stride, n, dim);
+    }
+  }
+}
+
+// Splits per (sequence, KV head) so that every thread gets work when B * H_kv is small and the keys are many.
+int64_t choose_splits(int64_t pairs, int64_t max_length) {
+  const int64_t wanted = (kItemsPerThread * at::get_num_threads() + pairs - 1) / pairs;
+  const int64_t most = std::max<int64_t>(1, max_length / kMinSplitKeys);
+  return std::max<int64_t>(1, std::min(wanted, most));
+}
+
+template <typename T>
+void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& lengths, float scale, at::Tensor& out) {
+  const int64_t batch = q_float.size(0), heads = q_float.size(1), dim = q_float.size(2);
+  const int64_t kv_heads = k_cache.size(1), max_len = k_cache.size(2), group = heads / kv_heads;
+  const auto k = cache_view<T>(k_cache), v = cache_view<T>(v_cache);
+  const float* q = q_float.data_ptr<float>();
+  const int64_t* length_data = lengths.data_ptr<int64_t>();
+  T* out_data = out.data_ptr<T>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, valid_length(length_data[b], max_len));
+  const int64_t splits = choose_splits(batch * kv_heads, longest);
+  const int64_t items = batch * kv_heads * splits;
+  // Partials of every split: unnormalised accumulators [items, group, dim] and states [items, group].
+  std::vector<float> partial_acc(splits > 1 ? items * group * dim : 0);
+  std::vector<SoftmaxState> partial_states(splits > 1 ? items * group : 0);
+
+  at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> acc(group * dim), scores(group * kBlock);
+    std::vector<SoftmaxState> states(group);
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t pair = item / splits, split = item % splits, b = pair / kv_heads, g = pair % kv_heads;
+      int64_t begin, end;
+      split_range(valid_length(length_data[b], max_len), splits, split, &begin, &end);
+      const float* q_group = q + (b * heads + g * group) * dim;
+      attend_range(q_group, scale, group, k, v, b, g, begin, end, dim, acc.data(), states.data(), scores.data());
+      if (splits > 1) {
+        std::copy(acc.begin(), acc.end(), partial_acc.begin() + item * group * dim);
+        std::copy(states.begin(), states.end(), partial_states.begin() + item * group);
+        continue;
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        const float inverse = inverse_sum(states[h]);
+        T* o = out_data + (b * heads + g * group + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[h * dim + d] * inverse);
+      }
+    }
+  });
+  if (splits == 1) return;
+
+  // Combine: merge the splits of each (sequence, query head) in order, then normalise.
+  at::parallel_for(0, batch * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> merged(dim);
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t pair = row / group, h = row % group;  // row = b * heads + g * group + h, pair = b * kv_heads + g
+      SoftmaxState state = empty_state();
+      std::fill(merged.begin(), merged.end(), 0.0f);
+      for (int64_t split = 0; split < splits; ++split) {
+        const int64_t at = (pair * splits + split) * group + h;
+        float factor_merged, factor_split;
+        state = merge_states(state, partial_states[at], &factor_merged, &factor_split);
+        const float* part = partial_acc.data() + at * dim;
+        for (int64_t d = 0; d < dim; ++d) merged[d] = merged[d] * factor_merged + part[d] * factor_split;
+      }
+      const float inverse = inverse_sum(state);
+      T* o = out_data + row * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(merged[d] * inverse);
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& lengths) {
+  MMD_CHECK_DEVICE(q, at::Device(at::kCPU));
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "q must be float32, bfloat16 or float16, got ", q.scalar_type());
+  MMD_CHECK_DIM(q, 3);
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  for (const auto* cache : {&k_cache, &v_cache}) {
+    const char* name = cache == &k_cache ? "k_cache" : "v_cache";
+    TORCH_CHECK(cache->device() == q.device(), name, " must be on ", q.device(), ", got ", cache->device());
+    TORCH_CHECK(cache->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+                cache->scalar_type());
+    TORCH_CHECK(cache->dim() == 4 && cache->size(0) == batch && cache->size(3) == dim && cache->size(2) >= 1 &&
+                    cache->size(1) >= 1 && heads % cache->size(1) == 0,
+                name, " must have shape [B=", batch, ", H_kv dividing ", heads, ", S_max >= 1, Dh=", dim, "], got ",
+                cache->sizes());
+  }
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
+              v_cache.sizes());
+  MMD_CHECK_DEVICE(lengths, q.device());
+  MMD_CHECK_DTYPE(lengths, at::kLong);
+  MMD_CHECK_SHAPE(lengths, batch);
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& lengths, double scale) {
+  check_inputs(q, k_cache, v_cache, lengths);
+  // Rows must be contiguous to be read as vectors; any other strides are followed in place.
+  const auto k = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();
+  const auto v = v_cache.stride(3) == 1 ? v_cache : v_cache.contiguous();
+  const auto q_float = q.to(at::kFloat).contiguous();  // exact: the kernels scale the scores, not q
+  const auto lengths_c = lengths.contiguous();
+  auto out = at::empty(q.sizes(), q.options());
+  const auto dtype = q.scalar_type();  // float32, bfloat16 or float16 (checked above)
+  if (dtype == at::kFloat) {
+    decode_attention_kernel<float>(q_float, k, v, lengths_c, static_cast<float>(scale), out);
+  } else if (dtype == at::kBFloat16) {
+    decode_attention_kernel<c10::BFloat16>(q_float, k, v, lengths_c, static_cast<float>(scale), out);
+  } else {
+    decode_attention_kernel<c10::Half>(q_float, k, v, lengths_c, static_cast<float>(scale), out);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace attention
+}  // namespace mmdkernels
+
+TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) { m.impl("decode_attention", &mmdkernels::attention::decode_attention_cpu); }
