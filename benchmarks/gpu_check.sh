@@ -18,7 +18,7 @@ SECONDS=0
 echo "build: ${SECONDS}s"
 timeout 300 "$python" -m pytest tests -q -p no:cacheprovider -x 2>&1 | tee "$out/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
-timeout 240 "$python" -m pytest benchmarks/bench_mmd_gpu.py benchmarks/bench_rvq_gpu.py -q -p no:cacheprovider --benchmark-json="$out/bench_gpu.json" \
+timeout 240 "$python" -m pytest benchmarks/bench_mmd_gpu.py benchmarks/bench_rvq_gpu.py benchmarks/bench_sampling_gpu.py benchmarks/bench_decode_gpu.py benchmarks/bench_attention_gpu.py -q -p no:cacheprovider --benchmark-json="$out/bench_gpu.json" \
   --benchmark-columns=min,mean,rounds 2>&1 | tee "$out/bench.log" | tail -40
 echo "tests exit $tests_rc; total ${SECONDS}s"
 exit "$tests_rc"

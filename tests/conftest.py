@@ -24,3 +24,12 @@ def pytest_report_header(config):
 def seeded():
     torch.manual_seed(0)
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models (the LM tests): extra threads only add synchronisation (10x slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

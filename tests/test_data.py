@@ -151,7 +151,9 @@ def test_render_corpus_keeps_one_file_per_excerpt_length(chorale_path, tmp_path,
 
 
 def _render_one_second(cache):
-    return [str(path) for path in data.render_corpus(cache, 2, seconds_per_piece=1.0, renderer="builtin", progress=False)]
+    return [
+        str(path) for path in data.render_corpus(cache, 2, seconds_per_piece=1.0, renderer="builtin", progress=False)
+    ]
 
 
 def test_render_corpus_concurrent_runs_agree(tmp_path):

@@ -1,0 +1,192 @@
+"""Decoding benchmarks on CPU (models.generate with the static KV cache):
+
+(a) joint (flatten, K * T steps) vs product of marginals (delay, T + K - 1 steps): the same model size, the same
+    seconds of audio, B = 1 and B = 8, the two generations interleaved round by round. extra_info per pattern: ms
+    per step, ms per frame, frames/s, real-time factor; delay_speedup = flatten time / delay time (best rounds).
+    Target: delay >= 3.2x faster (K = 4).
+(b) against Hugging Face transformers' MusicgenForCausalLM.generate with an identical decoder (ours is loaded with
+    HF's random weights, `models.lm.load_hf_musicgen`): d = 512, 8 layers, 8 heads, FFN 2048, K = 4, V = 2048, GELU,
+    cross-attention to the same condition embeddings on both sides, no CFG, float32, B = 4, 250 steps, top-k 250.
+    Our time also includes encoding the prompts with the text encoder (HF is handed the embeddings). Providers:
+    "hf" with an explicit EncoderDecoderCache (the fair baseline), "hf-default-cache" as generate() comes (its
+    default cache re-appends the cross-attention K/V at every step), ours with each decode attention.
+    Target: ours >= 2x faster per step.
+
+CI sizes by default, the issue's sizes with MMDKERNELS_BENCH=full. Threads: MMDKERNELS_BENCH_THREADS (default 1:
+batch-4 decode steps are too small to share across cores, and on a busy machine extra threads only wait).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+from benchmarks.conftest import FULL
+from models.generate import generate
+from models.lm import LMConfig, MusicLM, load_hf_musicgen
+
+THREADS = int(os.environ.get("MMDKERNELS_BENCH_THREADS", "1"))
+FRAME_RATE = 50
+ROUNDS = 3 if FULL else 2
+
+# (a) pattern comparison
+PATTERN_MODEL = dict(dim=512, num_layers=8, num_heads=8, ffn_dim=2048, codebook_size=2048) if FULL else {}
+PATTERN_SECONDS = 2.0 if FULL else 0.2
+
+# (b) the Hugging Face comparison
+HF_SIZES = (
+    dict(dim=512, layers=8, heads=8, codebooks=4, vocab=2048, batch=4, steps=250)
+    if FULL
+    else dict(dim=64, layers=2, heads=4, codebooks=4, vocab=256, batch=4, steps=12)
+)
+TOP_K = 250
+
+
+@pytest.fixture(autouse=True)
+def bench_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def _info(benchmark, **extra) -> None:
+    benchmark.extra_info.update(threads=THREADS, device="cpu", torch=torch.__version__, **extra)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_delay_vs_flatten(benchmark, batch):
+    """Each timed round generates with the delay model, then the flatten model (same size, same seconds): the two
+    see the same machine load, so their ratio holds on a busy machine. The benchmark's own time is the pair."""
+    models = {}
+    for pattern in ("delay", "flatten"):
+        torch.manual_seed(0)
+        models[pattern] = MusicLM(LMConfig(pattern=pattern, **PATTERN_MODEL)).eval()
+    config = models["delay"].config
+    benchmark.group = f"decode-delay-vs-flatten-B{batch}-{PATTERN_SECONDS}s-d{config.dim}-L{config.num_layers}"
+    prompts = [f"prompt {i}" for i in range(batch)]
+    seconds_taken = {"delay": [], "flatten": []}
+
+    def run():
+        for pattern, model in models.items():
+            g = torch.Generator().manual_seed(0)
+            start = time.perf_counter()
+            codes = generate(model, prompts, PATTERN_SECONDS, top_k=TOP_K, cfg_coef=None, generator=g)
+            seconds_taken[pattern].append(time.perf_counter() - start)
+        return codes
+
+    frames = benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1).shape[2]
+    info = {}
+    for pattern, times in seconds_taken.items():
+        best = min(times[1:])  # the min over the timed rounds (the first entry is the warm-up)
+        steps = {"delay": frames + config.num_codebooks - 1, "flatten": frames * config.num_codebooks}[pattern]
+        info |= {
+            f"{pattern}_steps": steps,
+            f"{pattern}_ms_per_step": 1e3 * best / steps,
+            f"{pattern}_ms_per_frame": 1e3 * best / frames,
+            f"{pattern}_frames_per_s": batch * frames / best,
+            f"{pattern}_real_time_factor": best / PATTERN_SECONDS,
+        }
+    info["delay_speedup"] = min(seconds_taken["flatten"][1:]) / min(seconds_taken["delay"][1:])
+    _info(benchmark, batch=batch, seconds_of_audio=PATTERN_SECONDS, **info)
+
+
+def _hf_model():
+    import transformers
+
+    s = HF_SIZES
+    config = transformers.MusicgenDecoderConfig(
+        vocab_size=s["vocab"],
+        num_codebooks=s["codebooks"],
+        hidden_size=s["dim"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        ffn_dim=4 * s["dim"],
+        activation_function="gelu",
+        pad_token_id=s["vocab"],
+        bos_token_id=s["vocab"],
+        decoder_start_token_id=s["vocab"],
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    return transformers.MusicgenForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("provider", ["hf", "hf-default-cache", "ours-sdpa", "ours-mmdkernels"])
+def test_decode_vs_hf(benchmark, provider):
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    import transformers
+
+    s = HF_SIZES
+    benchmark.group = f"decode-vs-hf-d{s['dim']}-L{s['layers']}-V{s['vocab']}-B{s['batch']}-{s['steps']}steps"
+    hf = _hf_model()
+    ours = MusicLM(
+        LMConfig(
+            pattern="delay",
+            num_codebooks=s["codebooks"],
+            codebook_size=s["vocab"],
+            dim=s["dim"],
+            num_layers=s["layers"],
+            num_heads=s["heads"],
+            ffn_dim=4 * s["dim"],
+        )
+    ).eval()
+    load_hf_musicgen(ours, hf)
+    prompts = [f"an upbeat jazz tune, take {i}" for i in range(s["batch"])]
+    with torch.inference_mode():
+        condition = ours.encode_condition(prompts)
+    start_ids = torch.full((s["batch"] * s["codebooks"], 1), s["vocab"])
+    frames = s["steps"] - s["codebooks"] + 1  # delay: T + K - 1 steps
+
+    rounds, warmup = ROUNDS, 1
+    if provider.startswith("hf"):
+        transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", module="transformers")
+        if provider == "hf-default-cache" and FULL:
+            rounds, warmup = 1, 0  # minutes per run
+
+        def run():
+            # "hf" gets an explicit encoder-decoder cache; "hf-default-cache" is generate() as it comes: in
+            # transformers 5.24 its plain DynamicCache takes the cross-attention K/V appended at every step (the
+            # cache grows by Tc + 1 entries a step, O(S) work per step)
+            cache = {}
+            if provider == "hf":
+                cache["cache"] = transformers.EncoderDecoderCache(
+                    transformers.DynamicCache(), transformers.DynamicCache()
+                )
+            with torch.inference_mode():
+                return hf.generate(
+                    input_ids=start_ids,
+                    **cache,
+                    encoder_hidden_states=condition.embeddings,
+                    encoder_attention_mask=condition.mask.long(),
+                    do_sample=True,
+                    top_k=TOP_K,
+                    num_return_sequences=1,
+                    max_new_tokens=s["steps"],
+                    min_new_tokens=s["steps"],
+                )
+    else:
+        attention = provider.removeprefix("ours-")
+
+        def run():
+            g = torch.Generator().manual_seed(0)
+            seconds = frames / FRAME_RATE
+            return generate(ours, prompts, seconds, top_k=TOP_K, cfg_coef=None, generator=g, attention=attention)
+
+    codes = benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup)
+    assert tuple(codes.shape) == (s["batch"], s["codebooks"], frames)
+    seconds = benchmark.stats.stats.mean
+    _info(
+        benchmark,
+        provider=provider,
+        ms_per_step=1e3 * seconds / s["steps"],
+        ms_per_step_min=1e3 * benchmark.stats.stats.min / s["steps"],
+        transformers=importlib.metadata.version("transformers"),
+        **{f"config_{k}": v for k, v in s.items()},
+    )

@@ -1,0 +1,407 @@
+"""A MusicGen-style multi-codebook LM: pre-norm transformer decoder (causal self-attention, cross-attention to an
+encoded text prompt, GELU MLP) over the step sequence of a codebook pattern (mmdkernels.patterns).
+
+- delay / parallel: a step holds K codes. Input = sum of K embeddings (one table of C + 1 entries per codebook, the
+  extra entry is the special token C), output = K heads of C logits.
+- flatten: a step holds one code. Input = the embedding of the previous code in its codebook's table plus a learned
+  embedding of the codebook this step predicts; output = that codebook's head. Per-codebook heads (not one shared
+  head) keep the parameters equal to the delay model's, so the two patterns compare at the same model size.
+
+Layers mirror Hugging Face's MusicgenDecoder (LayerNorm with bias, bias-free projections and MLP, sinusoidal
+positions): `load_hf_musicgen` copies a MusicgenForCausalLM's weights in, which the decode benchmark uses.
+
+Decoding uses a static KV cache (`new_cache`): self-attention keys/values live in preallocated [L, B, H, S_max, Dh]
+buffers written in place at each step; cross-attention keys/values are computed once from the condition.
+`decode_step` takes the step either as an int (the cache is sliced to the filled length) or as a device tensor
+(the whole cache under a length mask: fixed shapes, what a CUDA graph captures).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmdkernels
+from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
+from models.text_encoder import Condition, TextEncoder
+
+ATTENTION = ("auto", "sdpa", "mmdkernels")
+
+
+@dataclass
+class LMConfig:
+    num_codebooks: int = 4
+    codebook_size: int = 256
+    pattern: str = "delay"
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_dim: int = 512
+    dropout: float = 0.0
+    text_dim: int = 64
+    text_layers: int = 1
+    text_heads: int = 4
+    max_text_tokens: int = 64
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim = {self.dim} must be a multiple of num_heads = {self.num_heads}")
+
+    @property
+    def special(self) -> int:
+        """The special token id (C): start token and the empty positions of the delay pattern."""
+        return self.codebook_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> LMConfig:
+        """ "small" (CPU default) or "musicgen-small" (d = 1024, 24 layers, 16 heads, K = 4, C = 2048)."""
+        presets = {
+            "small": {},
+            "musicgen-small": dict(
+                dim=1024, num_layers=24, num_heads=16, ffn_dim=4096, codebook_size=2048, num_codebooks=4, text_dim=256
+            ),
+        }
+        if name not in presets:
+            raise ValueError(f"preset must be one of {tuple(presets)}, got {name!r}")
+        return cls(**{**presets[name], **overrides})
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """int64 positions [S] -> [S, dim] float32 embeddings (cos then sin, as MusicGen / tensor2tensor)."""
+    half = dim // 2
+    inv_freq = torch.exp(torch.arange(half, device=positions.device) * (-math.log(10000.0) / (half - 1)))
+    angles = positions.float()[:, None] * inv_freq[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def _attention_backend(attention: str) -> str:
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "auto":
+        return "mmdkernels" if hasattr(mmdkernels, "decode_attention") else "sdpa"
+    return attention
+
+
+def decode_attention(q, k_cache, v_cache, length, attention: str) -> torch.Tensor:
+    """One query per row over the first `length` cache entries: q [B, H, Dh], caches [B, H, S_max, Dh] -> [B, H, Dh].
+
+    length: int (all rows equal) or an int64 tensor [1] on q's device (CUDA-graph mode: fixed shapes).
+    """
+    if _attention_backend(attention) == "mmdkernels":
+        lengths = length if isinstance(length, int) else length.expand(q.shape[0])
+        return mmdkernels.decode_attention(q, k_cache, v_cache, lengths)
+    if isinstance(length, int):
+        k, v, mask = k_cache[:, :, :length], v_cache[:, :, :length], None
+    else:  # the cache is zero-initialised, so the masked entries hold no NaN that could leak through
+        k, v = k_cache, v_cache
+        mask = (torch.arange(k_cache.shape[2], device=q.device) < length)[None]
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)[:, :, 0]
+
+
+@dataclass
+class KVCache:
+    """Static decode state for one generation: self-attention buffers written in place, cross-attention K/V fixed."""
+
+    self_k: torch.Tensor  # [L, B, H, S_max, Dh]
+    self_v: torch.Tensor  # [L, B, H, S_max, Dh]
+    cross_k: torch.Tensor  # [L, B, H, Tc, Dh]
+    cross_v: torch.Tensor  # [L, B, H, Tc, Dh]
+    cross_mask: torch.Tensor  # bool [B, 1, 1, Tc]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # fused: one GEMM per step instead of three
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cache_k=None, cache_v=None, start=0, attention="auto") -> torch.Tensor:
+        """x [B, S, D] at positions start.. -> [B, S, D]. With cache views [B, H, S_max, Dh], writes K/V in place.
+
+        start: int, or an int64 tensor [1] (then S must be 1: the fixed-shape CUDA-graph step)."""
+        batch, steps, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, steps, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        if cache_k is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif isinstance(start, torch.Tensor):
+            cache_k.index_copy_(2, start, k)
+            cache_v.index_copy_(2, start, v)
+            y = decode_attention(q[:, :, 0], cache_k, cache_v, start + 1, attention)[:, :, None]
+        else:
+            cache_k[:, :, start : start + steps] = k
+            cache_v[:, :, start : start + steps] = v
+            if steps == 1:
+                y = decode_attention(q[:, :, 0], cache_k, cache_v, start + 1, attention)[:, :, None]
+            else:
+                keys = torch.arange(start + steps, device=x.device)
+                mask = keys[None] <= keys[start:, None]
+                y = F.scaled_dot_product_attention(
+                    q, cache_k[:, :, : start + steps], cache_v[:, :, : start + steps], attn_mask=mask
+                )
+        return self.out(y.transpose(1, 2).reshape(batch, steps, dim))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def project_kv(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """condition [B, Tc, D] -> keys, values [B, H, Tc, Dh]."""
+        batch, length, dim = condition.shape
+        k, v = self.kv(condition).view(batch, length, 2, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x, k, v, mask) -> torch.Tensor:
+        """x [B, S, D], k/v [B, H, Tc, Dh], mask bool [B, 1, 1, Tc] -> [B, S, D]."""
+        batch, steps, dim = x.shape
+        q = self.q(x).view(batch, steps, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(batch, steps, dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.dropout = config.dropout
+        self.self_norm = nn.LayerNorm(config.dim)
+        self.self_attn = SelfAttention(config.dim, config.num_heads)
+        self.cross_norm = nn.LayerNorm(config.dim)
+        self.cross_attn = CrossAttention(config.dim, config.num_heads)
+        self.mlp_norm = nn.LayerNorm(config.dim)
+        self.fc1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.fc2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def _drop(self, x):
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+    def forward(self, x, cross, cache=None, start=0, attention="auto"):
+        """x [B, S, D]; cross = (k, v, mask) of this layer; cache = (k, v) views of this layer or None."""
+        cache_k, cache_v = cache if cache is not None else (None, None)
+        x = x + self._drop(self.self_attn(self.self_norm(x), cache_k, cache_v, start, attention))
+        x = x + self._drop(self.cross_attn(self.cross_norm(x), *cross))
+        return x + self._drop(self.fc2(F.gelu(self.fc1(self.mlp_norm(x)))))
+
+
+class MusicLM(nn.Module):
+    """The LM. forward(inputs [B, R, S], condition) -> logits [B, R, S, C] (teacher forcing or prefill);
+    decode_step(tokens [B, R], step, cache) -> logits [B, R, C] (one KV-cached step)."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        k, c, d = config.num_codebooks, config.codebook_size, config.dim
+        self.text_encoder = TextEncoder(
+            config.text_dim, d, config.text_layers, config.text_heads, config.max_text_tokens
+        )
+        self.token_embedding = nn.Embedding(k * (c + 1), d)  # K tables of C + 1 rows, stacked
+        self.register_buffer("table_offset", torch.arange(k) * (c + 1), persistent=False)
+        self.target_embedding = nn.Embedding(k, d) if config.pattern == "flatten" else None
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(d)
+        self.heads = nn.Parameter(torch.empty(k, c, d))  # [K, C, D]: one output head per codebook
+        self.apply(self._init_weights)
+        nn.init.normal_(self.heads, std=config.init_std)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def streams(self) -> int:
+        return num_streams(self.config.pattern, self.config.num_codebooks)
+
+    def encode_condition(self, prompts: list[str | None]) -> Condition:
+        """B prompts (None = null condition) -> Condition (embeddings [B, Tc, D] in the model's dtype)."""
+        condition = self.text_encoder(prompts)
+        return Condition(condition.embeddings.to(self.heads.dtype), condition.mask)
+
+    def _cross(self, condition: Condition) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        mask = condition.mask[:, None, None, :]
+        return [(*layer.cross_attn.project_kv(condition.embeddings), mask) for layer in self.layers]
+
+    def new_cache(self, condition: Condition, max_steps: int) -> KVCache:
+        """Preallocate the decode state for condition's B rows and up to max_steps steps (zero-filled)."""
+        cfg = self.config
+        batch = condition.embeddings.shape[0]
+        shape = (cfg.num_layers, batch, cfg.num_heads, max_steps, cfg.dim // cfg.num_heads)
+        cross = self._cross(condition)
+        return KVCache(
+            self_k=self.heads.new_zeros(shape),
+            self_v=self.heads.new_zeros(shape),
+            cross_k=torch.stack([k for k, _, _ in cross]),
+            cross_v=torch.stack([v for _, v, _ in cross]),
+            cross_mask=cross[0][2],
+        )
+
+    def _embed(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """inputs [B, R, S] token ids at int64 positions [S] -> [B, S, D]."""
+        k = self.config.num_codebooks
+        if self.target_embedding is None:
+            x = self.token_embedding(inputs + self.table_offset[:, None]).sum(1)
+        else:  # flatten: the input is the previous step's code, of codebook (s - 1) mod K; step s predicts s mod K
+            x = self.token_embedding(inputs[:, 0] + self.table_offset[(positions - 1) % k])
+            x = x + self.target_embedding(positions % k)
+        return x + sinusoidal_positions(positions, self.config.dim).to(x.dtype)
+
+    def _logits(self, h: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
+        """h [B, S, D] at positions [S] (step: the int position of a single step, else None) -> logits [B, R, S, C]."""
+        k = self.config.num_codebooks
+        if self.target_embedding is None:
+            if h.shape[1] == 1:  # decode: one GEMM over the stacked heads
+                return (h[:, 0] @ self.heads.view(-1, h.shape[2]).t()).view(h.shape[0], k, 1, -1)
+            return torch.einsum("bsd,kcd->bksc", h, self.heads)
+        if isinstance(step, int):
+            return (h @ self.heads[step % k].t())[:, None]
+        if h.shape[1] == 1:  # fixed-shape step: the head is picked on the device
+            return (h @ self.heads.index_select(0, positions % k)[0].t())[:, None]
+        logits = h.new_empty(h.shape[0], 1, h.shape[1], self.config.codebook_size)
+        for codebook in range(k):  # flatten: step s belongs to codebook s mod K; positions are consecutive
+            first = (codebook - int(positions[0])) % k
+            logits[:, 0, first::k] = h[:, first::k] @ self.heads[codebook].t()
+        return logits
+
+    def forward(self, inputs: torch.Tensor, condition: Condition, cache: KVCache | None = None, start: int = 0):
+        """Teacher-forced (cache None) or prefill/incremental (cache given) pass over S steps from `start`.
+
+        Args:
+            inputs: int64 [B, R, S]: the token fed at each step (the previous step's codes; the special token C first).
+            condition: Condition for B rows (ignored when cache is given: its cross K/V were computed from it).
+            cache: KVCache from new_cache, written at steps start .. start + S - 1.
+            start: the absolute step of inputs[..., 0].
+        Returns:
+            logits [B, R, S, C] (float, the model's dtype).
+        """
+        positions = torch.arange(start, start + inputs.shape[2], device=inputs.device)
+        return self._run(inputs, positions, condition, cache, start, "sdpa", start if inputs.shape[2] == 1 else None)
+
+    def decode_step(self, tokens: torch.Tensor, step, cache: KVCache, attention: str = "auto") -> torch.Tensor:
+        """One KV-cached step: tokens [B, R] (the codes of step - 1, or the special token at step 0) -> logits
+        [B, R, C] for step `step`. step: int, or an int64 tensor [1] on the model's device (fixed shapes for CUDA
+        graphs). attention: "auto" (mmdkernels.decode_attention when available), "sdpa" or "mmdkernels"."""
+        if isinstance(step, torch.Tensor):
+            positions = step
+        else:
+            positions = torch.tensor([step], device=tokens.device)
+        single = None if isinstance(step, torch.Tensor) else step
+        return self._run(tokens[:, :, None], positions, None, cache, step, attention, single)[:, :, 0]
+
+    def _run(self, inputs, positions, condition, cache, start, attention, step):
+        x = self._embed(inputs, positions)
+        if cache is None:
+            cross = self._cross(condition)
+        else:
+            cross = [(cache.cross_k[i], cache.cross_v[i], cache.cross_mask) for i in range(len(self.layers))]
+        for i, layer in enumerate(self.layers):
+            layer_cache = (cache.self_k[i], cache.self_v[i]) if cache is not None else None
+            x = layer(x, cross[i], layer_cache, start, attention)
+        return self._logits(self.final_norm(x), positions, step)
+
+
+def teacher_forcing(codes: torch.Tensor, pattern: str, special: int):
+    """codes [B, K, T] -> (inputs [B, R, S], targets [B, R, S], valid bool [R, S]): inputs are the targets shifted
+    one step right with the special token first."""
+    targets = apply_pattern(codes.long(), pattern, special)
+    start = torch.full_like(targets[:, :, :1], special)
+    inputs = torch.cat([start, targets[:, :, :-1]], dim=2)
+    return inputs, targets, valid_mask(pattern, codes.shape[1], codes.shape[2], codes.device)
+
+
+def _check_codes(model: MusicLM, codes) -> None:
+    cfg = model.config
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[1] != cfg.num_codebooks:
+        got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise ValueError(f"codes must be an integer tensor [B, K={cfg.num_codebooks}, T], got {got}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= cfg.codebook_size):
+        raise ValueError(
+            f"codes must lie in [0, C = {cfg.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]"
+        )
+
+
+def code_log_likelihoods(model: MusicLM, codes: torch.Tensor, condition: Condition) -> torch.Tensor:
+    """Teacher-forced log-probability of every code: codes [B, K, T] -> float [B, K, T]."""
+    _check_codes(model, codes)
+    cfg = model.config
+    inputs, targets, valid = teacher_forcing(codes.to(model.heads.device), cfg.pattern, cfg.special)
+    logits = model(inputs, condition)
+    # special positions (no code) get a dummy target; revert_pattern keeps only the valid positions
+    log_probs = -F.cross_entropy(logits.permute(0, 3, 1, 2), targets.clamp(max=cfg.codebook_size - 1), reduction="none")
+    return revert_pattern(log_probs, cfg.pattern, cfg.num_codebooks, codes.shape[2])
+
+
+def lm_loss(model: MusicLM, codes: torch.Tensor, condition: Condition) -> torch.Tensor:
+    """Mean cross-entropy (nats per code) over the valid positions of the pattern: codes [B, K, T] -> scalar."""
+    return -code_log_likelihoods(model, codes, condition).mean()
+
+
+@torch.no_grad()
+def nll_per_frame(
+    model: MusicLM,
+    codes: torch.Tensor,
+    conditions: list[str | None] | None = None,
+    pattern: str | None = None,
+    batch_size: int = 16,
+) -> float:
+    """Held-out negative log-likelihood in nats per audio frame: the sum over the K codes of a frame of -log p,
+    averaged over all B * T frames. Comparable between delay and flatten models (both score every code once).
+
+    Args:
+        codes: int [B, K, T] held-out codes.
+        conditions: B prompts (None entries or None for all: the null condition).
+        pattern: must equal model.config.pattern if given (a guard against comparing the wrong models).
+        batch_size: rows per forward pass.
+    """
+    if pattern is not None and pattern != model.config.pattern:
+        raise ValueError(f"pattern {pattern!r} does not match the model's pattern {model.config.pattern!r}")
+    _check_codes(model, codes)
+    conditions = [None] * codes.shape[0] if conditions is None else list(conditions)
+    if len(conditions) != codes.shape[0]:
+        raise ValueError(f"conditions must hold B = {codes.shape[0]} prompts, got {len(conditions)}")
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, codes.shape[0], batch_size):
+        condition = model.encode_condition(conditions[i : i + batch_size])
+        total += float(code_log_likelihoods(model, codes[i : i + batch_size], condition).double().sum())
+    model.train(was_training)
+    return -total / (codes.shape[0] * codes.shape[2])
+
+
+def load_hf_musicgen(model: MusicLM, hf_model) -> None:
+    """Copy a transformers MusicgenForCausalLM's decoder weights into `model` (same sizes; delay pattern).
+
+    The text encoder is untouched: HF's causal LM takes encoder_hidden_states directly, so a comparison feeds both
+    the same condition embeddings (Condition(hidden_states, mask))."""
+    decoder = hf_model.model.decoder
+    with torch.no_grad():
+        model.token_embedding.weight.copy_(torch.cat([table.weight for table in decoder.embed_tokens]))
+        for ours, theirs in zip(model.layers, decoder.layers):
+            sa, ca = theirs.self_attn, theirs.encoder_attn
+            ours.self_attn.qkv.weight.copy_(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]))
+            ours.self_attn.out.weight.copy_(sa.out_proj.weight)
+            ours.cross_attn.q.weight.copy_(ca.q_proj.weight)
+            ours.cross_attn.kv.weight.copy_(torch.cat([ca.k_proj.weight, ca.v_proj.weight]))
+            ours.cross_attn.out.weight.copy_(ca.out_proj.weight)
+            for name, hf_name in (
+                ("self_norm", "self_attn_layer_norm"),
+                ("cross_norm", "encoder_attn_layer_norm"),
+                ("mlp_norm", "final_layer_norm"),
+            ):
+                getattr(ours, name).load_state_dict(getattr(theirs, hf_name).state_dict())
+            ours.fc1.weight.copy_(theirs.fc1.weight)
+            ours.fc2.weight.copy_(theirs.fc2.weight)
+        model.final_norm.load_state_dict(decoder.layer_norm.state_dict())
+        model.heads.copy_(torch.stack([head.weight for head in hf_model.lm_heads]))

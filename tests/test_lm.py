@@ -1,0 +1,193 @@
+"""The MusicGen-style LM: KV-cached decoding equals the teacher-forced forward (float64), conditioning, training
+loss, per-frame NLL comparable across patterns, and equality with Hugging Face's MusicgenForCausalLM."""
+
+import math
+
+import pytest
+import torch
+
+from mmdkernels.patterns import PATTERNS
+from models.lm import LMConfig, MusicLM, code_log_likelihoods, lm_loss, load_hf_musicgen, nll_per_frame, teacher_forcing
+
+ATOL_FLOAT64 = 1e-10
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def tiny_model(pattern: str, dtype=torch.float64, **overrides) -> MusicLM:
+    torch.manual_seed(0)
+    config = LMConfig(
+        pattern=pattern, num_codebooks=3, codebook_size=17, dim=32, num_layers=2, num_heads=4, ffn_dim=48, text_dim=16
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return MusicLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("attention", ["sdpa", "mmdkernels"])
+@pytest.mark.parametrize("step_kind", ["int", "tensor"])
+def test_incremental_decode_equals_full_forward(pattern, attention, step_kind, seeded):
+    model = tiny_model(pattern)
+    codes = torch.randint(0, 17, (2, 3, 6), generator=seeded)
+    inputs, _, _ = teacher_forcing(codes, pattern, model.config.special)
+    condition = model.encode_condition(["a prompt", None])
+    full = model(inputs, condition)
+    cache = model.new_cache(condition, inputs.shape[2] + 3)  # longer than needed: the tail must stay unread
+    steps = []
+    for s in range(inputs.shape[2]):
+        step = s if step_kind == "int" else torch.tensor([s])
+        steps.append(model.decode_step(inputs[:, :, s], step, cache, attention))
+    torch.testing.assert_close(torch.stack(steps, dim=2), full, atol=ATOL_FLOAT64, rtol=0)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_prefill_in_chunks_equals_full_forward(pattern, seeded):
+    model = tiny_model(pattern)
+    codes = torch.randint(0, 17, (3, 3, 5), generator=seeded)
+    inputs, _, _ = teacher_forcing(codes, pattern, model.config.special)
+    condition = model.encode_condition(["x", "yy", "zzz"])
+    full = model(inputs, condition)
+    cache = model.new_cache(condition, inputs.shape[2])
+    cut = inputs.shape[2] // 2
+    parts = [model(inputs[:, :, :cut], condition, cache, 0), model(inputs[:, :, cut:], condition, cache, cut)]
+    torch.testing.assert_close(torch.cat(parts, dim=2), full, atol=ATOL_FLOAT64, rtol=0)
+
+
+def test_logits_are_causal(seeded):
+    model = tiny_model("delay")
+    codes = torch.randint(0, 17, (1, 3, 8), generator=seeded)
+    inputs, _, _ = teacher_forcing(codes, "delay", model.config.special)
+    condition = model.encode_condition(["p"])
+    changed = inputs.clone()
+    changed[:, :, 5] = (changed[:, :, 5] + 1) % 17
+    a, b = model(inputs, condition), model(changed, condition)
+    torch.testing.assert_close(a[:, :, :5], b[:, :, :5], atol=0, rtol=0)
+    assert (a[:, :, 5:] - b[:, :, 5:]).abs().max() > 1e-6
+
+
+def test_condition_is_used_and_batch_independent(seeded):
+    model = tiny_model("delay")
+    codes = torch.randint(0, 17, (1, 3, 4), generator=seeded)
+    inputs, _, _ = teacher_forcing(codes, "delay", model.config.special)
+    alone = model(inputs, model.encode_condition(["short"]))
+    padded = model(inputs.expand(2, -1, -1), model.encode_condition(["short", "a much longer prompt string"]))
+    torch.testing.assert_close(padded[:1], alone, atol=ATOL_FLOAT64, rtol=0)  # padding of row 1 does not leak
+    assert (padded[0] - padded[1]).abs().max() > 1e-6
+    null = model(inputs, model.encode_condition([None]))
+    assert (null - alone).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("pattern", ["delay", "flatten"])
+def test_training_loss_decreases_on_a_tiny_overfit_task(pattern, seeded):
+    model = tiny_model(pattern, dtype=torch.float32).train()
+    codes = torch.randint(0, 17, (4, 3, 8), generator=seeded)
+    prompts = ["one", "two", "three", "four"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = lm_loss(model, codes, model.encode_condition(prompts))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(17), rel=0.05)  # small init: close to uniform
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_nll_per_frame_of_a_uniform_model_is_k_log_c(pattern, seeded):
+    model = tiny_model(pattern)
+    with torch.no_grad():
+        model.heads.zero_()
+    codes = torch.randint(0, 17, (3, 3, 7), generator=seeded)
+    assert nll_per_frame(model, codes, pattern=pattern) == pytest.approx(3 * math.log(17), rel=1e-12)
+
+
+def test_nll_per_frame_counts_every_code_once_for_both_patterns(seeded):
+    codes = torch.randint(0, 17, (5, 3, 6), generator=seeded)
+    prompts = ["a", None, "c", "d", None]
+    for pattern in ("delay", "flatten"):
+        model = tiny_model(pattern)
+        with torch.no_grad():
+            log_probs = code_log_likelihoods(model, codes, model.encode_condition(prompts))
+        assert log_probs.shape == codes.shape and bool((log_probs < 0).all())
+        nll = nll_per_frame(model, codes, prompts, batch_size=2)  # batches of 2, 2, 1 rows
+        assert nll == pytest.approx(-float(log_probs.sum()) / (5 * 6), rel=1e-12)
+        with torch.no_grad():
+            loss = lm_loss(model, codes, model.encode_condition(prompts))
+        assert nll == pytest.approx(3 * float(loss), rel=1e-12)
+
+
+def test_same_parameter_count_for_delay_and_flatten():
+    delay = sum(p.numel() for p in tiny_model("delay").parameters())
+    flatten = sum(p.numel() for p in tiny_model("flatten").parameters())
+    assert flatten - delay == 3 * 32  # only the codebook-position embedding [K, D]
+
+
+def test_musicgen_small_preset_sizes():
+    config = LMConfig.preset("musicgen-small")
+    assert (config.dim, config.num_layers, config.num_heads, config.num_codebooks, config.codebook_size) == (
+        1024,
+        24,
+        16,
+        4,
+        2048,
+    )
+
+
+def test_matches_hugging_face_musicgen_decoder(seeded):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    hf_config = transformers.MusicgenDecoderConfig(
+        vocab_size=17,
+        num_codebooks=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=48,
+        max_position_embeddings=64,
+        activation_function="gelu",
+        pad_token_id=17,
+        bos_token_id=17,
+    )
+    hf = transformers.MusicgenForCausalLM(hf_config).double().eval()
+    model = tiny_model("delay")
+    load_hf_musicgen(model, hf)
+    codes = torch.randint(0, 17, (2, 3, 5), generator=seeded)
+    inputs, _, _ = teacher_forcing(codes, "delay", 17)
+    condition = model.encode_condition(["hello", None])
+    embeddings = condition.embeddings.detach()
+    ours = model(inputs, condition._replace(embeddings=embeddings))
+    with torch.no_grad():
+        theirs = hf(
+            input_ids=inputs.reshape(-1, inputs.shape[2]),
+            encoder_hidden_states=embeddings,
+            encoder_attention_mask=condition.mask.long(),
+        ).logits  # [B * K, S, C]
+    torch.testing.assert_close(ours, theirs.reshape(ours.shape), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: LMConfig(pattern="zigzag"), ValueError, "pattern must be one of"),
+        (lambda: LMConfig(dim=30, num_heads=4), ValueError, "multiple of num_heads"),
+        (lambda: LMConfig.preset("huge"), ValueError, "preset must be one of"),
+    ],
+)
+def test_bad_config_raises(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bad_codes_raise(seeded):
+    model = tiny_model("delay")
+    with pytest.raises(ValueError, match=r"\[B, K=3, T\]"):
+        nll_per_frame(model, torch.zeros(2, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"in \[0, C = 17\)"):
+        nll_per_frame(model, torch.full((2, 3, 5), 17))
+    with pytest.raises(ValueError, match="does not match the model's pattern"):
+        nll_per_frame(model, torch.zeros(2, 3, 5, dtype=torch.long), pattern="flatten")
+    with pytest.raises(ValueError, match="conditions must hold B = 2"):
+        nll_per_frame(model, torch.zeros(2, 3, 5, dtype=torch.long), ["a"])
