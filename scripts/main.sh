@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The main job on its embedded default: sets up .venv and the build, then runs the MMD demo report.
+# The main job on its embedded default: sets up .venv and the build, then runs models/experiment.py (music21 corpus
+# -> codecs without/with the MMD loss -> codebook dependence -> delay vs flatten LMs -> generated audio, decode
+# timing -> outputs/experiment/report.md). Arguments pass through, e.g. `bash scripts/main.sh --quick`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/python -m mmdkernels.demo "$@"
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+.venv/bin/python -m models.experiment "$@"
