@@ -265,7 +265,10 @@ def train(args) -> dict | None:
     """The training loop; returns the final evaluation (also written to eval.json), None on ranks other than 0."""
     world = init_world(args)
     try:
-        return _train(args, world)
+        report = _train(args, world)
+        if world.size > 1:
+            dist.barrier()  # rank 0 evaluates alone; the others wait so no rank tears gloo down under a peer
+        return report
     finally:
         if world.size > 1:
             dist.destroy_process_group()
