@@ -18,6 +18,7 @@
 #endif
 #include <vector>
 
+#include "attention/attention_checks.h"
 #include "attention/attention_tile.h"
 #include "common/checks.h"
 
@@ -267,25 +268,7 @@ void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cach
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& lengths) {
   MMD_CHECK_DEVICE(q, at::Device(at::kCPU));
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "q must be float32, bfloat16 or float16, got ", q.scalar_type());
-  MMD_CHECK_DIM(q, 3);
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  for (const auto* cache : {&k_cache, &v_cache}) {
-    const char* name = cache == &k_cache ? "k_cache" : "v_cache";
-    TORCH_CHECK(cache->device() == q.device(), name, " must be on ", q.device(), ", got ", cache->device());
-    TORCH_CHECK(cache->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
-                cache->scalar_type());
-    TORCH_CHECK(cache->dim() == 4 && cache->size(0) == batch && cache->size(3) == dim && cache->size(2) >= 1 &&
-                    cache->size(1) >= 1 && heads % cache->size(1) == 0,
-                name, " must have shape [B=", batch, ", H_kv dividing ", heads, ", S_max >= 1, Dh=", dim, "], got ",
-                cache->sizes());
-  }
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
-              v_cache.sizes());
-  MMD_CHECK_DEVICE(lengths, q.device());
-  MMD_CHECK_DTYPE(lengths, at::kLong);
-  MMD_CHECK_SHAPE(lengths, batch);
+  mmdkernels::attention::check_decode_attention_args(q, k_cache, v_cache, lengths);
 }
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
