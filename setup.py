@@ -43,7 +43,7 @@ def _extensions():
     cxx_flags = [
         "-O3",
         "-std=c++17",
-        "-fopenmp-simd",
+        "-fopenmp",  # at::parallel_for runs serially in code compiled without it (ATen/ParallelOpenMP.h)
         "-fno-math-errno",
         "-Wall",
         f"-march={arch}",
@@ -53,7 +53,12 @@ def _extensions():
     cpu_sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
     exts = [
         cpp_extension.CppExtension(
-            "mmdkernels._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "mmdkernels._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            # resolves to the libgomp.so.1 torch has loaded already: one OpenMP runtime, torch's thread settings
+            extra_link_args=["-fopenmp"],
         )
     ]
 

@@ -8,6 +8,7 @@ Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing
 """
 
 from mmdkernels.attention import decode_attention, decode_attention_ref
+from mmdkernels.linear import decode_linear
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
 from mmdkernels.nn import MMDLoss, ResidualVQ, RVQOutput
 from mmdkernels.rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
@@ -15,6 +16,7 @@ from mmdkernels.sampling import sample, sample_ref
 
 __version__ = "0.1.0"
 __all__ = [
+    "decode_linear",
     "mmd_loss",
     "mmd_loss_ref",
     "MMDLoss",

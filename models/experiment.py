@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -33,18 +34,20 @@ class Sizes:
 
     pieces: int = 60
     piece_seconds: float = 20.0
-    codec_steps: int = 1200
+    codec_steps: int = 600
     codec_batch: int = 8
     codec_channels: int = 8
     latent_dim: int = 64
     codebook_size: int = 256
     num_codebooks: int = 4
     lm_dim: int = 128
-    lm_layers: int = 4
+    lm_layers: int = 2
     lm_heads: int = 4
-    lm_steps: int = 600
+    lm_steps: int = 2400
     lm_batch: int = 16
-    lm_frames: int = 100  # training context in frames (2 s at 50 Hz); flatten sees K times as many tokens
+    lm_frames: int = 25  # training context in frames (0.5 s at 50 Hz); flatten sees K times as many tokens
+    lm_lr: float = 3e-3  # peak learning rate, after lm_warmup steps of linear warm-up, then cosine decay
+    lm_warmup: int = 50
     generate_seconds: float = 4.0
     generate_batch: int = 2
 
@@ -64,6 +67,7 @@ PRESETS = {
         lm_steps=20,
         lm_batch=4,
         lm_frames=25,
+        lm_warmup=5,
         generate_seconds=0.5,
         generate_batch=1,
     ),
@@ -82,11 +86,25 @@ PRESETS = {
         lm_steps=20000,
         lm_batch=32,
         lm_frames=500,
+        lm_lr=1e-3,
+        lm_warmup=500,
         generate_seconds=10.0,
         generate_batch=4,
     ),
 }
 PATTERNS = ("delay", "flatten")
+# The sizes each stage's result depends on: a cached result made with other values is not reused.
+CODEC_FIELDS = (
+    "pieces",
+    "piece_seconds",
+    "codec_steps",
+    "codec_batch",
+    "codec_channels",
+    "latent_dim",
+    "codebook_size",
+    "num_codebooks",
+)
+LM_FIELDS = ("lm_dim", "lm_layers", "lm_heads", "lm_steps", "lm_batch", "lm_frames", "lm_lr", "lm_warmup")
 
 
 def _write_json(path: Path, value) -> None:
@@ -97,6 +115,28 @@ def _write_json(path: Path, value) -> None:
 
 def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def codec_key(args, sizes: Sizes, lambda_mmd: float) -> dict:
+    """Everything a codec run (and its tokens) depends on."""
+    key = {"seed": args.seed, "lambda_mmd": lambda_mmd, "codec_lr": args.codec_lr, "audio_dir": args.audio_dir}
+    return key | {field: getattr(sizes, field) for field in CODEC_FIELDS}
+
+
+def lm_key(args, sizes: Sizes, lambda_mmd: float, pattern: str) -> dict:
+    return codec_key(args, sizes, lambda_mmd) | {"pattern": pattern} | {f: getattr(sizes, f) for f in LM_FIELDS}
+
+
+def stage_folder(path: Path, key: dict) -> Path:
+    """The folder of a stage made with `key`: one left by a run with other settings is emptied first (a resumed run
+    with the same settings keeps its checkpoints)."""
+    key_file = path / "key.json"
+    if path.exists() and _read_json(key_file) != json.loads(json.dumps(key)):
+        print(f"{path}: made with other settings, starting this stage again")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_json(key_file, key)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,9 +164,9 @@ def codec_run_name(lambda_mmd: float) -> str:
 
 def train_codec_run(args, sizes: Sizes, lambda_mmd: float) -> dict:
     """Stage 2 + 3: one codec trained (resumed if interrupted) and evaluated on held-out pieces (eval.json)."""
-    out = Path(args.out) / codec_run_name(lambda_mmd)
+    out = stage_folder(Path(args.out) / codec_run_name(lambda_mmd), codec_key(args, sizes, lambda_mmd))
     finished = _read_json(out / "eval.json")
-    if finished is not None and finished.get("steps") == sizes.codec_steps:
+    if finished is not None:
         return finished
     argv = ["train", "--out", str(out), "--steps", str(sizes.codec_steps), "--batch-size", str(sizes.codec_batch)]
     argv += ["--lr", str(args.codec_lr), "--lambda-mmd", str(lambda_mmd), "--seed", str(args.seed)]
@@ -185,10 +225,11 @@ def lm_run(args, sizes: Sizes, lambda_mmd: float, pattern: str, token_sets: dict
     """Stage 4b: one LM trained on one codec's tokens with one pattern; held-out NLL per frame (lm.json)."""
     from models import experiment_lm
 
-    out = Path(args.out) / f"lm-{codec_run_name(lambda_mmd)}-{pattern}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = stage_folder(
+        Path(args.out) / f"lm-{codec_run_name(lambda_mmd)}-{pattern}", lm_key(args, sizes, lambda_mmd, pattern)
+    )
     finished = _read_json(out / "lm.json")
-    if finished is not None and finished.get("steps") == sizes.lm_steps:
+    if finished is not None:
         return finished
     result = experiment_lm.train_and_evaluate(
         token_sets, pattern, sizes, out, seed=args.seed, device=args.device, progress=args.progress
@@ -205,7 +246,10 @@ def generation_run(args, sizes: Sizes, lambda_mmd: float, pattern: str, conditio
     run = Path(args.out) / codec_run_name(lambda_mmd)
     out = Path(args.out) / f"lm-{codec_run_name(lambda_mmd)}-{pattern}"
     finished = _read_json(out / "generation.json")
-    if finished is not None and finished.get("seconds") == sizes.generate_seconds:
+    if finished is not None and (finished.get("seconds"), finished.get("batch")) == (
+        sizes.generate_seconds,
+        sizes.generate_batch,
+    ):
         return finished
     codec = train_codec.load_codec(run / "last.pt").to(args.device)
     result = experiment_lm.generate_audio(out, codec, pattern, conditions, sizes, seed=args.seed, device=args.device)

@@ -59,6 +59,8 @@ def train_and_evaluate(token_sets: dict, pattern: str, sizes, out: Path, *, seed
         config=config,
         steps=sizes.lm_steps,
         batch_size=sizes.lm_batch,
+        lr=sizes.lm_lr,
+        warmup=sizes.lm_warmup,
         seed=seed,
         progress=progress,
         **({"device": device} if str(device) != "cpu" else {}),

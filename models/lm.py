@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmdkernels
+from mmdkernels.linear import decode_linear
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
 from models.text_encoder import Condition, TextEncoder
 
@@ -116,12 +117,21 @@ class KVCache:
     cross_mask: torch.Tensor  # bool [B, 1, 1, Tc]
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose few-row inference calls on CPU (a decode step) go through
+    mmdkernels.decode_linear, which streams the weights once instead of packing them for a GEMM; training and
+    larger batches take F.linear as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # fused: one GEMM per step instead of three
-        self.out = nn.Linear(dim, dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)  # fused: one GEMM per step instead of three
+        self.out = Linear(dim, dim, bias=False)
 
     def forward(self, x, cache_k=None, cache_v=None, start=0, attention="auto") -> torch.Tensor:
         """x [B, S, D] at positions start.. -> [B, S, D]. With cache views [B, H, S_max, Dh], writes K/V in place.
@@ -153,9 +163,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
+        self.q = Linear(dim, dim, bias=False)
+        self.kv = Linear(dim, 2 * dim, bias=False)
+        self.out = Linear(dim, dim, bias=False)
 
     def project_kv(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """condition [B, Tc, D] -> keys, values [B, H, Tc, Dh]."""
@@ -180,8 +190,8 @@ class DecoderLayer(nn.Module):
         self.cross_norm = nn.LayerNorm(config.dim)
         self.cross_attn = CrossAttention(config.dim, config.num_heads)
         self.mlp_norm = nn.LayerNorm(config.dim)
-        self.fc1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.fc2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.fc1 = Linear(config.dim, config.ffn_dim, bias=False)
+        self.fc2 = Linear(config.ffn_dim, config.dim, bias=False)
 
     def _drop(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
@@ -262,10 +272,10 @@ class MusicLM(nn.Module):
         k = self.config.num_codebooks
         if self.target_embedding is None:
             if h.shape[1] == 1:  # decode: one GEMM over the stacked heads
-                return (h[:, 0] @ self.heads.view(-1, h.shape[2]).t()).view(h.shape[0], k, 1, -1)
+                return decode_linear(h[:, 0], self.heads.view(-1, h.shape[2])).view(h.shape[0], k, 1, -1)
             return torch.einsum("bsd,kcd->bksc", h, self.heads)
         if isinstance(step, int):
-            return (h @ self.heads[step % k].t())[:, None]
+            return decode_linear(h, self.heads[step % k])[:, None]
         if h.shape[1] == 1:  # fixed-shape step: the head is picked on the device
             return (h @ self.heads.index_select(0, positions % k)[0].t())[:, None]
         logits = h.new_empty(h.shape[0], 1, h.shape[1], self.config.codebook_size)

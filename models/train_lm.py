@@ -32,6 +32,14 @@ def _check_data(codes, conditions) -> None:
         raise ValueError(f"conditions must hold N = {codes.shape[0]} prompts, got {len(conditions)}")
 
 
+def learning_rate_factor(step: int, steps: int, warmup: int) -> float:
+    """The multiplier of the peak learning rate at `step` (0-based): linear warm-up over `warmup` steps, then cosine
+    decay to 0 at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def train_lm(
     codes: torch.Tensor,
     conditions: list[str | None] | None = None,
@@ -40,6 +48,7 @@ def train_lm(
     steps: int = 200,
     batch_size: int = 16,
     lr: float = 1e-3,
+    warmup: int = 0,
     seed: int = 0,
     condition_dropout: float = 0.1,
     valid_codes: torch.Tensor | None = None,
@@ -47,13 +56,14 @@ def train_lm(
     log_every: int = 10,
     progress: bool = True,
 ) -> tuple[MusicLM, list[dict]]:
-    """Teacher-forced training with AdamW (cosine decay, gradient clipping at 1).
+    """Teacher-forced training with AdamW (linear warm-up, cosine decay, gradient clipping at 1).
 
     Args:
         codes: int [N, K, T] training windows, values in [0, config.codebook_size).
         conditions: N prompts (None = the null condition), or None for all-null.
         config: the model (default LMConfig() with K and C = codes.max() + 1 rounded to the codes).
         steps, batch_size, lr: optimisation; batches are drawn without replacement within an epoch.
+        warmup: steps of linear learning-rate warm-up before the cosine decay.
         seed: seeds the weights, the batch order and the condition dropout (explicit torch.Generators).
         condition_dropout: probability of replacing a prompt by the null condition (for classifier-free guidance).
         valid_codes, valid_conditions: held-out windows; their NLL per frame is logged at the end.
@@ -69,7 +79,7 @@ def train_lm(
     model = MusicLM(config).train()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, steps, warmup))
     order = torch.empty(0, dtype=torch.long)
     log = []
     for step in tqdm(range(1, steps + 1), disable=not progress, desc=f"lm {config.pattern}"):

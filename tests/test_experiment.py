@@ -45,6 +45,18 @@ def test_rerun_reuses_finished_stages(quick_run):
     assert again["lms"] == summary["lms"] and again["codecs"] == summary["codecs"]
 
 
+def test_changed_sizes_redo_only_the_stages_they_affect(quick_run):
+    out, argv, _ = quick_run
+    codecs = {path: path.stat().st_mtime_ns for path in out.glob("codec-*/*.pt")}
+    lms = {path: path.stat().st_mtime_ns for path in out.glob("lm-*/lm.pt")}
+    assert len(lms) == 4 and codecs
+    again = experiment.main(argv + ["--lm-steps", "7"])
+    assert {path: path.stat().st_mtime_ns for path in out.glob("codec-*/*.pt")} == codecs
+    assert all(path.stat().st_mtime_ns != stamp for path, stamp in lms.items())
+    assert {lm["steps"] for lm in again["lms"].values()} == {7}
+    assert all(len(lm["train_log"]) == 1 for lm in again["lms"].values())  # logged every 10 steps and at the end
+
+
 def test_bad_arguments():
     with pytest.raises(SystemExit):
         experiment.main(["--lambda-mmd", "0"])

@@ -1,0 +1,126 @@
+"""mmdkernels.decode_linear (few-row linear of a decode step) against F.linear in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmdkernels
+from mmdkernels import _ext
+from mmdkernels.linear import MAX_ROWS, decode_linear
+
+needs_cpp = pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
+
+
+def _reference(x, weight, bias=None):
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+def _assert_close(y, x, weight, bias=None):
+    """float32 rounding of a D-term sum: |error| <= 4 eps sqrt(D) * sum_k |x_k w_k| (+ a tiny floor)."""
+    expected = _reference(x, weight, bias)
+    scale = F.linear(x.double().abs(), weight.double().abs())
+    bound = 4 * torch.finfo(torch.float32).eps * max(1.0, x.shape[-1] ** 0.5) * scale + 1e-30
+    assert y.shape == expected.shape and y.dtype == x.dtype
+    assert bool(((y.double() - expected).abs() <= bound).all()), float((y.double() - expected).abs().max())
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows", range(1, MAX_ROWS + 1))
+@pytest.mark.parametrize("dim,out", [(1, 1), (7, 5), (16, 8), (33, 9), (100, 37), (512, 130)])
+def test_kernel_matches_float64(rows, dim, out):
+    g = torch.Generator().manual_seed(rows * 1000 + dim + out)
+    x = torch.randn(rows, dim, generator=g)
+    weight = torch.randn(out, dim, generator=g)
+    y = decode_linear(x, weight, backend="cpp")
+    _assert_close(y, x, weight)
+
+
+@needs_cpp
+def test_leading_dims_bias_and_strided_rows():
+    g = torch.Generator().manual_seed(1)
+    storage = torch.randn(3, 1, 70, generator=g)
+    x = storage[..., 3:67]  # rows 70 floats apart: not contiguous
+    weight = torch.randn(45, 64, generator=g)
+    bias = torch.randn(45, generator=g)
+    y = decode_linear(x, weight, bias, backend="cpp")
+    assert y.shape == (3, 1, 45)
+    _assert_close(y, x, weight, bias)
+    xt = torch.randn(64, 4, generator=g).t()  # last dim strided: copied to rows first
+    _assert_close(decode_linear(xt, weight, backend="cpp"), xt, weight)
+
+
+@needs_cpp
+def test_threads_split_the_output_rows():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 257, generator=g)
+    weight = torch.randn(1031, 257, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = decode_linear(x, weight, backend="cpp")
+        torch.set_num_threads(1)
+        one = decode_linear(x, weight, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each output is summed by one thread in a fixed order
+    _assert_close(one, x, weight)
+
+
+def test_auto_falls_back_to_torch_where_the_kernel_cannot_run():
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 8, generator=g)
+    many = torch.randn(MAX_ROWS + 1, 8, generator=g)
+    torch.testing.assert_close(decode_linear(many, weight), F.linear(many, weight))
+    half = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    assert torch.equal(decode_linear(half, weight.double()), F.linear(half, weight.double()))
+    x = torch.randn(2, 8, generator=g, requires_grad=True)
+    decode_linear(x, weight).sum().backward()  # autograd: F.linear's backward
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(2, 8))
+    assert torch.equal(decode_linear(x.detach(), weight.t().contiguous().t()), F.linear(x.detach(), weight))
+
+
+@needs_cpp
+def test_cpp_backend_says_why_it_cannot_run():
+    weight = torch.randn(6, 8)
+    with pytest.raises(RuntimeError, match="at most 16"):
+        decode_linear(torch.randn(MAX_ROWS + 1, 8), weight, backend="cpp")
+    with pytest.raises(RuntimeError, match="float32"):
+        decode_linear(torch.randn(2, 8, dtype=torch.float64), weight.double(), backend="cpp")
+    with pytest.raises(RuntimeError, match="autograd"):
+        decode_linear(torch.randn(2, 8, requires_grad=True), weight, backend="cpp")
+
+
+def test_bad_arguments_name_the_argument():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"weight must have shape \[N, D = 8\]"):
+        decode_linear(x, torch.randn(6, 7))
+    with pytest.raises(TypeError, match="weight must have x's dtype"):
+        decode_linear(x, torch.randn(6, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"bias must have shape \[N = 6\]"):
+        decode_linear(x, torch.randn(6, 8), torch.randn(5))
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        decode_linear(torch.ones(2, 8, dtype=torch.long), torch.randn(6, 8))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        decode_linear(x, torch.randn(6, 8), backend="cuda")
+
+
+@needs_cpp
+def test_the_op_checks_its_arguments_itself():
+    op = torch.ops.mmdkernels.small_batch_linear
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        op(torch.randn(2, 8), torch.randn(6, 9))
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        op(torch.randn(2, 8), torch.randn(8, 6).t())
+    with pytest.raises(RuntimeError, match="x must have at most 16 rows"):
+        op(torch.randn(17, 8), torch.randn(6, 8))
+
+
+@needs_cpp
+def test_compiles_without_graph_breaks():
+    weight = torch.randn(12, 16)
+    x = torch.randn(3, 16)
+    compiled = torch.compile(lambda x: torch.relu(mmdkernels.decode_linear(x, weight)), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), torch.relu(F.linear(x, weight)))
