@@ -45,9 +45,9 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def(
       "sample_tokens(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, float cfg_coef, "
       "bool use_cfg) -> Tensor");
-  // Few-row linear layer of a decode step (CPU only; spec: torch.nn.functional.linear without bias): x float32 [M, D]
-  // (M <= 16, unit stride in D), weight float32 [N, D] contiguous -> float32 [M, N].
-  m.def("small_batch_linear(Tensor x, Tensor weight) -> Tensor");
+  // Few-row linear layer of a decode step (CPU only; spec: F.linear, then F.gelu when gelu): x float32 [M, D]
+  // (M <= 16, unit stride in D), weight float32 [N, D] contiguous, bias float32 [N] or None -> float32 [M, N].
+  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
 }

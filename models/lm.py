@@ -115,6 +115,9 @@ class KVCache:
     cross_k: torch.Tensor  # [L, B, H, Tc, Dh]
     cross_v: torch.Tensor  # [L, B, H, Tc, Dh]
     cross_mask: torch.Tensor  # bool [B, 1, 1, Tc]
+    # int64 [B]: the condition's lengths when its mask is a prefix (True then False), so that a decode step's
+    # cross-attention can go through decode_attention; None for other masks (then SDPA with the mask)
+    cross_lengths: torch.Tensor | None = None
 
 
 class Linear(nn.Linear):
@@ -122,8 +125,9 @@ class Linear(nn.Linear):
     mmdkernels.decode_linear, which streams the weights once instead of packing them for a GEMM; training and
     larger batches take F.linear as before."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """x [..., in] -> activation(x W^T + b) [..., out]; activation None or "gelu" (fused in the decode kernel)."""
+        return decode_linear(x, self.weight, self.bias, activation=activation)
 
 
 class SelfAttention(nn.Module):
@@ -173,11 +177,15 @@ class CrossAttention(nn.Module):
         k, v = self.kv(condition).view(batch, length, 2, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x, k, v, mask) -> torch.Tensor:
-        """x [B, S, D], k/v [B, H, Tc, Dh], mask bool [B, 1, 1, Tc] -> [B, S, D]."""
+    def forward(self, x, k, v, mask, lengths=None, attention="auto") -> torch.Tensor:
+        """x [B, S, D], k/v [B, H, Tc, Dh], mask bool [B, 1, 1, Tc] -> [B, S, D]. lengths: int64 [B] when the mask
+        is a prefix mask (a decode step then attends with decode_attention, the way the self-attention does)."""
         batch, steps, dim = x.shape
         q = self.q(x).view(batch, steps, self.num_heads, dim // self.num_heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if steps == 1 and lengths is not None and _attention_backend(attention) == "mmdkernels":
+            y = mmdkernels.decode_attention(q[:, :, 0], k, v, lengths)[:, :, None]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(batch, steps, dim))
 
 
@@ -200,8 +208,8 @@ class DecoderLayer(nn.Module):
         """x [B, S, D]; cross = (k, v, mask) of this layer; cache = (k, v) views of this layer or None."""
         cache_k, cache_v = cache if cache is not None else (None, None)
         x = x + self._drop(self.self_attn(self.self_norm(x), cache_k, cache_v, start, attention))
-        x = x + self._drop(self.cross_attn(self.cross_norm(x), *cross))
-        return x + self._drop(self.fc2(F.gelu(self.fc1(self.mlp_norm(x)))))
+        x = x + self._drop(self.cross_attn(self.cross_norm(x), *cross, attention=attention))
+        return x + self._drop(self.fc2(self.fc1(self.mlp_norm(x), activation="gelu")))
 
 
 class MusicLM(nn.Module):
@@ -249,12 +257,15 @@ class MusicLM(nn.Module):
         batch = condition.embeddings.shape[0]
         shape = (cfg.num_layers, batch, cfg.num_heads, max_steps, cfg.dim // cfg.num_heads)
         cross = self._cross(condition)
+        lengths = condition.mask.sum(-1)
+        prefix = torch.arange(condition.mask.shape[-1], device=lengths.device)[None] < lengths[:, None]
         return KVCache(
             self_k=self.heads.new_zeros(shape),
             self_v=self.heads.new_zeros(shape),
             cross_k=torch.stack([k for k, _, _ in cross]),
             cross_v=torch.stack([v for _, v, _ in cross]),
             cross_mask=cross[0][2],
+            cross_lengths=lengths if bool(torch.equal(prefix, condition.mask)) and bool(lengths.min() > 0) else None,
         )
 
     def _embed(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -314,7 +325,10 @@ class MusicLM(nn.Module):
         if cache is None:
             cross = self._cross(condition)
         else:
-            cross = [(cache.cross_k[i], cache.cross_v[i], cache.cross_mask) for i in range(len(self.layers))]
+            cross = [
+                (cache.cross_k[i], cache.cross_v[i], cache.cross_mask, cache.cross_lengths)
+                for i in range(len(self.layers))
+            ]
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.self_k[i], cache.self_v[i]) if cache is not None else None
             x = layer(x, cross[i], layer_cache, start, attention)

@@ -13,15 +13,20 @@ from mmdkernels.linear import MAX_ROWS, decode_linear
 needs_cpp = pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
 
 
-def _reference(x, weight, bias=None):
-    return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+def _reference(x, weight, bias=None, activation=None):
+    y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return F.gelu(y) if activation == "gelu" else y
 
 
-def _assert_close(y, x, weight, bias=None):
-    """float32 rounding of a D-term sum: |error| <= 4 eps sqrt(D) * sum_k |x_k w_k| (+ a tiny floor)."""
-    expected = _reference(x, weight, bias)
-    scale = F.linear(x.double().abs(), weight.double().abs())
-    bound = 4 * torch.finfo(torch.float32).eps * max(1.0, x.shape[-1] ** 0.5) * scale + 1e-30
+def _assert_close(y, x, weight, bias=None, activation=None):
+    """float32 rounding of a D-term sum: |error| <= 4 eps sqrt(D) * (sum_k |x_k w_k| + |b|) (+ a tiny floor); the
+    GELU's slope is at most 1.13 and its own rounding a few eps of the value."""
+    eps = torch.finfo(torch.float32).eps
+    expected = _reference(x, weight, bias, activation)
+    scale = F.linear(x.double().abs(), weight.double().abs(), None if bias is None else bias.double().abs())
+    bound = 4 * eps * max(1.0, x.shape[-1] ** 0.5) * scale + 1e-30
+    if activation == "gelu":
+        bound = 1.13 * bound + 4 * eps * expected.abs() + 1e-7
     assert y.shape == expected.shape and y.dtype == x.dtype
     assert bool(((y.double() - expected).abs() <= bound).all()), float((y.double() - expected).abs().max())
 
@@ -35,6 +40,20 @@ def test_kernel_matches_float64(rows, dim, out):
     weight = torch.randn(out, dim, generator=g)
     y = decode_linear(x, weight, backend="cpp")
     _assert_close(y, x, weight)
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bias_and_gelu_epilogue(rows, with_bias):
+    g = torch.Generator().manual_seed(rows + 7 * with_bias)
+    x = torch.randn(rows, 96, generator=g)
+    weight = torch.randn(77, 96, generator=g) / 8
+    bias = torch.randn(77, generator=g) if with_bias else None
+    for activation in (None, "gelu"):
+        y = decode_linear(x, weight, bias, activation=activation, backend="cpp")
+        _assert_close(y, x, weight, bias, activation)
+        torch.testing.assert_close(y, decode_linear(x, weight, bias, activation=activation, backend="torch"))
 
 
 @needs_cpp
@@ -104,23 +123,32 @@ def test_bad_arguments_name_the_argument():
         decode_linear(torch.ones(2, 8, dtype=torch.long), torch.randn(6, 8))
     with pytest.raises(ValueError, match="backend must be one of"):
         decode_linear(x, torch.randn(6, 8), backend="cuda")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        decode_linear(x, torch.randn(6, 8), activation="relu")
+    with pytest.raises(TypeError, match="bias must have x's dtype"):
+        decode_linear(x, torch.randn(6, 8), torch.randn(6, dtype=torch.float64))
 
 
 @needs_cpp
 def test_the_op_checks_its_arguments_itself():
     op = torch.ops.mmdkernels.small_batch_linear
     with pytest.raises(RuntimeError, match="weight must have shape"):
-        op(torch.randn(2, 8), torch.randn(6, 9))
+        op(torch.randn(2, 8), torch.randn(6, 9), None, False)
     with pytest.raises(RuntimeError, match="weight must be contiguous"):
-        op(torch.randn(2, 8), torch.randn(8, 6).t())
+        op(torch.randn(2, 8), torch.randn(8, 6).t(), None, False)
     with pytest.raises(RuntimeError, match="x must have at most 16 rows"):
-        op(torch.randn(17, 8), torch.randn(6, 8))
+        op(torch.randn(17, 8), torch.randn(6, 8), None, False)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        op(torch.randn(2, 8), torch.randn(6, 8), torch.randn(5), False)
 
 
 @needs_cpp
 def test_compiles_without_graph_breaks():
     weight = torch.randn(12, 16)
     x = torch.randn(3, 16)
-    compiled = torch.compile(lambda x: torch.relu(mmdkernels.decode_linear(x, weight)), fullgraph=True)
+    bias = torch.randn(12)
+    compiled = torch.compile(
+        lambda x: torch.relu(mmdkernels.decode_linear(x, weight, bias, activation="gelu")), fullgraph=True
+    )
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), torch.relu(F.linear(x, weight)))
+        torch.testing.assert_close(compiled(x), torch.relu(F.gelu(F.linear(x, weight, bias))))

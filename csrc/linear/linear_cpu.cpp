@@ -1,4 +1,5 @@
-// Few-row linear layer on the CPU: y [M, N] = x [M, D] @ weight [N, D]^T for the M <= 16 rows of one decode step.
+// Few-row linear layer on the CPU: y [M, N] = act(x [M, D] @ weight [N, D]^T + bias) for the M <= 16 rows of one
+// decode step (act: identity or the exact GELU, fused so that the MLP's activation costs no extra pass).
 //
 // At decode time a step multiplies a handful of rows by every weight matrix of the model once, so it is bound by
 // how fast the weights stream from memory. A general GEMM packs the weight panel first (one extra read and write of
@@ -13,6 +14,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <optional>
 #include <utility>
 
 #include "common/checks.h"
@@ -37,10 +40,20 @@ static inline float lane_sum(Vec v) {
   return total;
 }
 
-// Output columns [n_begin, n_end) of y for the M rows of x. ldx = ldy: row strides of x and y; weight rows are D apart.
+// The epilogue of one output: + bias, then the exact (erf) GELU when asked, as torch.nn.functional.gelu.
+struct Epilogue {
+  const float* bias;  // [N] or nullptr
+  bool gelu;
+  inline float operator()(float value, int64_t n) const {
+    if (bias != nullptr) value += bias[n];
+    return gelu ? 0.5f * value * (1.f + std::erf(value * static_cast<float>(M_SQRT1_2))) : value;
+  }
+};
+
+// Output columns [n_begin, n_end) of y for the M rows of x. ldx, ldy: row strides of x and y; weight rows are D apart.
 template <int M>
 static void rows_block(const float* x, int64_t ldx, const float* weight, int64_t dim, float* y, int64_t ldy,
-                       int64_t n_begin, int64_t n_end) {
+                       int64_t n_begin, int64_t n_end, Epilogue epilogue) {
   constexpr int R = block_rows(M);
   const int64_t full = dim - dim % kLanes;
   int64_t n = n_begin;
@@ -69,7 +82,7 @@ static void rows_block(const float* x, int64_t ldx, const float* weight, int64_t
       for (int r = 0; r < R; ++r) {
         float total = lane_sum(acc[m][r]);
         for (int64_t k = full; k < dim; ++k) total += x[m * ldx + k] * w[r * dim + k];
-        y[m * ldy + n + r] = total;
+        y[m * ldy + n + r] = epilogue(total, n + r);
       }
     }
   }
@@ -81,19 +94,21 @@ static void rows_block(const float* x, int64_t ldx, const float* weight, int64_t
                                                         *reinterpret_cast<const Vec*>(w + k);
       float total = lane_sum(acc);
       for (int64_t k = full; k < dim; ++k) total += x[m * ldx + k] * w[k];
-      y[m * ldy + n] = total;
+      y[m * ldy + n] = epilogue(total, n);
     }
   }
 }
 
-using RowsBlockFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+using RowsBlockFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t,
+                             Epilogue);
 
 template <int... Ms>
 static constexpr auto make_table(std::integer_sequence<int, Ms...>) {
   return std::array<RowsBlockFn, sizeof...(Ms)>{&rows_block<Ms + 1>...};
 }
 
-at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  bool gelu) {
   MMD_CHECK_DIM(x, 2);
   MMD_CHECK_DIM(weight, 2);
   MMD_CHECK_DTYPE(x, at::kFloat);
@@ -104,6 +119,15 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight)
   const int64_t rows = x.size(0), dim = x.size(1), out_features = weight.size(0);
   TORCH_CHECK(rows <= kMaxRows, "x must have at most ", kMaxRows, " rows (a decode step), got shape ", x.sizes());
   TORCH_CHECK(weight.size(1) == dim, "weight must have shape (N, D = ", dim, ") to match x, got ", weight.sizes());
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    MMD_CHECK_DTYPE(*bias, at::kFloat);
+    MMD_CHECK_DEVICE(*bias, x.device());
+    MMD_CHECK_CONTIGUOUS(*bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must have shape (N = ", out_features,
+                "), got ", bias->sizes());
+    bias_ptr = bias->data_ptr<float>();
+  }
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (rows == 0 || out_features == 0) return y;
   static constexpr auto table = make_table(std::make_integer_sequence<int, kMaxRows>{});
@@ -117,7 +141,7 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight)
   const int64_t groups = (out_features + 7) / 8;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    block(xp, ldx, wp, dim, yp, out_features, begin * 8, std::min(end * 8, out_features));
+    block(xp, ldx, wp, dim, yp, out_features, begin * 8, std::min(end * 8, out_features), Epilogue{bias_ptr, gelu});
   });
   return y;
 }
