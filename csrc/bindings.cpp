@@ -48,6 +48,14 @@ TORCH_LIBRARY(mmdkernels, m) {
   // Few-row linear layer of a decode step (CPU only; spec: F.linear, then F.gelu when gelu): x float32 [M, D]
   // (M <= 16, unit stride in D), weight float32 [N, D] contiguous, bias float32 [N] or None -> float32 [M, N].
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
+  // One KV-cached decode step through every layer of models/lm.py's decoder (CPU; spec: the Python layers' decode
+  // path). x float32 [B, D] (the step's embeddings, B <= 16); weights: 12 tensors per layer (self_norm weight, bias,
+  // qkv, self out, cross_norm weight, bias, cross q, cross out, mlp_norm weight, bias, fc1, fc2); self_k/self_v
+  // [L, B, H, S_max, Dh] written at `step`; cross_k/cross_v [L, B, H, Tc, Dh]; cross_lengths int64 [B].
+  // Returns the residual stream after the last layer, float32 [B, D].
+  m.def(
+      "lm_decode_layers(Tensor x, Tensor[] weights, Tensor(a!) self_k, Tensor(b!) self_v, Tensor cross_k, "
+      "Tensor cross_v, Tensor cross_lengths, int step, int num_heads, float eps) -> Tensor");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
 }

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmdkernels
-from mmdkernels.linear import decode_linear
+from mmdkernels import _ext
+from mmdkernels.linear import MAX_ROWS, decode_linear
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
 from models.text_encoder import Condition, TextEncoder
 
@@ -212,6 +213,22 @@ class DecoderLayer(nn.Module):
         return x + self._drop(self.fc2(self.fc1(self.mlp_norm(x), activation="gelu")))
 
 
+def decode_layer_weights(layers) -> list[torch.Tensor]:
+    """The per-layer tensors mmdkernels::lm_decode_layers takes, in its order (csrc/decode/decode_layers_cpu.cpp)."""
+    weights = []
+    for layer in layers:
+        weights += [
+            layer.self_norm.weight,
+            layer.self_norm.bias,
+            layer.self_attn.qkv.weight,
+            layer.self_attn.out.weight,
+        ]
+        weights += [layer.cross_norm.weight, layer.cross_norm.bias, layer.cross_attn.q.weight]
+        weights += [layer.cross_attn.out.weight, layer.mlp_norm.weight, layer.mlp_norm.bias]
+        weights += [layer.fc1.weight, layer.fc2.weight]
+    return weights
+
+
 class MusicLM(nn.Module):
     """The LM. forward(inputs [B, R, S], condition) -> logits [B, R, S, C] (teacher forcing or prefill);
     decode_step(tokens [B, R], step, cache) -> logits [B, R, C] (one KV-cached step)."""
@@ -231,6 +248,9 @@ class MusicLM(nn.Module):
         self.heads = nn.Parameter(torch.empty(k, c, d))  # [K, C, D]: one output head per codebook
         self.apply(self._init_weights)
         nn.init.normal_(self.heads, std=config.init_std)
+        # CPU decode steps through one C++ call for all layers (mmdkernels::lm_decode_layers) where it can run;
+        # False keeps the Python layers (the spec it is tested against)
+        self.fused_decode = True
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -320,8 +340,40 @@ class MusicLM(nn.Module):
         single = None if isinstance(step, torch.Tensor) else step
         return self._run(tokens[:, :, None], positions, None, cache, step, attention, single)[:, :, 0]
 
+    def _fused_decode_runs(self, x: torch.Tensor, cache: KVCache | None, step, attention: str) -> bool:
+        """Whether this step can go through mmdkernels::lm_decode_layers: an int step of a float32 CPU model in
+        inference with at most 16 rows, mmdkernels attention and a prefix-masked condition."""
+        return (
+            self.fused_decode
+            and isinstance(step, int)
+            and cache is not None
+            and cache.cross_lengths is not None
+            and x.shape[1] == 1
+            and x.shape[0] <= MAX_ROWS
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not self.training
+            and not (torch.is_grad_enabled() and self.heads.requires_grad)
+            and _attention_backend(attention) == "mmdkernels"
+            and _ext.available("cpu")
+        )
+
     def _run(self, inputs, positions, condition, cache, start, attention, step):
         x = self._embed(inputs, positions)
+        if self._fused_decode_runs(x, cache, step, attention):
+            x = torch.ops.mmdkernels.lm_decode_layers(
+                x[:, 0],
+                decode_layer_weights(self.layers),
+                cache.self_k,
+                cache.self_v,
+                cache.cross_k,
+                cache.cross_v,
+                cache.cross_lengths,
+                step,
+                self.config.num_heads,
+                self.layers[0].self_norm.eps,
+            )[:, None]
+            return self._logits(self.final_norm(x), positions, step)
         if cache is None:
             cross = self._cross(condition)
         else:

@@ -6,8 +6,19 @@ import math
 import pytest
 import torch
 
+from mmdkernels import _ext
 from mmdkernels.patterns import PATTERNS
-from models.lm import LMConfig, MusicLM, code_log_likelihoods, lm_loss, load_hf_musicgen, nll_per_frame, teacher_forcing
+from models.lm import (
+    LMConfig,
+    MusicLM,
+    code_log_likelihoods,
+    decode_layer_weights,
+    lm_loss,
+    load_hf_musicgen,
+    nll_per_frame,
+    teacher_forcing,
+)
+from models.text_encoder import Condition
 
 ATOL_FLOAT64 = 1e-10
 
@@ -191,3 +202,63 @@ def test_bad_codes_raise(seeded):
         nll_per_frame(model, torch.zeros(2, 3, 5, dtype=torch.long), pattern="flatten")
     with pytest.raises(ValueError, match="conditions must hold B = 2"):
         nll_per_frame(model, torch.zeros(2, 3, 5, dtype=torch.long), ["a"])
+
+
+@pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_cpu_decode_step_equals_the_python_layers(pattern, batch, seeded):
+    """mmdkernels::lm_decode_layers (all layers in one C++ call) against the Python layers and the full forward."""
+    model = tiny_model(pattern, dtype=torch.float32)
+    codes = torch.randint(0, 17, (batch, 3, 7), generator=seeded)
+    inputs, _, _ = teacher_forcing(codes, pattern, model.config.special)
+    condition = model.encode_condition(["a prompt", None, "another, longer prompt"][:batch])
+    with torch.no_grad():
+        full = model(inputs, condition)
+        runs = {}
+        for fused in (True, False):
+            model.fused_decode = fused
+            cache = model.new_cache(condition, inputs.shape[2] + 2)
+            x = model._embed(inputs[:, :, :1], torch.tensor([0]))
+            assert model._fused_decode_runs(x, cache, 0, "auto") == fused
+            runs[fused] = torch.stack([model.decode_step(inputs[:, :, s], s, cache) for s in range(inputs.shape[2])], 2)
+            runs[fused, "cache"] = cache.self_k.clone()
+    torch.testing.assert_close(runs[True], runs[False], atol=1e-6, rtol=0)
+    torch.testing.assert_close(runs[True, "cache"], runs[False, "cache"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(runs[True], full, atol=2e-5, rtol=0)
+
+
+@pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
+def test_fused_decode_only_where_it_can_run(seeded):
+    model = tiny_model("delay", dtype=torch.float32)
+    condition = model.encode_condition(["a prompt", None])
+    x = torch.zeros(2, 1, 32)
+    with torch.no_grad():
+        cache = model.new_cache(condition, 4)
+        assert model._fused_decode_runs(x, cache, 0, "auto")
+        assert not model._fused_decode_runs(x, cache, torch.tensor([0]), "auto")  # CUDA-graph steps: fixed shapes
+        assert not model._fused_decode_runs(x, cache, 0, "sdpa")
+        assert not model._fused_decode_runs(x.double(), cache, 0, "auto")
+        assert not model._fused_decode_runs(torch.zeros(17, 1, 32), cache, 0, "auto")
+        holes = Condition(condition.embeddings, torch.tensor([[True, False, True], [True, True, True]]))
+        assert model.new_cache(holes, 4).cross_lengths is None  # not a prefix mask: SDPA with the mask
+    assert not model._fused_decode_runs(x, cache, 0, "auto")  # autograd recording
+
+
+@pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
+def test_fused_decode_op_checks_its_arguments():
+    model = tiny_model("delay", dtype=torch.float32)
+    condition = model.encode_condition(["a prompt"])
+    cache = model.new_cache(condition, 4)
+    weights = decode_layer_weights(model.layers)
+    args = (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v, cache.cross_lengths)
+    op = torch.ops.mmdkernels.lm_decode_layers
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="weights must hold 12 tensors per layer"):
+            op(torch.zeros(1, 32), weights[:-1], *args, 0, 4, 1e-5)
+        with pytest.raises(RuntimeError, match=r"step must be in \[0, S_max = 4\)"):
+            op(torch.zeros(1, 32), weights, *args, 4, 4, 1e-5)
+        with pytest.raises(RuntimeError, match="caches must have shape"):
+            op(torch.zeros(2, 32), weights, *args, 0, 4, 1e-5)
+        with pytest.raises(RuntimeError, match="num_heads must divide"):
+            op(torch.zeros(1, 32), weights, *args, 0, 5, 1e-5)
