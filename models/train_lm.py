@@ -138,6 +138,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--condition-dropout", type=float, default=0.1)
     parser.add_argument("--valid-fraction", type=float, default=0.1)
@@ -163,6 +164,7 @@ def main(argv=None) -> dict:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        warmup=args.warmup,
         seed=args.seed,
         condition_dropout=args.condition_dropout,
         valid_codes=codes[valid] if num_valid else None,

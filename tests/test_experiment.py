@@ -26,7 +26,7 @@ def test_quick_run_writes_the_report(quick_run):
     text = (out / "report.md").read_text()
     assert "| measure | codec-lambda0 | codec-lambda0.1 |" in text
     rows = report.summary_rows(json.loads((out / "summary.json").read_text()))
-    assert len(rows) == 10
+    assert len(rows) == 12
     for measure, values in rows:
         assert len(values) == 2 and all(math.isfinite(v) for v in values), measure
     for generation in summary["generation"].values():

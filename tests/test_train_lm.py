@@ -1,12 +1,13 @@
 """LM training: the loss falls on learnable codes, runs are reproducible, the CLI trains on saved code files."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from models.lm import LMConfig
-from models.train_lm import load_code_windows, load_lm, main, train_lm
+from models.train_lm import learning_rate_factor, load_code_windows, load_lm, main, train_lm
 
 TINY = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64, text_dim=16, num_codebooks=2, codebook_size=8)
 
@@ -61,3 +62,11 @@ def test_bad_data_raise():
         train_lm(torch.zeros(4, 2, 3, dtype=torch.long), ["a"], steps=1, progress=False)
     with pytest.raises(ValueError, match="no window of 99 frames"):
         load_code_windows([], 99)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    factors = [learning_rate_factor(step, 100, 10) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0) and factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # cosine: non-increasing after the warm-up
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert [learning_rate_factor(step, 50, 0) for step in (0, 25)] == pytest.approx([1.0, 0.5])
