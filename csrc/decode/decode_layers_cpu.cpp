@@ -33,6 +33,10 @@ enum Weight : int64_t {
 };
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool gelu = false) {
+  if (x.size(0) == 1) {  // one row: torch's GEMV does not pack the weights and measured as fast (bench_linear.py)
+    const auto y = at::linear(x, weight);
+    return gelu ? at::gelu(y) : y;
+  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mmdkernels::small_batch_linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
