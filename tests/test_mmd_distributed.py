@@ -92,7 +92,10 @@ def _worker(rank: int, world_size: int, folder: str, cases: list) -> None:
         results.update(_failure_cases(rank))
     finally:
         torch.save(results, f"{folder}/rank{rank}.pt")
-        dist.destroy_process_group()
+        try:
+            dist.barrier()  # no rank tears its gloo connections down while another still uses them
+        finally:
+            dist.destroy_process_group()
 
 
 def _failure_cases(rank: int) -> dict:
