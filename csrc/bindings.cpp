@@ -60,6 +60,19 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
 }
 
-// A Python module named _C so that `import mmdkernels._C` loads the library and runs the registrations above.
-static struct PyModuleDef mmdkernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&mmdkernels_module); }
+// A Python module per CPU library, _C_<variant> (TORCH_EXTENSION_NAME, set by the build), so that importing it loads
+// the library and runs the registrations above; its `cpu_variant` attribute names the instruction set it was built for.
+#define MMDKERNELS_STR2(x) #x
+#define MMDKERNELS_STR(x) MMDKERNELS_STR2(x)
+#define MMDKERNELS_CAT2(a, b) a##b
+#define MMDKERNELS_CAT(a, b) MMDKERNELS_CAT2(a, b)
+static struct PyModuleDef mmdkernels_module = {
+    PyModuleDef_HEAD_INIT, MMDKERNELS_STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+PyMODINIT_FUNC MMDKERNELS_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* module = PyModule_Create(&mmdkernels_module);
+  if (module != nullptr && PyModule_AddStringConstant(module, "cpu_variant", MMDKERNELS_STR(MMDKERNELS_CPU_VARIANT)) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -7,6 +7,7 @@
 Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing compiled until an op runs.
 """
 
+from mmdkernels._ext import cpu_capability
 from mmdkernels.attention import decode_attention, decode_attention_ref
 from mmdkernels.linear import decode_linear
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
@@ -16,6 +17,7 @@ from mmdkernels.sampling import sample, sample_ref
 
 __version__ = "0.1.0"
 __all__ = [
+    "cpu_capability",
     "decode_linear",
     "mmd_loss",
     "mmd_loss_ref",

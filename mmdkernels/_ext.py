@@ -1,14 +1,22 @@
-"""Lazy loading of the compiled extensions; records why one could not load and warns once."""
+"""Lazy loading of the compiled extensions; records why one could not load and warns once.
+
+The C++ CPU kernels are built once per instruction set (mmdkernels._C_avx512, mmdkernels._C_avx2, see setup.py);
+the first CPU op loads the widest one this CPU supports, or the one MMDKERNELS_CPU_CAPABILITY names.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import os
 import warnings
 
 import torch
 
-_CPU_MODULE = "mmdkernels._C"
+_CPU_MODULE = "mmdkernels._C"  # the key of the CPU library in _loaded/_errors, whichever variant it is
+CPU_VARIANTS = ("native", "avx512", "avx2", "default")  # preference order; "native": MMDKERNELS_CPU_ARCH builds
+CAPABILITY_ENV = "MMDKERNELS_CPU_CAPABILITY"
 _CUDA_MODULE = "mmdkernels._C_cuda"
 REINSTALL_HINT = "rebuild with `pip install -e . --no-build-isolation` (see README)"
 
@@ -36,15 +44,56 @@ def _register_pending() -> None:
             _registered_on_load.add(name)
 
 
+def _cpu_supports(variant: str) -> bool:
+    """Whether this CPU executes the instructions the `variant` library was compiled for (setup.py's flag sets)."""
+    if variant in ("native", "default"):
+        return True
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    has_avx2 = all(caps.get(flag, False) for flag in ("avx2", "fma3", "f16c"))
+    if variant == "avx2":
+        return has_avx2
+    return has_avx2 and all(caps.get(flag, False) for flag in ("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq"))
+
+
+def built_cpu_variants() -> list[str]:
+    """The CPU libraries present in the installed package, in preference order."""
+    return [v for v in CPU_VARIANTS if importlib.util.find_spec(f"mmdkernels._C_{v}") is not None]
+
+
+@functools.cache
+def _cpu_module_choice() -> tuple[str | None, str]:
+    """(module to import, '') or (None, why none can be used)."""
+    built = built_cpu_variants()
+    forced = os.environ.get(CAPABILITY_ENV, "").strip().lower()
+    if forced:
+        if forced not in CPU_VARIANTS:
+            raise ValueError(f"{CAPABILITY_ENV}={forced!r}: expected one of {list(CPU_VARIANTS)}")
+        if forced not in built:
+            return None, f"{CAPABILITY_ENV}={forced} but that library is not built (built: {built}); {REINSTALL_HINT}"
+        if not _cpu_supports(forced):
+            return None, f"{CAPABILITY_ENV}={forced} but this CPU lacks its instructions"
+        return f"mmdkernels._C_{forced}", ""
+    for variant in built:
+        if _cpu_supports(variant):
+            return f"mmdkernels._C_{variant}", ""
+    if not built:
+        return None, f"no compiled CPU library in the package; {REINSTALL_HINT}"
+    return None, f"this CPU supports none of the built libraries {built} (x86-64 needs AVX2 + FMA)"
+
+
 def _load(name: str) -> object | None:
     if name in _loaded:
         return _loaded[name]
     if name in _errors:
         return None
+    target, why_not = _cpu_module_choice() if name == _CPU_MODULE else (name, "")
+    if target is None:
+        _errors[name] = why_not
+        return None
     try:
-        module = importlib.import_module(name)
+        module = importlib.import_module(target)
     except ImportError as error:  # not built, or built against another torch
-        _errors[name] = f"{name} could not be imported ({error}); {REINSTALL_HINT}"
+        _errors[name] = f"{target} could not be imported ({error}); {REINSTALL_HINT}"
         return None
     _loaded[name] = module
     if name == _CPU_MODULE:
@@ -55,6 +104,14 @@ def _load(name: str) -> object | None:
 def cpu_extension() -> object | None:
     """The op library with the C++ CPU kernels (defines every mmdkernels:: schema), or None."""
     return _load(_CPU_MODULE)
+
+
+def cpu_capability() -> str:
+    """The instruction set of the C++ CPU kernels in use: "avx512", "avx2", "native" (a -march build), "default"
+    (non-x86 builds), or "reference" when no compiled library loads (ops run the PyTorch reference).
+    MMDKERNELS_CPU_CAPABILITY=avx2 (set before the first op) forces the narrower library."""
+    module = cpu_extension()
+    return "reference" if module is None else module.cpu_variant
 
 
 def cuda_extension() -> object | None:

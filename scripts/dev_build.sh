@@ -10,10 +10,31 @@ flock 9
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2}
 lib=build/dev-lib
-.venv/bin/python setup.py -q build_ext --build-lib "$lib"
-for so in "$lib"/mmdkernels/*.so; do
-  name=$(basename "$so")
-  cp "$so" "mmdkernels/.$name.tmp"
-  mv -f "mmdkernels/.$name.tmp" "mmdkernels/$name"
+# up-to-date extensions are skipped and changed ones rebuilt by ninja object by object (setup.py), so a rerun on
+# unchanged sources takes seconds
+log=$(mktemp)
+status=0
+.venv/bin/python setup.py -q build_ext --build-lib "$lib" > "$log" 2>&1 || status=$?
+grep -v -E "^\[[0-9]+/[0-9]+\] |^\s*$|[Dd]eprecat|setuptools|!!|\*\*\*\*|^\s+(See|Please|By|Unless|Requirements)" "$log" || true
+rm -f "$log"
+[ "$status" = 0 ] || exit "$status"
+wanted=$(MMDKERNELS_PRINT_EXTENSIONS=1 .venv/bin/python setup.py 2>/dev/null)
+installed=""
+for module in $wanted; do
+  for so in "$lib"/mmdkernels/"$module".*.so; do
+    [ -f "$so" ] || continue
+    name=$(basename "$so")
+    if ! cmp -s "$so" "mmdkernels/$name"; then
+      cp "$so" "mmdkernels/.$name.tmp"
+      mv -f "mmdkernels/.$name.tmp" "mmdkernels/$name"
+    fi
+    installed="$installed $name"
+  done
 done
-echo "built: $(ls "$lib"/mmdkernels/*.so | xargs -n1 basename | tr '\n' ' ')"
+# libraries of another configuration (another variant set, an old single _C) would shadow or confuse the loader
+for so in mmdkernels/_C*.so; do
+  [ -f "$so" ] || continue
+  case "$(basename "$so")" in _C_cuda.*) continue ;; esac
+  case " $installed " in *" $(basename "$so") "*) ;; *) rm -f "$so" ;; esac
+done
+echo "built:$installed"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv with the pinned stack and builds mmdkernels in it (C++ CPU kernels always; CUDA kernels when nvcc
-# and a CUDA build of torch are present, GPU or not). Safe to rerun: dependencies install once, the build is
-# incremental. Usage: source-free, `bash scripts/setup_env.sh`; other scripts call it first.
+# Creates .venv with the pinned stack and builds mmdkernels in it (C++ CPU kernels always, one library per x86 ISA;
+# CUDA kernels when nvcc and a CUDA build of torch are present, GPU or not). Idempotent and quick on a rerun:
+# dependencies install once per requirements.txt, the package is installed (editable) once per pyproject.toml, and the
+# build is incremental (scripts/dev_build.sh: unchanged sources compile nothing). Other scripts call it first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,10 +15,13 @@ if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
   cp requirements.txt "$stamp"
 fi
 
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export CUDA_HOME=/usr/local/cuda
+# the editable install only links the package (no compiling); the extensions are built in place just below
+stamp=.venv/.mmdkernels-editable
+if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
+  MMDKERNELS_NO_EXTENSIONS=1 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . > .venv/.pip-e.log 2>&1 ||
+    { cat .venv/.pip-e.log; exit 1; }
+  cp pyproject.toml "$stamp"
 fi
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-2}
-.venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -E "^\s*$|DEPRECATION|setuptools|warnings.warn|_BetaConfiguration|cannot be found" || true
-.venv/bin/python -c "import mmdkernels, mmdkernels._ext as e; e.cpu_extension() or print('WARNING:', e.load_error('cpu'))"
+
+bash scripts/dev_build.sh
+.venv/bin/python -c "import mmdkernels, mmdkernels._ext as e; print('mmdkernels CPU kernels:', mmdkernels.cpu_capability()); e.cpu_extension() or print('WARNING:', e.load_error('cpu'))"
