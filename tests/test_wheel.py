@@ -2,13 +2,13 @@
 folder of its own and used from outside the checkout. CUDA is skipped for time; the CPU libraries are built."""
 
 import os
-import subprocess
 import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
+from subprocess_util import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,16 +66,10 @@ print("capability", capability)
 
 
 def _run(args, timeout=840, **kwargs):
-    """Runs a command in its own process group; kills the whole group on timeout."""
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, **kwargs)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        output, _ = process.communicate()
-        pytest.fail(f"{args[:3]} timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, f"{' '.join(map(str, args[:4]))} failed:\n{output[-5000:]}"
+    """Runs a command in its own process group (killed whole on timeout); fails the test on a non-zero exit."""
+    result = run([str(a) for a in args], timeout, **kwargs)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(map(str, args[:4]))} failed:\n{output[-5000:]}"
     return output
 
 
