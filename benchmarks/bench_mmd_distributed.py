@@ -86,14 +86,19 @@ def _worker(rank: int, folder: str) -> None:
 def run_world(folder) -> list[dict]:
     context = mp.start_processes(_worker, args=(str(folder),), nprocs=WORLD_SIZE, join=False, start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the benchmark world did not finish within {DEADLINE_S} s")
+    finally:  # the deadline, a rank's failure or an interrupted run (pytest-timeout): no rank outlives the world
+        for process in context.processes:
+            if process.is_alive():
                 process.kill()
-            pytest.fail(f"the benchmark world did not finish within {DEADLINE_S} s")
+            process.join(timeout=10)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
 
+@pytest.mark.timeout(DEADLINE_S + 120)  # the full size runs past pytest's default timeout
 def test_mmd_distributed_vs_single_process(benchmark, tmp_path):
     benchmark.group = f"mmd-distributed-N{N_GLOBAL}"
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS_PER_PROCESS))

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -41,6 +42,13 @@ PREFERRED_SOUNDFONTS = ("FluidR3_GM.sf2", "TimGM6mb.sf2")
 # earliest format here is kept: full scores before Humdrum, ABC tunes and chord-only analyses.
 FORMAT_PREFERENCE = (".mxl", ".musicxml", ".xml", ".krn", ".abc", ".rntxt")
 INDEX_FLUSH_EVERY = 20
+# The render cache's lock file. Its holder touches it after every piece; a run waiting for it gives up (TimeoutError)
+# after LOCK_TIMEOUT_ENV seconds (default DEFAULT_LOCK_TIMEOUT_S) without that sign of progress, so a hung render
+# fails the runs behind it instead of stalling them, while a long but progressing render (--full: 400 pieces) does not.
+LOCK_FILE_NAME = ".lock"
+LOCK_TIMEOUT_ENV = "MMDKERNELS_RENDER_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+LOCK_POLL_S = 0.1
 
 
 class Note(NamedTuple):
@@ -502,6 +510,10 @@ def render_corpus(
 
     Returns:
         Paths of the mono 16-bit WAV files, in the seeded order; fewer than ``num_pieces`` only if the corpus runs out.
+
+    Raises:
+        TimeoutError: another process rendering into the same folder holds its lock and has made no progress for
+            ``$MMDKERNELS_RENDER_LOCK_TIMEOUT`` seconds (default 600).
     """
     if num_pieces <= 0:
         raise ValueError(f"num_pieces must be positive, got {num_pieces}")
@@ -513,14 +525,52 @@ def render_corpus(
     out_dir = Path(cache_dir) / f"{renderer}-{sample_rate}"
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / "index.json"
-    with _exclusive_lock(out_dir / ".lock"):  # concurrent runs (a sweep) render each piece once, in turn
+    with _exclusive_lock(out_dir / LOCK_FILE_NAME):  # concurrent runs (a sweep) render each piece once, in turn
         return _render_locked(out_dir, index_path, num_pieces, seconds_per_piece, sample_rate, renderer, seed, progress)
+
+
+def _lock_timeout_s() -> float:
+    value = os.environ.get(LOCK_TIMEOUT_ENV)
+    if value is None:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        timeout_s = float(value)
+    except ValueError:
+        timeout_s = math.nan
+    if not timeout_s > 0:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return timeout_s
+
+
+def _try_lock(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
 def _exclusive_lock(lock_path: Path):
+    """Holds an exclusive flock on `lock_path`, waiting while its holder makes progress (touches the file).
+
+    Raises TimeoutError after $MMDKERNELS_RENDER_LOCK_TIMEOUT seconds (default 600) in which the file's modification
+    time did not change. The kernel drops a flock when its holder exits, so a lock that stays held belongs to a live
+    process: a hung render.
+    """
+    timeout_s = _lock_timeout_s()
     with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        last_progress, deadline = None, 0.0
+        while not _try_lock(handle):
+            progress = os.fstat(handle.fileno()).st_mtime_ns
+            if progress != last_progress:
+                last_progress, deadline = progress, time.monotonic() + timeout_s
+            elif time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the render cache lock {lock_path} is held by another process that has made no progress for "
+                    f"{timeout_s:g} s (a hung render?): stop that process, or set {LOCK_TIMEOUT_ENV} to wait longer"
+                )
+            time.sleep(LOCK_POLL_S)
         try:
             yield
         finally:
@@ -545,6 +595,7 @@ def _render_locked(
                 if len(wav_paths) == num_pieces:
                     break
                 wav_path = _render_into_cache(path, out_dir, index, renderer, sample_rate, seconds_per_piece)
+                os.utime(out_dir / LOCK_FILE_NAME)  # progress: runs waiting for the lock keep waiting
                 if wav_path is not None:
                     wav_paths.append(wav_path)
                     bar.update(1)

@@ -1,18 +1,25 @@
 """Real-music data pipeline: corpus parsing, the built-in synthesiser, the render cache, clips and the split."""
 
+import contextlib
 import json
+import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import soundfile
 import torch
+from subprocess_util import running
 
 from models import data
 
 SR = 32000
 CHORALE = "bach/bwv66.6"
+POOL_TIMEOUT_S = 120  # two spawned processes import torch and render 2 s of audio: 25 s on 2 cores at load 9
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +165,68 @@ def _render_one_second(cache):
 
 def test_render_corpus_concurrent_runs_agree(tmp_path):
     """Two processes rendering into one cache (a sweep started side by side) get the same files, none skipped."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        first, second = pool.map(_render_one_second, [tmp_path, tmp_path])
+    with multiprocessing.get_context("spawn").Pool(2) as pool:  # leaving the block terminates the workers
+        try:
+            first, second = pool.map_async(_render_one_second, [tmp_path, tmp_path]).get(timeout=POOL_TIMEOUT_S)
+        except multiprocessing.TimeoutError:
+            pytest.fail(f"the two rendering processes did not finish within {POOL_TIMEOUT_S} s: a worker hung")
     assert first == second and len(first) == 2
     assert not list((tmp_path / f"builtin-{SR}").glob("*.partial"))
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+lock_path, progress_s = sys.argv[1], float(sys.argv[2])
+handle = open(lock_path, "a")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("locked", flush=True)
+start = time.monotonic()
+while time.monotonic() - start < progress_s:  # touches the lock as a renderer does after each piece
+    time.sleep(0.1)
+    os.utime(lock_path)
+if progress_s == 0:
+    time.sleep(600)  # hung, holding the lock
+"""
+
+
+@contextlib.contextmanager
+def render_lock_held_elsewhere(cache, progress_s: float):
+    """Another process holds the render-cache lock: it shows progress for `progress_s` and exits, or with 0 it hangs
+    holding the lock until the with-block ends (and kills it with its process group). Yields the lock's path."""
+    lock = cache / f"builtin-{SR}" / data.LOCK_FILE_NAME
+    lock.parent.mkdir(parents=True)
+    command = [sys.executable, "-c", HOLD_LOCK, str(lock), str(progress_s)]
+    with running(command, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline() == "locked\n"
+        yield lock
+
+
+def test_render_lock_held_by_a_hung_process_times_out(chorale_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
+    monkeypatch.setenv(data.LOCK_TIMEOUT_ENV, "0.5")
+    with render_lock_held_elsewhere(tmp_path, progress_s=0) as lock:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=re.escape(str(lock))):
+            data.render_corpus(tmp_path, 1, seconds_per_piece=1.0, renderer="builtin", progress=False)
+        assert time.monotonic() - start < 5.0
+    # the holder is gone with its group: the lock is free again
+    assert len(data.render_corpus(tmp_path, 1, seconds_per_piece=1.0, renderer="builtin", progress=False)) == 1
+
+
+def test_render_lock_waits_while_its_holder_makes_progress(chorale_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
+    monkeypatch.setenv(data.LOCK_TIMEOUT_ENV, "1")
+    with render_lock_held_elsewhere(tmp_path, progress_s=3.0):
+        start = time.monotonic()
+        paths = data.render_corpus(tmp_path, 1, seconds_per_piece=1.0, renderer="builtin", progress=False)
+        assert len(paths) == 1 and time.monotonic() - start > 2.0  # waited past its 1 s timeout: the holder progressed
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_render_lock_timeout_must_be_positive(tmp_path, monkeypatch, value):
+    monkeypatch.setenv(data.LOCK_TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=data.LOCK_TIMEOUT_ENV):
+        data.render_corpus(tmp_path, 1, renderer="builtin", progress=False)
 
 
 def test_render_corpus_rejects_bad_arguments(tmp_path):

@@ -4,12 +4,14 @@ concatenated batch.
 Each world is spawned once (process start-up dominates) and runs every case; the tests then compare its saved
 results. Tolerances: loss and gradient within the float64-reference rule of tests/mmd_cases.py, and within float32
 summation-order error (loss 1e-6 relative, gradient 2e-5 of max |grad|) of the single-process fused loss on the same
-concatenated batch and permutations. Every world runs under a deadline, so no test can hang.
+concatenated batch and permutations. Every world runs under one deadline: its collectives wait as long as the world
+may run, a rank still running then prints its stack and the parent kills it, so no test can hang or leave a process.
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import math
 import os
 import time
@@ -20,12 +22,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from mmd_cases import GRAD_FLOOR_CPU, GRAD_FLOOR_GPU, LOSS_FLOOR, LOSS_RTOL, RULE_FACTOR, make_input
+from subprocess_util import stop_processes
 
 import mmdkernels
 from mmdkernels.mmd import reference as ref
 from mmdkernels.mmd.distributed import row_share
 
-WORLD_DEADLINE_S = 120.0
+WORLD_DEADLINE_S = 120.0  # spawn to exit, per world: 10-30 s on 2 busy cores
+STACK_DUMP_S = WORLD_DEADLINE_S - 10  # a rank still running then prints where it is (pytest shows its stderr)
+# The first test's setup runs both worlds (pytest-timeout counts fixture setup).
+pytestmark = pytest.mark.timeout(2 * WORLD_DEADLINE_S + 120)
 SEED = 11
 K, D, T = 3, 4, 10
 
@@ -63,13 +69,17 @@ def _device(backend: str) -> str:
 
 
 def _worker(rank: int, world_size: int, folder: str, cases: list) -> None:
+    faulthandler.enable()  # a crash prints the rank's stack
+    faulthandler.dump_traceback_later(STACK_DUMP_S, exit=False)
     torch.set_num_threads(1)
+    # Collectives may wait as long as the world may run: a shorter gloo timeout only turns a slow moment on a busy
+    # machine into an error on one rank, after which that rank's collectives no longer pair with its peers'.
     dist.init_process_group(
         "gloo",
         init_method=f"file://{folder}/store",
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=30),
+        timeout=datetime.timedelta(seconds=WORLD_DEADLINE_S),
     )
     results = {}
     try:
@@ -132,21 +142,27 @@ def _run_world(world_size: int, cases: list, folder) -> list[dict]:
         _worker, args=(world_size, str(folder), cases), nprocs=world_size, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + WORLD_DEADLINE_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {world_size}-process world did not finish within {WORLD_DEADLINE_S} s")
+    try:  # a rank that raised or died raises here (torch names it); the rest are killed
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                running = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+                pytest.fail(
+                    f"the {world_size}-process world did not finish within {WORLD_DEADLINE_S} s: ranks {running} "
+                    f"were still running (their stacks are in the captured stderr)"
+                )
+    finally:  # the deadline, a rank's failure or an interrupted test (pytest-timeout): no rank outlives the fixture
+        stop_processes(context.processes)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return {
-        size: (cases, _run_world(size, cases, tmp_path_factory.mktemp(f"world{size}")))
-        for size, cases in ((2, CASES_2), (3, CASES_3))
-    }
+    with pytest.MonkeyPatch.context() as env:  # the ranks inherit it; the rest of the session does not
+        env.setenv("OMP_NUM_THREADS", "1")
+        return {
+            size: (cases, _run_world(size, cases, tmp_path_factory.mktemp(f"world{size}")))
+            for size, cases in ((2, CASES_2), (3, CASES_3))
+        }
 
 
 def _single_process(case, case_index: int, backend: str | None, dtype: torch.dtype):

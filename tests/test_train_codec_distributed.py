@@ -7,24 +7,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from subprocess_util import run
 from test_train_codec import TINY, write_tones
 
 from models import train_codec
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT_S = 150
+RUN_TIMEOUT_S = 150  # per torchrun; the test runs two, so its pytest timeout is above 2 x this
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "models.train_codec", "train", *args, "--dist-timeout", "60"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    try:  # in a session of its own: a timeout kills torchrun and its workers, not torchrun alone
+        result = run(command, timeout=RUN_TIMEOUT_S, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired as timeout:
+        output = (timeout.stderr or "")[-6000:]
+        pytest.fail(f"torchrun ran past {RUN_TIMEOUT_S} s; its process group, workers included, was killed:\n{output}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
 
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
 def test_torchrun_two_processes_train_checkpoint_resume(tmp_path):
     audio = tmp_path / "audio"
     write_tones(audio, count=6)
