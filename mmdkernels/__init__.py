@@ -9,7 +9,7 @@ Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing
 
 from mmdkernels._ext import cpu_capability
 from mmdkernels.attention import decode_attention, decode_attention_ref
-from mmdkernels.linear import decode_linear
+from mmdkernels.linear import decode_linear, decode_linear_ref
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
 from mmdkernels.nn import MMDLoss, ResidualVQ, RVQOutput
 from mmdkernels.rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "cpu_capability",
     "decode_linear",
+    "decode_linear_ref",
     "mmd_loss",
     "mmd_loss_ref",
     "MMDLoss",

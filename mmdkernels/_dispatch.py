@@ -1,20 +1,88 @@
-"""Backend choice: explicit `backend=`, else MMDKERNELS_BACKEND, else the best available for the tensor's device.
+"""Backend choice for every op, in one place: explicit `backend=`, else the environment, else the op's priority list
+for the input's device and dtype (the measured speed tables live here too).
 
-Each backend says why it cannot run an input (xformers-style `not_supported_reasons`); when an explicitly requested
-backend cannot, the error lists its reasons; when automatic choice falls back to the reference, it warns once.
+Providers: "reference" (the op's PyTorch spec), "cpp" (C++ CPU kernels), "cuda" (CUDA kernels), "triton", and the
+torch-native ones some ops have: "sdpa" (decode_attention: torch's scaled_dot_product_attention) and "torch"
+(decode_linear: F.linear). Each provider says why it cannot run an input (xformers-style `not_supported_reasons`,
+plus the op's own reasons); an explicitly requested provider that cannot run raises with its reasons, and automatic
+choice that falls back to the reference warns once with every faster provider's reasons.
+
+Environment: MMDKERNELS_BACKEND_<OP> (e.g. MMDKERNELS_BACKEND_DECODE_ATTENTION=sdpa) forces one op and must name one
+of its providers; MMDKERNELS_BACKEND forces every op that has the named provider (the others keep their automatic
+choice). Either way a forced provider that cannot run the input raises, as `backend=` does.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from mmdkernels import _ext
 
-BACKENDS = ("reference", "cpp", "triton", "cuda")
+PROVIDERS = ("reference", "cpp", "triton", "cuda", "sdpa", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+ENV = "MMDKERNELS_BACKEND"
+COMPILED = ("cpp", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class OpBackends:
+    """An op's providers and its automatic order: priority(x) lists providers to try, fastest first."""
+
+    providers: tuple[str, ...]
+    priority: Callable[[torch.Tensor], tuple[str, ...]]
+
+
+def _fused_priority(x: torch.Tensor) -> tuple[str, ...]:
+    return {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}.get(x.device.type, ("reference",))
+
+
+# decode_attention: where torch's SDPA measured faster than the fused kernels (benchmarks/bench_attention*.py,
+# docs/attention_kernels.md): on CPU for bfloat16 (its oneDNN bfloat16 GEMMs: 71-92 % of the C++ kernel's time); on
+# CUDA everywhere until benchmarks/gpu_check.sh has measured the CUDA and Triton kernels on a GPU.
+SDPA_FASTER_ON_CPU = (torch.bfloat16,)
+
+
+def _attention_priority(q: torch.Tensor) -> tuple[str, ...]:
+    if q.dtype not in KERNEL_DTYPES:
+        return ("reference",)  # float64: the spec itself
+    if q.device.type == "cuda":
+        return ("sdpa", "cuda", "triton", "reference")
+    if q.device.type == "cpu":
+        first = ("sdpa", "cpp") if q.dtype in SDPA_FASTER_ON_CPU else ("cpp", "sdpa")
+        return (*first, "reference")
+    return ("sdpa", "reference")
+
+
+# decode_linear: the C++ few-row kernel streams each weight once where torch's GEMM packs it per call; at one row
+# torch's GEMV does not pack and measured as fast (benchmarks/bench_linear.py); on CUDA cuBLAS's GEMV streams once.
+LINEAR_MAX_ROWS = 16  # the C++ kernel keeps all rows' accumulators in registers; larger batches are GEMMs
+
+
+def linear_rows_prefer_torch(rows: int) -> bool:
+    """Whether `rows` rows of a decode-step linear go to torch's F.linear rather than the C++ kernel (the rule the
+    fused decode step, csrc/decode, is handed too)."""
+    return rows == 1 or rows > LINEAR_MAX_ROWS
+
+
+def _linear_priority(x: torch.Tensor) -> tuple[str, ...]:
+    rows = x.numel() // max(1, x.shape[-1])
+    if x.device.type != "cpu" or linear_rows_prefer_torch(rows):
+        return ("torch", "reference")
+    return ("cpp", "torch", "reference")
+
+
+OPS = {
+    "mmd_loss": OpBackends(("reference", "cpp", "triton", "cuda"), _fused_priority),
+    "rvq_encode": OpBackends(("reference", "cpp", "triton", "cuda"), _fused_priority),
+    "rvq_decode": OpBackends(("reference", "cpp", "triton", "cuda"), _fused_priority),
+    "sample": OpBackends(("reference", "cpp", "triton", "cuda"), _fused_priority),
+    "decode_attention": OpBackends(("reference", "sdpa", "cpp", "triton", "cuda"), _attention_priority),
+    "decode_linear": OpBackends(("reference", "torch", "cpp"), _linear_priority),
+}
 
 
 def checking_values() -> bool:
@@ -28,9 +96,11 @@ def triton_interpreter_enabled() -> bool:
 
 
 def not_supported_reasons(backend: str, x: torch.Tensor, max_codebooks: int | None = None) -> list[str]:
-    """Why `backend` cannot run on input x (empty list: it can)."""
+    """Why provider `backend` cannot run on input x in general (empty list: it can); ops add their own reasons."""
+    if backend not in PROVIDERS:
+        raise ValueError(f"backend must be one of {PROVIDERS} or None, got {backend!r}")
     reasons = []
-    if backend == "reference":
+    if backend not in COMPILED:
         return reasons
     if x.dtype not in KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype}: the fused kernels take float32/bfloat16/float16 (use backend='reference')")
@@ -53,24 +123,56 @@ def not_supported_reasons(backend: str, x: torch.Tensor, max_codebooks: int | No
             reasons.append("input on cpu: Triton runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1")
         elif x.device.type not in ("cpu", "cuda"):
             reasons.append(f"input on {x.device}: Triton runs on CUDA tensors")
-    else:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return reasons
 
 
-def choose_backend(x: torch.Tensor, requested: str | None, op: str, max_codebooks: int | None = None) -> str:
-    """The backend that will run `op` on x."""
-    requested = requested or os.environ.get("MMDKERNELS_BACKEND") or None
+def env_backend(op: str) -> str | None:
+    """The provider the environment forces for `op`, or None."""
+    spec = OPS[op]
+    per_op = f"{ENV}_{op.upper()}"
+    forced = os.environ.get(per_op) or None
+    if forced is not None:
+        if forced not in spec.providers:
+            raise ValueError(f"{per_op}={forced!r}: {op} has the backends {spec.providers}")
+        return forced
+    forced = os.environ.get(ENV) or None
+    if forced is not None and forced not in PROVIDERS:
+        raise ValueError(f"{ENV}={forced!r}: expected one of {PROVIDERS}")
+    return forced if forced in spec.providers else None
+
+
+def choose_backend(
+    x: torch.Tensor,
+    requested: str | None,
+    op: str,
+    max_codebooks: int | None = None,
+    op_reasons: Callable[[str], list[str]] | None = None,
+) -> str:
+    """The provider that will run `op` on x.
+
+    Args:
+        x: the op's main input (its device and dtype decide).
+        requested: the caller's `backend=` argument, or None.
+        op: a key of OPS.
+        max_codebooks: the fused kernels' codebook limit, checked on x.shape[1].
+        op_reasons: the op's own reasons a provider cannot run this input (e.g. too many rows), or None.
+    """
+    spec = OPS[op]
+    if requested is not None and requested not in spec.providers:
+        raise ValueError(f"{op}: backend must be one of {spec.providers} or None, got {requested!r}")
+    requested = requested or env_backend(op)
+
+    def reasons_for(backend: str) -> list[str]:
+        return not_supported_reasons(backend, x, max_codebooks) + (op_reasons(backend) if op_reasons is not None else [])
+
     if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-        reasons = not_supported_reasons(requested, x, max_codebooks)
+        reasons = reasons_for(requested)
         if reasons:
             raise RuntimeError(f"{op}: backend {requested!r} cannot run this input: " + "; ".join(reasons))
         return requested
     all_reasons = []
-    for backend in _PRIORITY.get(x.device.type, ("reference",)):
-        reasons = not_supported_reasons(backend, x, max_codebooks)
+    for backend in spec.priority(x):
+        reasons = reasons_for(backend)
         if not reasons:
             if backend == "reference" and x.dtype in KERNEL_DTYPES and all_reasons:
                 _ext.warn_once(

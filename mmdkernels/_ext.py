@@ -122,6 +122,15 @@ def cuda_extension() -> object | None:
     return _load(_CUDA_MODULE)
 
 
+def compiled_op(name: str, backend: str):
+    """torch.ops.mmdkernels.<name> from the compiled library of `backend` ("cpp" or "cuda"), loading it first; raises
+    RuntimeError with the reason (and the rebuild command) when that library is unavailable."""
+    which = "cuda" if backend == "cuda" else "cpu"
+    if not available(which):
+        raise RuntimeError(load_error(which))
+    return getattr(torch.ops.mmdkernels, name)
+
+
 def constant_under_compile(fn):
     """torch.compiler.assume_constant_result without its import of torch._dynamo (which pulls in triton and would
     make `import mmdkernels` heavy): dynamo calls `fn` eagerly while tracing and uses the result as a constant.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmdkernels
-from mmdkernels import attention
+from mmdkernels import _dispatch
 from mmdkernels.attention import ops
 from mmdkernels.attention.reference import decode_attention_ref
 
@@ -192,7 +192,7 @@ def test_automatic_choice_and_float64():
 )
 def test_automatic_choice_on_cpu(dtype, lengths, expected):
     q = torch.randn(2, 4, 16).to(dtype)
-    assert attention._pick_backend(q, lengths, None) == expected
+    assert _dispatch.choose_backend(q, None, "decode_attention") == expected
 
 
 def test_environment_selects_sdpa(monkeypatch):

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from mmdkernels._dispatch import KERNEL_DTYPES, checking_values, choose_backend
+from mmdkernels._dispatch import checking_values, choose_backend
 from mmdkernels.attention import ops
 from mmdkernels.attention.reference import decode_attention_ref, lengths_tensor
 from mmdkernels.attention.sdpa import decode_attention_sdpa
 
 __all__ = ["decode_attention", "decode_attention_ref"]
-
-BACKENDS = ("reference", "sdpa", "cpp", "triton", "cuda")
 
 
 def _check_inputs(q, k_cache, v_cache, lengths, scale) -> None:
@@ -75,28 +72,11 @@ def _check_length_range(low: int, high: int, max_len: int) -> None:
         raise ValueError(f"lengths must be in [1, S_max = {max_len}], got values in [{low}, {high}]")
 
 
-# Where torch's SDPA measured faster than the fused kernels (benchmarks/bench_attention*.py, docs/attention_kernels.md):
-# on CPU for bfloat16 (its oneDNN bfloat16 GEMMs: 71-92 % of the C++ kernel's time); on CUDA everywhere until
-# benchmarks/gpu_check.sh has measured the CUDA and Triton kernels (compiled and interpreter-tested here, never run on
-# a GPU yet).
-SDPA_FASTER_ON_CPU = (torch.bfloat16,)
-
-
-def _sdpa_is_faster(q: torch.Tensor) -> bool:
-    return q.device.type == "cuda" or (q.device.type == "cpu" and q.dtype in SDPA_FASTER_ON_CPU)
-
-
-def _pick_backend(q: torch.Tensor, lengths, requested: str | None) -> str:
-    requested = requested or os.environ.get("MMDKERNELS_BACKEND") or None
-    if requested == "sdpa":
-        return requested
-    if requested is not None and requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-    # SDPA needs the lengths as Python ints: not while tracing a tensor of them (the custom ops take it as it is).
-    traced_lengths = isinstance(lengths, torch.Tensor) and torch.compiler.is_compiling()
-    if requested is None and q.dtype in KERNEL_DTYPES and not traced_lengths and _sdpa_is_faster(q):
-        return "sdpa"
-    return choose_backend(q, requested, "decode_attention")
+def _op_reasons(lengths, backend: str) -> list[str]:
+    # SDPA needs the lengths as Python ints: not while tracing a tensor of them (the custom ops take it as it is)
+    if backend == "sdpa" and isinstance(lengths, torch.Tensor) and torch.compiler.is_compiling():
+        return ["lengths is a traced tensor: SDPA needs them as Python ints (the compiled kernels take the tensor)"]
+    return []
 
 
 def decode_attention(
@@ -120,7 +100,8 @@ def decode_attention(
         lengths: int, or int64 tensor [B] on q's device: valid cache entries per sequence, 1 <= L_b <= S_max.
         scale: score scale, default 1/sqrt(Dh).
         backend: "cpp", "cuda", "triton", "sdpa" (torch's scaled_dot_product_attention) or "reference";
-            None picks the fastest measured for the device (docs/attention_kernels.md).
+            None picks the fastest measured for the device and dtype (mmdkernels/_dispatch.py,
+            docs/attention_kernels.md); the environment can force one, as for every op.
     Returns:
         [B, H, Dh] in q's dtype.
 
@@ -130,7 +111,7 @@ def decode_attention(
     """
     _check_inputs(q, k_cache, v_cache, lengths, scale)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    backend = _pick_backend(q, lengths, backend)
+    backend = choose_backend(q, backend, "decode_attention", op_reasons=lambda name: _op_reasons(lengths, name))
     if backend == "reference":
         return decode_attention_ref(q, k_cache, v_cache, lengths, scale=scale)
     if backend == "sdpa":

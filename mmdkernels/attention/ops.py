@@ -30,7 +30,4 @@ def decode_attention_op(backend: str):
     """The decode attention op for backend 'cpp', 'cuda' or 'triton'."""
     if backend == "triton":
         return torch.ops.mmdkernels.decode_attention_triton
-    which = "cuda" if backend == "cuda" else "cpu"
-    if not _ext.available(which):
-        raise RuntimeError(_ext.load_error(which))
-    return torch.ops.mmdkernels.decode_attention
+    return _ext.compiled_op("decode_attention", backend)

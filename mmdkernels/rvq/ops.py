@@ -43,22 +43,15 @@ _ext.register_on_load("mmdkernels::rvq_encode", _encode_fake)
 _ext.register_on_load("mmdkernels::rvq_decode", _decode_fake)
 
 
-def _compiled(name: str, backend: str) -> object:
-    which = "cuda" if backend == "cuda" else "cpu"
-    if not _ext.available(which):
-        raise RuntimeError(_ext.load_error(which))
-    return getattr(torch.ops.mmdkernels, name)
-
-
 def encode_op(backend: str):
     """The RVQ encode op for backend 'cpp', 'cuda' or 'triton'."""
     if backend == "triton":
         return torch.ops.mmdkernels.rvq_encode_triton
-    return _compiled("rvq_encode", backend)
+    return _ext.compiled_op("rvq_encode", backend)
 
 
 def decode_op(backend: str):
     """The RVQ decode op for backend 'cpp', 'cuda' or 'triton'."""
     if backend == "triton":
         return torch.ops.mmdkernels.rvq_decode_triton
-    return _compiled("rvq_decode", backend)
+    return _ext.compiled_op("rvq_decode", backend)

@@ -37,7 +37,4 @@ def sample_op(backend: str):
     """The fused sampling op for backend 'cpp', 'cuda' or 'triton'."""
     if backend == "triton":
         return torch.ops.mmdkernels.sample_tokens_triton
-    which = "cuda" if backend == "cuda" else "cpu"
-    if not _ext.available(which):
-        raise RuntimeError(_ext.load_error(which))
-    return torch.ops.mmdkernels.sample_tokens
+    return _ext.compiled_op("sample_tokens", backend)

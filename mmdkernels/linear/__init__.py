@@ -11,25 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmdkernels import _ext
+from mmdkernels._dispatch import LINEAR_MAX_ROWS, choose_backend
+from mmdkernels.linear import ops
+from mmdkernels.linear.reference import decode_linear_ref
 
-__all__ = ["decode_linear", "MAX_ROWS"]
+__all__ = ["decode_linear", "decode_linear_ref", "MAX_ROWS"]
 
-MAX_ROWS = 16  # the C++ kernel keeps all rows' accumulators in registers; larger batches are GEMMs
-BACKENDS = ("auto", "cpp", "torch")
+MAX_ROWS = LINEAR_MAX_ROWS  # the C++ kernel's row limit
 ACTIVATIONS = (None, "gelu")
 
 
-def _small_batch_linear_fake(x, weight, bias, gelu):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-_ext.register_on_load("mmdkernels::small_batch_linear", _small_batch_linear_fake)
-
-
-def _check_inputs(x, weight, bias, activation, backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _check_inputs(x, weight, bias, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
@@ -48,11 +40,11 @@ def _check_inputs(x, weight, bias, activation, backend) -> None:
         raise TypeError(f"bias must have x's dtype and device ({x.dtype}, {x.device}), got {bias.dtype}, {bias.device}")
 
 
-def _kernel_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[str]:
-    """Why the C++ kernel cannot run (x, weight) (empty list: it can)."""
+def _kernel_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> list[str]:
+    """Why `backend` cannot run (x, weight, bias), beyond the general reasons of the dispatcher."""
+    if backend != "cpp":
+        return []
     reasons = []
-    if x.device.type != "cpu":
-        reasons.append(f"x is on {x.device}: the kernel is CPU-only (cuBLAS serves CUDA)")
     if x.dtype != torch.float32:
         reasons.append(f"dtype {x.dtype}: the kernel takes float32")
     rows = x.numel() // max(1, x.shape[-1])
@@ -64,8 +56,6 @@ def _kernel_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         reasons.append("autograd is recording: the kernel has no backward (use it under torch.no_grad)")
-    if not _ext.available("cpu"):
-        reasons.append(_ext.load_error("cpu"))
     return reasons
 
 
@@ -80,33 +70,35 @@ def decode_linear(
     bias: torch.Tensor | None = None,
     *,
     activation: str | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> torch.Tensor:
     """activation(F.linear(x, weight, bias)) for the few rows of a decode step.
 
     Args:
-        x: [..., D] floating; the C++ kernel serves float32 CPU inputs of at most MAX_ROWS = 16 rows in all.
+        x: [..., D] floating; the C++ kernel serves float32 CPU inputs of 2 to MAX_ROWS = 16 rows in all.
         weight: [N, D], x's dtype and device.
         bias: [N] or None.
         activation: None or "gelu" (exact, erf-based, as F.gelu), applied in the kernel's epilogue.
-        backend: "auto" (the C++ kernel where it can run, F.linear otherwise: CUDA, other dtypes, more rows,
-            autograd), "cpp" (raises with the reasons where it cannot run) or "torch" (F.linear).
+        backend: None (the C++ kernel where it can run and measured faster, F.linear otherwise: CUDA, other dtypes,
+            one row or more than 16, autograd), "cpp" (raises with the reasons where it cannot run), "torch"
+            (F.linear) or "reference" (decode_linear_ref); the environment can force one (mmdkernels/_dispatch.py).
     Returns:
         [..., N] in x's dtype. The kernel sums in float32 in another order than torch's GEMM: results agree to
         float32 rounding, not bit for bit.
+
+    Example:
+        >>> y = mmdkernels.decode_linear(h, fc1.weight, fc1.bias, activation="gelu")  # h [B, D], B <= 16
     """
-    _check_inputs(x, weight, bias, activation, backend)
+    _check_inputs(x, weight, bias, activation)
+    backend = choose_backend(
+        x, backend, "decode_linear", op_reasons=lambda name: _kernel_reasons(x, weight, bias, name)
+    )
     if backend == "torch":
         return _torch_linear(x, weight, bias, activation)
-    reasons = _kernel_reasons(x, weight, bias)
-    if backend == "auto" and x.numel() == x.shape[-1]:
-        reasons.append("one row: torch's GEMV (no packing) measured as fast")
-    if reasons:
-        if backend == "cpp":
-            raise RuntimeError("decode_linear backend='cpp' cannot run this input: " + "; ".join(reasons))
-        return _torch_linear(x, weight, bias, activation)
+    if backend == "reference":
+        return decode_linear_ref(x, weight, bias, activation=activation)
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    y = torch.ops.mmdkernels.small_batch_linear(rows, weight, bias, activation == "gelu")
+    y = ops.small_batch_linear_op()(rows, weight, bias, activation == "gelu")
     return y.view(*x.shape[:-1], weight.shape[0])
