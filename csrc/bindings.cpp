@@ -1,5 +1,8 @@
-// Every schema of the mmdkernels op library, in one place. Implementations register per dispatch key:
-// CPU in csrc/<op>/<op>_cpu.cpp, CUDA in csrc/<op>/<op>_cuda.cu (a separate extension, loaded lazily).
+// Every schema of the mmdkernels op library, in one place: MMD (shuffle, dHSIC and their row-range forms), RVQ
+// encode/decode, sampling, decode attention, the few-row linear, the fused CPU decode step and one test hook.
+// Implementations register per dispatch key: CPU in csrc/<op>/<op>_cpu.cpp (this library, built once per x86 ISA as
+// mmdkernels._C_<isa>, see setup.py), CUDA in csrc/<op>/<op>_cuda.cu (mmdkernels._C_cuda, loaded lazily after it).
+// Triton ops are Python custom ops (mmdkernels/<op>/ops.py). Backend choice: mmdkernels/_dispatch.py only.
 #include <Python.h>
 #include <torch/library.h>
 
