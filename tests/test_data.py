@@ -71,7 +71,7 @@ def test_rests_ties_chords_and_tempo(tmp_path):
 
 
 def test_abc_book_gives_its_first_tune():
-    book = data._corpus_root() / "airdsAirs" / "book1.abc"
+    book = data.corpus._corpus_root() / "airdsAirs" / "book1.abc"
     notes = data.score_to_notes(book, max_seconds=4.0)
     assert notes and {note.part_index for note in notes} == {0}
 
@@ -139,7 +139,7 @@ def test_render_corpus_caches_and_indexes(tmp_path):
 def test_render_corpus_skips_and_remembers_unparsable_pieces(chorale_path, tmp_path, monkeypatch):
     broken = tmp_path / "broken.mxl"
     broken.write_bytes(b"not a zip archive")
-    monkeypatch.setattr(data, "_shuffled_corpus_pieces", lambda seed: [str(broken), str(chorale_path)])
+    monkeypatch.setattr(data.corpus, "_shuffled_corpus_pieces", lambda seed: [str(broken), str(chorale_path)])
     paths = data.render_corpus(tmp_path / "cache", 2, seconds_per_piece=1.0, renderer="builtin", progress=False)
     assert [path.name for path in paths] == ["bach__bwv66.6.1s.wav"]
     index = json.loads((tmp_path / "cache" / f"builtin-{SR}" / "index.json").read_text())
@@ -147,7 +147,7 @@ def test_render_corpus_skips_and_remembers_unparsable_pieces(chorale_path, tmp_p
 
 
 def test_render_corpus_keeps_one_file_per_excerpt_length(chorale_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
+    monkeypatch.setattr(data.corpus, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
     short = data.render_corpus(tmp_path, 1, seconds_per_piece=1.0, renderer="builtin", progress=False)
     long = data.render_corpus(tmp_path, 1, seconds_per_piece=2.0, renderer="builtin", progress=False)
     assert short != long
@@ -202,7 +202,7 @@ def render_lock_held_elsewhere(cache, progress_s: float):
 
 
 def test_render_lock_held_by_a_hung_process_times_out(chorale_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
+    monkeypatch.setattr(data.corpus, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
     monkeypatch.setenv(data.LOCK_TIMEOUT_ENV, "0.5")
     with render_lock_held_elsewhere(tmp_path, progress_s=0) as lock:
         start = time.monotonic()
@@ -214,7 +214,7 @@ def test_render_lock_held_by_a_hung_process_times_out(chorale_path, tmp_path, mo
 
 
 def test_render_lock_waits_while_its_holder_makes_progress(chorale_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
+    monkeypatch.setattr(data.corpus, "_shuffled_corpus_pieces", lambda seed: [str(chorale_path)])
     monkeypatch.setenv(data.LOCK_TIMEOUT_ENV, "1")
     with render_lock_held_elsewhere(tmp_path, progress_s=3.0):
         start = time.monotonic()
@@ -264,7 +264,7 @@ def test_fluidsynth_output_is_read_back_mono_and_resampled(tmp_path, monkeypatch
     (bin_dir / "fluidsynth").chmod(0o755)
     (soundfont_dir / "TimGM6mb.sf2").write_bytes(b"")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(data, "SOUNDFONT_DIRS", (soundfont_dir,))
+    monkeypatch.setattr(data.fluidsynth, "SOUNDFONT_DIRS", (soundfont_dir,))
     assert data.fluidsynth_available() == str(bin_dir / "fluidsynth")
 
     [wav] = data.render_corpus(tmp_path / "cache", num_pieces=1, seconds_per_piece=0.5, progress=False)
