@@ -1,8 +1,9 @@
 // dHSIC V-statistic of codebook groups on the CPU: the shuffle-free estimator of the same MMD, loss and gradient.
 // Two passes over tiles of per-codebook distances (one BLAS GEMM per codebook and tile, 4 MiB tile budget):
 // pass 1 reduces each Gram matrix E_{k,j} to row sums and each group's product of Grams to a sum; the loss follows
-// from those O(K A N) numbers. Pass 2 (only for the gradient) recomputes the tiles, overwrites them with the
-// symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h) and adds 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook.
+// from those O(K A N) numbers (dhsic_statistics in dhsic_stats.h, shared with CUDA). Pass 2 (only for the gradient)
+// recomputes the tiles, overwrites them with the symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h) and adds
+// 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook.
 // Nothing N x N is stored; sums accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "mmd/dhsic_stats.h"
 #include "mmd/tiles_cpu.h"
 
 namespace mmdkernels {
@@ -53,16 +55,6 @@ struct DhsicChunk {
     }
   }
 };
-
-// prod over the group's members except `skip` (-1: none) of values[member * stride + offset].
-double product_except(const std::vector<int>& members, int skip, const double* values, int64_t stride,
-                      int64_t offset) {
-  double p = 1.0;
-  for (int member : members) {
-    if (member != skip) p *= values[member * stride + offset];
-  }
-  return p;
-}
 
 // Pass 1 over the rows [row_begin, row_end): float64 [K*A + 1, N], row k*A + j = sum_m E_{k,j}(n, m) of each
 // row n in range, last row = sum over groups, bandwidths and columns of the joint Gram (0 outside the range).
@@ -111,51 +103,17 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
 
 // The loss from the sums of ALL rows, and (compute_grad) pass 2 over the rows [row_begin, row_end): the gradient
 // of those rows (the weights W_k are symmetrised, so the row side over every column is their whole gradient).
-std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z, const SliceLayout& layout,
-                                                            const BandwidthPlan& plan, const at::Tensor& sums,
-                                                            int64_t row_begin, int64_t row_end, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z, const at::Tensor& groups,
+                                                            const SliceLayout& layout, const BandwidthPlan& plan,
+                                                            const at::Tensor& sums, int64_t row_begin,
+                                                            int64_t row_end, bool compute_grad) {
   const int64_t n = z.size(0), num_codebooks = z.size(1);
   const int num_bw = plan.count;
-  const double inv_n = 1.0 / static_cast<double>(n);
-  const double* sums_data = sums.data_ptr<double>();
-  const double* joint_row_sums = sums_data + num_codebooks * num_bw * n;
-
-  // The loss from the reductions: joint mean + product of means - 2 mean over n of the product of row means.
-  std::vector<double> row_means(sums_data, sums_data + num_codebooks * num_bw * n);
-  for (double& v : row_means) v *= inv_n;
-  std::vector<double> means(num_codebooks * num_bw, 0.0);
-  for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) {
-    double s = 0.0;
-    for (int64_t row = 0; row < n; ++row) s += row_means[kj * n + row];
-    means[kj] = s * inv_n;
-  }
-  double loss = 0.0;
-  for (int64_t row = 0; row < n; ++row) loss += joint_row_sums[row] * inv_n * inv_n;
-  for (const auto& members : layout.group_members) {
-    for (int j = 0; j < num_bw; ++j) {
-      loss += product_except(members, -1, means.data(), num_bw, j);
-      double cross = 0.0;
-      for (int64_t row = 0; row < n; ++row) cross += product_except(members, -1, row_means.data(), num_bw * n, j * n + row);
-      loss -= 2.0 * inv_n * cross;
-    }
-  }
-  if (!compute_grad) return {at::scalar_tensor(loss, z.options()), at::empty({0}, z.options())};
-
-  // gamma_{k,j} and beta_{k,j}(n) of docs/mmd_kernels.md.
-  const double inv_n2 = inv_n * inv_n;
-  std::vector<float> gamma(num_codebooks * num_bw, 0.0f);
-  std::vector<float> beta(num_codebooks * num_bw * n, 0.0f);
-  for (const auto& members : layout.group_members) {
-    for (int k : members) {
-      for (int j = 0; j < num_bw; ++j) {
-        gamma[k * num_bw + j] += static_cast<float>(inv_n2 * product_except(members, k, means.data(), num_bw, j));
-        for (int64_t row = 0; row < n; ++row) {
-          beta[(k * num_bw + j) * n + row] +=
-              static_cast<float>(2.0 * inv_n2 * product_except(members, k, row_means.data(), num_bw * n, j * n + row));
-        }
-      }
-    }
-  }
+  const DhsicStats stats = dhsic_statistics(sums, groups, num_bw, compute_grad);
+  if (!compute_grad) return {stats.loss, at::empty({0}, z.options())};
+  const float* gamma = stats.gamma.data_ptr<float>();  // gamma_{k,j} and beta_{k,j}(n) of docs/mmd_kernels.md
+  const float* beta = stats.beta.data_ptr<float>();
+  const float inv_n2 = static_cast<float>(1.0 / (static_cast<double>(n) * static_cast<double>(n)));
 
   // Pass 2: symmetrised weights W_k in place of the tiles, then the gradient GEMMs.
   const auto norms = slice_norms(z, layout);
@@ -192,14 +150,13 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
             for (int j = 0; j < num_bw; ++j) {
               const float coef = plan.coef[j];
               const float gamma_kj = gamma[k * num_bw + j];
-              const float* beta_kj = beta.data() + (k * num_bw + j) * n;
+              const float* beta_kj = beta + (k * num_bw + j) * n;
               const float beta_row = beta_kj[row];
               const float* jk = joint.data() + (k * num_bw + j) * kChunk;
               const float* g = chunk.gram(k, j);
 #pragma omp simd
               for (int64_t m = 0; m < len; ++m) {
-                weights[m] += dhsic_entry_weight(coef, static_cast<float>(inv_n2), jk[m], g[m], gamma_kj, beta_row,
-                                                 beta_kj[col0 + m]);
+                weights[m] += dhsic_entry_weight(coef, inv_n2, jk[m], g[m], gamma_kj, beta_row, beta_kj[col0 + m]);
               }
             }
           }
@@ -208,38 +165,38 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
     });
     add_row_gradient(plane, tile, z, z, layout, 2.0, sink);
   }
-  return {at::scalar_tensor(loss, z.options()), grad};
+  return {stats.loss, grad};
 }
 
+// The checked arguments and the slice layout (one slice per codebook) of the rows [row_begin, row_end).
 struct DhsicSetup {
   BandwidthPlan plan;
   SliceLayout layout;
+  int64_t row_end;
 };
 
 DhsicSetup dhsic_setup(const at::Tensor& z, const at::Tensor& groups, c10::ArrayRef<double> coefs,
-                       c10::ArrayRef<int64_t> chain_src, c10::ArrayRef<int64_t> chain_step, double chain_base) {
-  check_samples(z);
-  check_groups(groups, z.size(1));
-  return {make_plan(coefs, chain_src, chain_step, chain_base),
-          make_layout(groups, z.size(1), z.size(2), /*allow_joint_slice=*/false)};
+                       c10::ArrayRef<int64_t> chain_src, c10::ArrayRef<int64_t> chain_step, double chain_base,
+                       int64_t row_begin, int64_t row_end) {
+  const auto checked =
+      check_dhsic_args(c10::DeviceType::CPU, z, groups, coefs, chain_src, chain_step, chain_base, row_begin, row_end);
+  return {checked.plan, make_layout(groups, z.size(1), z.size(2), /*allow_joint_slice=*/false), checked.row_end};
 }
 
 std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cpu(const at::Tensor& z, const at::Tensor& groups,
                                                  c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
                                                  c10::ArrayRef<int64_t> chain_step, double chain_base,
                                                  bool compute_grad) {
-  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base);
-  const int64_t n = z.size(0);
-  const auto sums = dhsic_sums(z, setup.layout, setup.plan, 0, n);
-  return dhsic_loss_and_rows_grad(z, setup.layout, setup.plan, sums, 0, n, compute_grad);
+  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base, 0, -1);
+  const auto sums = dhsic_sums(z, setup.layout, setup.plan, 0, setup.row_end);
+  return dhsic_loss_and_rows_grad(z, groups, setup.layout, setup.plan, sums, 0, setup.row_end, compute_grad);
 }
 
 at::Tensor mmd_dhsic_sums_cpu(const at::Tensor& z, const at::Tensor& groups, c10::ArrayRef<double> coefs,
                               c10::ArrayRef<int64_t> chain_src, c10::ArrayRef<int64_t> chain_step, double chain_base,
                               int64_t row_begin, int64_t row_end) {
-  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base);
-  row_end = check_row_range(row_begin, row_end, z.size(0));
-  return dhsic_sums(z, setup.layout, setup.plan, row_begin, row_end);
+  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base, row_begin, row_end);
+  return dhsic_sums(z, setup.layout, setup.plan, row_begin, setup.row_end);
 }
 
 std::tuple<at::Tensor, at::Tensor> mmd_dhsic_rows_cpu(const at::Tensor& z, const at::Tensor& groups,
@@ -247,13 +204,10 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_rows_cpu(const at::Tensor& z, const
                                                       c10::ArrayRef<int64_t> chain_step, double chain_base,
                                                       const at::Tensor& sums, int64_t row_begin, int64_t row_end,
                                                       bool compute_grad) {
-  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base);
-  const int64_t n = z.size(0);
-  row_end = check_row_range(row_begin, row_end, n);
-  MMD_CHECK_DEVICE(sums, at::Device(at::kCPU));
-  MMD_CHECK_DTYPE(sums, at::kDouble);
-  MMD_CHECK_SHAPE(sums, z.size(1) * setup.plan.count + 1, n);
-  return dhsic_loss_and_rows_grad(z, setup.layout, setup.plan, sums.contiguous(), row_begin, row_end, compute_grad);
+  const auto setup = dhsic_setup(z, groups, coefs, chain_src, chain_step, chain_base, row_begin, row_end);
+  check_dhsic_sums(sums, z, setup.plan);
+  return dhsic_loss_and_rows_grad(z, groups, setup.layout, setup.plan, sums.contiguous(), row_begin, setup.row_end,
+                                  compute_grad);
 }
 
 }  // namespace

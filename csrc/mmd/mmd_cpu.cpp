@@ -119,27 +119,23 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_rows_cpu(const at::Tensor& z, con
                                                         c10::ArrayRef<int64_t> chain_step, double chain_base,
                                                         c10::ArrayRef<double> term_weights, int64_t row_begin,
                                                         int64_t row_end, bool compute_grad) {
-  check_samples(z);
+  const auto checked = check_shuffle_args(c10::DeviceType::CPU, z, perms, groups, coefs, chain_src, chain_step,
+                                          chain_base, term_weights, row_begin, row_end);
   const int64_t n = z.size(0), num_codebooks = z.size(1), dim = z.size(2);
-  row_end = check_row_range(row_begin, row_end, n);
-  MMD_CHECK_DTYPE(perms, at::kLong);
-  MMD_CHECK_SHAPE(perms, num_codebooks, n);
-  check_groups(groups, num_codebooks);
-  TORCH_CHECK(term_weights.size() == 3, "term_weights must be [w_xx, w_yy, w_xy], got ", term_weights.size());
-  const auto plan = make_plan(coefs, chain_src, chain_step, chain_base);
+  row_end = checked.row_end;
+  const BandwidthPlan& plan = checked.plan;
   const auto layout = make_layout(groups, num_codebooks, dim, /*allow_joint_slice=*/true);
-  const auto perms_cpu = perms.to(at::kCPU);
-  TORCH_CHECK(perms_cpu.min().item<int64_t>() >= 0 && perms_cpu.max().item<int64_t>() < n,
+  TORCH_CHECK(perms.min().item<int64_t>() >= 0 && perms.max().item<int64_t>() < n,
               "perms must hold indices in [0, ", n, ")");
 
   // y[:, k] = z[perms[k], k]: the product-of-marginals samples, O(N K D) memory.
   auto y = at::empty_like(z);
   for (int64_t k = 0; k < num_codebooks; ++k) {
-    y.select(1, k).copy_(z.select(1, k).index_select(0, perms_cpu[k]));
+    y.select(1, k).copy_(z.select(1, k).index_select(0, perms[k]));
   }
   auto grad = compute_grad ? at::zeros_like(z) : at::empty({0}, z.options());
   const GradientSink sink_x{grad, at::Tensor()};
-  const GradientSink sink_y{grad, perms_cpu};
+  const GradientSink sink_y{grad, perms};
   const float w_xx = static_cast<float>(term_weights[0]);
   const float w_yy = static_cast<float>(term_weights[1]);
   const float w_xy = static_cast<float>(term_weights[2]);
@@ -161,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cpu(const at::Tensor& z, const at
 
 at::Tensor bandwidth_chain_eval_cpu(const at::Tensor& d, c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
                                     c10::ArrayRef<int64_t> chain_step, double chain_base) {
+  MMD_CHECK_DEVICE(d, at::Device(at::kCPU));
   MMD_CHECK_DTYPE(d, at::kFloat);
   MMD_CHECK_DIM(d, 1);
   const auto plan = make_plan(coefs, chain_src, chain_step, chain_base);

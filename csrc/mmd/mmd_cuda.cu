@@ -1,9 +1,6 @@
-// CUDA backend of the fused MMD ops (contract: docs/mmd_kernels.md). One pass per term fuses the per-codebook
-// squared distances, group distances, every bandwidth and the loss/gradient weights; nothing N x N is stored.
-// A CTA owns a block of 64 rows (32 for many codebooks) and walks a range of column tiles, flash-attention style.
-// The K distance tiles of a (row block, column tile) pair come from a shared-memory tiled float32 FMA product over D
-// (no TF32) and stay in shared memory, where the gradient weights W_k overwrite them in place for the W @ B products.
-// Arithmetic is float32 (mmd_tile.h); loss partials are summed in double across tiles, gradients by float32 atomics.
+// CUDA backend of the fused MMD ops, host side (contract: docs/mmd_kernels.md): argument checks (mmd_args.h), launch
+// configuration, the shuffle and dHSIC ops over row ranges, the dHSIC statistics between the passes
+// (dhsic_stats.h) and the registration. The tile kernels themselves (device code) are in tiles_cuda.h.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,461 +12,13 @@
 #include <cstdint>
 #include <tuple>
 
-#include "common/checks.h"
-#include "mmd/mmd_tile.h"
+#include "mmd/dhsic_stats.h"
+#include "mmd/mmd_args.h"
+#include "mmd/tiles_cuda.h"
 
 namespace mmdkernels {
 namespace mmd {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kThreadGrid = 16;                        // threads form a 16 x 16 grid over every tile
-constexpr int kChunk = 32;                             // D values staged per step of the tiled products
-constexpr int kStageStride = kChunk + 4;               // keeps rows 16-byte aligned and float4 reads conflict-free
-constexpr int kChunkPerThread = kChunk / kThreadGrid;  // gradient columns per thread and chunk
-
-enum class Pass { kShuffle, kDhsicSums, kDhsicGrad };
-
-struct TileArgs {
-  const float* rows;       // [N, K, D]: samples of the row blocks (x, or y for the yy term)
-  const float* cols;       // [N, K, D]: samples of the column tiles
-  const float* row_norms;  // [N, K]: squared norms of the codebook slices of `rows`
-  const float* col_norms;  // [N, K]
-  const int32_t* groups;   // [G, K], 0/1
-  int num_samples;
-  int row_begin;  // the rows [row_begin, row_end) of the N x N plane are computed, against every column
-  int row_end;
-  int num_codebooks;
-  int dim;
-  int num_groups;
-  int tiles_per_split;  // column tiles per CTA (blockIdx.y picks the range)
-  bool same_set;        // rows == cols: the diagonal is skipped (shuffle) or has distance exactly 0 (dHSIC)
-  bool compute_grad;
-  float term_weight;  // shuffle: w_xx, w_yy or w_xy
-  float row_factor;   // gradient of a side = factor * (rowsum(W) * self - W @ other)
-  float col_factor;
-  float* grad_rows;       // [N, K, D], indexed like `rows`
-  float* grad_cols;       // [N, K, D], indexed like `cols`; null when only the row side is needed
-  double* loss_partials;  // [gridDim.y * gridDim.x], or null
-  double* row_sums;       // dHSIC pass 1: [K, A, N], sum_m E_{k,a}(n, m)
-  const float* gamma;     // dHSIC pass 2: [K, A]
-  const float* beta;      // dHSIC pass 2: [K, A, N]
-  float inv_n2;
-};
-
-template <int T>
-struct TileShape {
-  static constexpr int kPerThread = T / kThreadGrid;  // tile rows (and columns) each thread owns
-  static constexpr int kStride = T + 4;               // row stride of a distance/weight tile
-  static constexpr int kFloats = T * kStride;
-  static constexpr int kStageFloats = T * kStageStride;
-
-  // Two stage buffers, K distance/weight tiles, row and column sums of W per codebook, one mask per group.
-  static size_t shared_bytes(int64_t num_codebooks, int64_t num_groups) {
-    return sizeof(float) * (2 * kStageFloats + num_codebooks * (kFloats + 2 * T)) + sizeof(uint32_t) * num_groups;
-  }
-};
-
-__device__ __forceinline__ float4 load_float4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-
-// stage[i][dd] = samples[first + i, k, d0 + dd], zero outside the samples and past D.
-template <int T>
-__device__ void stage_chunk(const TileArgs& args, const float* samples, int first, int k, int d0, float* stage) {
-  for (int idx = threadIdx.x; idx < T * kChunk; idx += kThreads) {
-    const int i = idx / kChunk, dd = idx % kChunk;
-    const int n = first + i, d = d0 + dd;
-    stage[i * kStageStride + dd] =
-        (n < args.num_samples && d < args.dim)
-            ? samples[(static_cast<int64_t>(n) * args.num_codebooks + k) * args.dim + d]
-            : 0.0f;
-  }
-}
-
-// Squared distances of codebook k between the row block and the column tile, into this thread's entries
-// (ty + 16 i, tx + 16 j) of `dist`; 0 on the diagonal of a same-set tile and outside the samples.
-template <int T>
-__device__ void distance_tile(const TileArgs& args, int k, int row0, int col0, float* stage_a, float* stage_b,
-                              float* dist) {
-  constexpr int P = TileShape<T>::kPerThread;
-  const int tx = threadIdx.x % kThreadGrid, ty = threadIdx.x / kThreadGrid;
-  float dot[P][P] = {};
-  for (int d0 = 0; d0 < args.dim; d0 += kChunk) {
-    // Also orders this tile's first distance writes after every read of the previous tile's weights.
-    __syncthreads();
-    stage_chunk<T>(args, args.rows, row0, k, d0, stage_a);
-    stage_chunk<T>(args, args.cols, col0, k, d0, stage_b);
-    __syncthreads();
-#pragma unroll
-    for (int dd = 0; dd < kChunk; dd += 4) {
-      float4 a[P], b[P];
-#pragma unroll
-      for (int i = 0; i < P; ++i) a[i] = load_float4(stage_a + (ty + kThreadGrid * i) * kStageStride + dd);
-#pragma unroll
-      for (int j = 0; j < P; ++j) b[j] = load_float4(stage_b + (tx + kThreadGrid * j) * kStageStride + dd);
-#pragma unroll
-      for (int i = 0; i < P; ++i) {
-#pragma unroll
-        for (int j = 0; j < P; ++j) {
-          dot[i][j] = fmaf(a[i].x, b[j].x, dot[i][j]);
-          dot[i][j] = fmaf(a[i].y, b[j].y, dot[i][j]);
-          dot[i][j] = fmaf(a[i].z, b[j].z, dot[i][j]);
-          dot[i][j] = fmaf(a[i].w, b[j].w, dot[i][j]);
-        }
-      }
-    }
-  }
-  const int num_codebooks = args.num_codebooks;
-#pragma unroll
-  for (int i = 0; i < P; ++i) {
-#pragma unroll
-    for (int j = 0; j < P; ++j) {
-      const int r = ty + kThreadGrid * i, c = tx + kThreadGrid * j;
-      const int row = row0 + r, col = col0 + c;
-      float d = 0.0f;
-      if (row < args.row_end && col < args.num_samples && !(args.same_set && row == col)) {
-        d = sqdist_from_dot(args.row_norms[static_cast<int64_t>(row) * num_codebooks + k],
-                            args.col_norms[static_cast<int64_t>(col) * num_codebooks + k], dot[i][j]);
-      }
-      dist[r * TileShape<T>::kStride + c] = d;
-    }
-  }
-}
-
-// One of this thread's P x P tile entries: position in the tile, sample indices, and whether both are samples.
-template <int T>
-struct TileEntry {
-  int r, c, row, col;
-  bool in_range;
-  __device__ TileEntry(int index, int row0, int col0, int row_end, int num_samples) {
-    constexpr int P = TileShape<T>::kPerThread;
-    r = threadIdx.x / kThreadGrid + kThreadGrid * (index / P);
-    c = threadIdx.x % kThreadGrid + kThreadGrid * (index % P);
-    row = row0 + r;
-    col = col0 + c;
-    in_range = row < row_end && col < num_samples;
-  }
-};
-
-template <int T>
-__device__ __forceinline__ float group_distance(const float* entry, uint32_t mask) {
-  float sum = 0.0f;
-  for (uint32_t bits = mask; bits != 0u; bits &= bits - 1u) sum += entry[(__ffs(bits) - 1) * TileShape<T>::kFloats];
-  return sum;
-}
-
-// w[k] += value for every codebook k of the group; fully unrolled so that w stays in registers.
-__device__ __forceinline__ void add_to_members(float (&w)[kMaxCodebooks], uint32_t mask, float value) {
-#pragma unroll
-  for (int k = 0; k < kMaxCodebooks; ++k) {
-    if ((mask >> k) == 0u) break;
-    if ((mask >> k) & 1u) w[k] += value;
-  }
-}
-
-// entry[k] op= w[k] for k < K (assign, or add), unrolled for the same reason.
-template <int T, bool kAdd>
-__device__ __forceinline__ void store_weights(float* entry, const float (&w)[kMaxCodebooks], int num_codebooks) {
-#pragma unroll
-  for (int k = 0; k < kMaxCodebooks; ++k) {
-    if (k == num_codebooks) break;
-    float& slot = entry[k * TileShape<T>::kFloats];
-    slot = kAdd ? slot + w[k] : w[k];
-  }
-}
-
-// Shuffle term: returns this thread's weighted loss sum over its entries; with compute_grad, replaces each entry's
-// distances by W_k = sum_{g contains k} slope_g (0 where the entry is skipped).
-template <int T>
-__device__ float shuffle_weights(const TileArgs& args, const BandwidthPlan& plan, float* tiles,
-                                 const uint32_t* group_masks, int row0, int col0) {
-  constexpr int P = TileShape<T>::kPerThread;
-  float value = 0.0f;
-  for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
-    float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
-    float w[kMaxCodebooks] = {};
-    if (e.in_range && !(args.same_set && e.row == e.col)) {
-      for (int g = 0; g < args.num_groups; ++g) {
-        float slope = 0.0f;
-        shuffle_entry(group_distance<T>(entry, group_masks[g]), plan, args.term_weight, &value, &slope);
-        if (args.compute_grad) add_to_members(w, group_masks[g], slope);
-      }
-    }
-    if (args.compute_grad) store_weights<T, false>(entry, w, args.num_codebooks);
-  }
-  return value;
-}
-
-// dHSIC pass 1, joint part: sum over groups and bandwidths of e_a(D_g) on this thread's entries (diagonal included).
-template <int T>
-__device__ float dhsic_joint_sums(const TileArgs& args, const BandwidthPlan& plan, const float* tiles,
-                                  const uint32_t* group_masks, int row0, int col0) {
-  constexpr int P = TileShape<T>::kPerThread;
-  float value = 0.0f;
-  for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
-    if (!e.in_range) continue;
-    const float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
-    for (int g = 0; g < args.num_groups; ++g) {
-      float kernel[kMaxBandwidths];
-      eval_bandwidths(group_distance<T>(entry, group_masks[g]), plan, kernel);
-#pragma unroll
-      for (int a = 0; a < kMaxBandwidths; ++a) {
-        if (a < plan.count) value += kernel[a];
-      }
-    }
-  }
-  return value;
-}
-
-// dHSIC pass 1, marginal part: row_sums[k, a, n] += sum over the tile's columns of E_{k,a}(n, m). The 16 threads
-// sharing a row (one half-warp) reduce by shuffles; one of them adds to global memory.
-template <int T>
-__device__ void dhsic_row_sums(const TileArgs& args, const BandwidthPlan& plan, const float* tiles, int row0,
-                               int col0) {
-  constexpr int P = TileShape<T>::kPerThread;
-  const int tx = threadIdx.x % kThreadGrid, ty = threadIdx.x / kThreadGrid;
-  for (int k = 0; k < args.num_codebooks; ++k) {
-    for (int i = 0; i < P; ++i) {
-      const int r = ty + kThreadGrid * i, row = row0 + r;
-      float sums[kMaxBandwidths] = {};
-      for (int j = 0; j < P; ++j) {
-        const int c = tx + kThreadGrid * j;
-        if (row >= args.row_end || col0 + c >= args.num_samples) continue;
-        float kernel[kMaxBandwidths];
-        eval_bandwidths(tiles[k * TileShape<T>::kFloats + r * TileShape<T>::kStride + c], plan, kernel);
-#pragma unroll
-        for (int a = 0; a < kMaxBandwidths; ++a) {
-          if (a < plan.count) sums[a] += kernel[a];
-        }
-      }
-#pragma unroll
-      for (int a = 0; a < kMaxBandwidths; ++a) {
-        if (a < plan.count) {  // uniform across the warp, so every lane takes part in the shuffles
-          float sum = sums[a];
-          for (int offset = kThreadGrid / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-          if (tx == 0 && row < args.row_end) {
-            atomicAdd(&args.row_sums[(static_cast<int64_t>(k) * plan.count + a) * args.num_samples + row],
-                      static_cast<double>(sum));
-          }
-        }
-      }
-    }
-  }
-}
-
-// dHSIC pass 2: replaces each entry's distances by W_k(n, m) = sum_a dhsic_entry_weight(...). The joint part is
-// linear in J_{k,a} = sum_{g contains k} e_a(D_g), so it is accumulated per group and the per-codebook part added.
-// The diagonal (z_n - z_n = 0) and out-of-range entries get W = 0.
-template <int T>
-__device__ void dhsic_weights(const TileArgs& args, const BandwidthPlan& plan, float* tiles,
-                              const uint32_t* group_masks, int row0, int col0) {
-  constexpr int P = TileShape<T>::kPerThread;
-  const int64_t n = args.num_samples;
-  for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
-    float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
-    float w[kMaxCodebooks] = {};
-    if (!e.in_range || e.row == e.col) {
-      store_weights<T, false>(entry, w, args.num_codebooks);
-      continue;
-    }
-    for (int g = 0; g < args.num_groups; ++g) {
-      float kernel[kMaxBandwidths];
-      eval_bandwidths(group_distance<T>(entry, group_masks[g]), plan, kernel);
-      float joint_weight = 0.0f;
-#pragma unroll
-      for (int a = 0; a < kMaxBandwidths; ++a) {
-        if (a < plan.count) {
-          joint_weight += dhsic_entry_weight(plan.coef[a], args.inv_n2, kernel[a], 0.0f, 0.0f, 0.0f, 0.0f);
-        }
-      }
-      add_to_members(w, group_masks[g], joint_weight);
-    }
-    // Every group distance is done, so the distances can now be overwritten one codebook at a time.
-    for (int k = 0; k < args.num_codebooks; ++k) {
-      float& slot = entry[k * TileShape<T>::kFloats];
-      float kernel[kMaxBandwidths];
-      eval_bandwidths(slot, plan, kernel);
-      float weight = 0.0f;
-#pragma unroll
-      for (int a = 0; a < kMaxBandwidths; ++a) {
-        if (a < plan.count) {
-          const int64_t ka = static_cast<int64_t>(k) * plan.count + a;
-          weight += dhsic_entry_weight(plan.coef[a], args.inv_n2, 0.0f, kernel[a], args.gamma[ka],
-                                       args.beta[ka * n + e.row], args.beta[ka * n + e.col]);
-        }
-      }
-      slot = weight;
-    }
-    store_weights<T, true>(entry, w, args.num_codebooks);
-  }
-}
-
-// Row sums (and, for a two-sided term, column sums) of every W_k tile.
-template <int T>
-__device__ void weight_sums(const float* tiles, int num_codebooks, bool with_columns, float* row_sums,
-                            float* col_sums) {
-  for (int idx = threadIdx.x; idx < num_codebooks * T; idx += kThreads) {
-    const float* w = tiles + (idx / T) * TileShape<T>::kFloats;
-    const int o = idx % T;
-    float row = 0.0f;
-    for (int i = 0; i < T; i += 4) {
-      const float4 v = load_float4(w + o * TileShape<T>::kStride + i);
-      row += (v.x + v.y) + (v.z + v.w);
-    }
-    row_sums[idx] = row;
-    if (with_columns) {
-      float col = 0.0f;
-      for (int i = 0; i < T; ++i) col += w[i * TileShape<T>::kStride + o];
-      col_sums[idx] = col;
-    }
-  }
-}
-
-// grad[self n, k, :] += factor * (wsum[n] * self[n, k, :] - sum_i W(n, i) other[i, k, :]) for codebook k, where
-// the row side takes W as stored (self: rows, other: columns) and the column side its transpose.
-template <int T, bool kColumnSide>
-__device__ void accumulate_gradient(const TileArgs& args, int k, int row0, int col0, const float* weights,
-                                    const float* wsum, float factor, float* grad, float* stage) {
-  constexpr int P = TileShape<T>::kPerThread;
-  constexpr int S = TileShape<T>::kStride;
-  const float* self = kColumnSide ? args.cols : args.rows;
-  const float* other = kColumnSide ? args.rows : args.cols;
-  const int self0 = kColumnSide ? col0 : row0;
-  const int other0 = kColumnSide ? row0 : col0;
-  const int tx = threadIdx.x % kThreadGrid, ty = threadIdx.x / kThreadGrid;
-  for (int d0 = 0; d0 < args.dim; d0 += kChunk) {
-    __syncthreads();
-    stage_chunk<T>(args, other, other0, k, d0, stage);
-    __syncthreads();
-    float acc[P][kChunkPerThread] = {};
-    if constexpr (!kColumnSide) {
-      // outputs o = ty + 16 mi: W(o, i..i+3) is one float4
-      for (int i = 0; i < T; i += 4) {
-        float4 w[P];
-#pragma unroll
-        for (int mi = 0; mi < P; ++mi) w[mi] = load_float4(weights + (ty + kThreadGrid * mi) * S + i);
-#pragma unroll
-        for (int mj = 0; mj < kChunkPerThread; ++mj) {
-          const float* b = stage + i * kStageStride + tx + kThreadGrid * mj;
-          const float b0 = b[0], b1 = b[kStageStride], b2 = b[2 * kStageStride], b3 = b[3 * kStageStride];
-#pragma unroll
-          for (int mi = 0; mi < P; ++mi) {
-            float a = acc[mi][mj];
-            a = fmaf(w[mi].x, b0, a);
-            a = fmaf(w[mi].y, b1, a);
-            a = fmaf(w[mi].z, b2, a);
-            a = fmaf(w[mi].w, b3, a);
-            acc[mi][mj] = a;
-          }
-        }
-      }
-    } else {
-      // outputs o = P ty + mi: W(i, o..o+P-1) is contiguous in the tile row
-      for (int i = 0; i < T; ++i) {
-        const float* w = weights + i * S + P * ty;
-#pragma unroll
-        for (int mj = 0; mj < kChunkPerThread; ++mj) {
-          const float b = stage[i * kStageStride + tx + kThreadGrid * mj];
-#pragma unroll
-          for (int mi = 0; mi < P; ++mi) acc[mi][mj] = fmaf(w[mi], b, acc[mi][mj]);
-        }
-      }
-    }
-#pragma unroll
-    for (int mi = 0; mi < P; ++mi) {
-      const int o = kColumnSide ? P * ty + mi : ty + kThreadGrid * mi;
-      const int sample = self0 + o;
-      if (sample >= (kColumnSide ? args.num_samples : args.row_end)) continue;
-#pragma unroll
-      for (int mj = 0; mj < kChunkPerThread; ++mj) {
-        const int d = d0 + tx + kThreadGrid * mj;
-        if (d >= args.dim) continue;
-        const int64_t at = (static_cast<int64_t>(sample) * args.num_codebooks + k) * args.dim + d;
-        atomicAdd(grad + at, factor * (wsum[o] * self[at] - acc[mi][mj]));
-      }
-    }
-  }
-}
-
-// Sums `value` over the CTA (warp shuffles, then one double per warp in `scratch`) and stores it to *out.
-__device__ void store_block_sum(double value, double* scratch, double* out) {
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  __syncthreads();  // scratch aliases a stage buffer that other warps may still read
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int warp = 0; warp < kThreads / 32; ++warp) total += scratch[warp];
-    *out = total;
-  }
-}
-
-template <int T, Pass kPass>
-__global__ void __launch_bounds__(kThreads) mmd_tiles_kernel(const __grid_constant__ TileArgs args,
-                                                             const __grid_constant__ BandwidthPlan plan) {
-  using Shape = TileShape<T>;
-  extern __shared__ float4 shared_storage[];
-  float* stage_a = reinterpret_cast<float*>(shared_storage);
-  float* stage_b = stage_a + Shape::kStageFloats;
-  float* tiles = stage_b + Shape::kStageFloats;
-  float* row_wsums = tiles + args.num_codebooks * Shape::kFloats;
-  float* col_wsums = row_wsums + args.num_codebooks * T;
-  uint32_t* group_masks = reinterpret_cast<uint32_t*>(col_wsums + args.num_codebooks * T);
-
-  for (int g = threadIdx.x; g < args.num_groups; g += kThreads) {
-    uint32_t mask = 0u;
-    for (int k = 0; k < args.num_codebooks; ++k) {
-      if (args.groups[static_cast<int64_t>(g) * args.num_codebooks + k] != 0) mask |= 1u << k;
-    }
-    group_masks[g] = mask;
-  }
-  __syncthreads();
-
-  const int num_tiles = (args.num_samples + T - 1) / T;
-  const int row0 = args.row_begin + blockIdx.x * T;
-  const int first_tile = blockIdx.y * args.tiles_per_split;
-  const int end_tile = min(first_tile + args.tiles_per_split, num_tiles);
-  double thread_total = 0.0;
-  for (int tile = first_tile; tile < end_tile; ++tile) {
-    const int col0 = tile * T;
-    for (int k = 0; k < args.num_codebooks; ++k) {
-      distance_tile<T>(args, k, row0, col0, stage_a, stage_b, tiles + k * Shape::kFloats);
-    }
-    // Each thread reads and rewrites only the entries it wrote above: no barrier until W is shared.
-    if constexpr (kPass == Pass::kShuffle) {
-      thread_total += shuffle_weights<T>(args, plan, tiles, group_masks, row0, col0);
-    } else if constexpr (kPass == Pass::kDhsicSums) {
-      thread_total += dhsic_joint_sums<T>(args, plan, tiles, group_masks, row0, col0);
-      dhsic_row_sums<T>(args, plan, tiles, row0, col0);
-    } else {
-      dhsic_weights<T>(args, plan, tiles, group_masks, row0, col0);
-    }
-    if constexpr (kPass != Pass::kDhsicSums) {
-      if (!args.compute_grad) continue;
-      __syncthreads();
-      weight_sums<T>(tiles, args.num_codebooks, args.grad_cols != nullptr, row_wsums, col_wsums);
-      __syncthreads();
-      for (int k = 0; k < args.num_codebooks; ++k) {
-        const float* weights = tiles + k * Shape::kFloats;
-        accumulate_gradient<T, false>(args, k, row0, col0, weights, row_wsums + k * T, args.row_factor,
-                                      args.grad_rows, stage_a);
-        if (args.grad_cols != nullptr) {
-          accumulate_gradient<T, true>(args, k, row0, col0, weights, col_wsums + k * T, args.col_factor,
-                                       args.grad_cols, stage_a);
-        }
-      }
-    }
-  }
-  if (args.loss_partials != nullptr) {
-    store_block_sum(thread_total, reinterpret_cast<double*>(stage_a),
-                    args.loss_partials + static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Host side
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -523,61 +72,6 @@ void launch_tiles(const LaunchConfig& config, const TileArgs& args, const Bandwi
   }
 }
 
-BandwidthPlan make_bandwidth_plan(c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
-                                  c10::ArrayRef<int64_t> chain_step, double chain_base) {
-  const int64_t count = static_cast<int64_t>(coefs.size());
-  TORCH_CHECK(count >= 1 && count <= kMaxBandwidths, "coefs must hold 1 to ", kMaxBandwidths, " bandwidths, got ",
-              count);
-  TORCH_CHECK(static_cast<int64_t>(chain_src.size()) == count && static_cast<int64_t>(chain_step.size()) == count,
-              "chain_src and chain_step must have one entry per coef (", count, "), got ", chain_src.size(), " and ",
-              chain_step.size());
-  BandwidthPlan plan{};
-  plan.count = static_cast<int>(count);
-  plan.base_coef = static_cast<float>(chain_base);
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t src = chain_src[j];
-    TORCH_CHECK(coefs[j] > 0.0, "coefs must be positive, got coefs[", j, "] = ", coefs[j]);
-    TORCH_CHECK(src == kDirectExp || src == kFromBase || (src >= 0 && src < j), "chain_src[", j,
-                "] must be -2, -1 or an earlier bandwidth's index, got ", src);
-    TORCH_CHECK(src == kDirectExp || chain_step[j] >= 1, "chain_step[", j, "] must be >= 1, got ", chain_step[j]);
-    TORCH_CHECK(src != kFromBase || chain_base > 0.0, "chain_base must be positive when chain_src[", j,
-                "] = -1, got ", chain_base);
-    plan.coef[j] = static_cast<float>(coefs[j]);
-    plan.src[j] = static_cast<int>(src);
-    plan.step[j] = static_cast<int>(chain_step[j]);
-  }
-  return plan;
-}
-
-void check_samples(const at::Tensor& z) {
-  TORCH_CHECK(z.is_cuda(), "z must be a CUDA tensor, got a tensor on ", z.device());
-  MMD_CHECK_DTYPE(z, at::kFloat);
-  MMD_CHECK_DIM(z, 3);
-  MMD_CHECK_CONTIGUOUS(z);
-  TORCH_CHECK(z.size(0) >= 2 && z.size(0) <= INT32_MAX, "z must hold N >= 2 samples (dim 0), got shape ", z.sizes());
-  TORCH_CHECK(z.size(1) >= 1 && z.size(1) <= kMaxCodebooks, "z must have 1 to ", kMaxCodebooks,
-              " codebooks (dim 1), got shape ", z.sizes());
-  TORCH_CHECK(z.size(2) >= 1 && z.size(2) <= INT32_MAX, "z must have a feature size D >= 1 (dim 2), got shape ",
-              z.sizes());
-}
-
-void check_groups(const at::Tensor& groups, const at::Tensor& z) {
-  MMD_CHECK_DEVICE(groups, z.device());
-  MMD_CHECK_DTYPE(groups, at::kInt);
-  MMD_CHECK_DIM(groups, 2);
-  TORCH_CHECK(groups.size(1) == z.size(1), "groups must have shape (G, K) with K = ", z.size(1),
-              " codebooks, got ", groups.sizes());
-  TORCH_CHECK(groups.size(0) <= INT32_MAX, "groups has too many rows: ", groups.size(0));
-}
-
-// row_end = -1 means N; checks 0 <= row_begin <= row_end <= N and returns row_end.
-int64_t check_row_range(int64_t row_begin, int64_t row_end, int64_t n) {
-  if (row_end < 0) row_end = n;
-  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= n,
-              "row range must satisfy 0 <= row_begin <= row_end <= N = ", n, ", got [", row_begin, ", ", row_end, ")");
-  return row_end;
-}
-
 // Fields shared by every launch on the samples z, for the rows [row_begin, row_end).
 TileArgs base_args(const at::Tensor& z, const at::Tensor& groups, bool compute_grad, int64_t row_begin,
                    int64_t row_end) {
@@ -600,16 +94,11 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_rows_cuda(const at::Tensor& z, co
                                                          c10::ArrayRef<int64_t> chain_step, double chain_base,
                                                          c10::ArrayRef<double> term_weights, int64_t row_begin,
                                                          int64_t row_end, bool compute_grad) {
-  check_samples(z);
+  const auto checked = check_shuffle_args(c10::DeviceType::CUDA, z, perms, groups, coefs, chain_src, chain_step,
+                                          chain_base, term_weights, row_begin, row_end);
   const int64_t num_samples = z.size(0), num_codebooks = z.size(1), dim = z.size(2);
-  row_end = check_row_range(row_begin, row_end, num_samples);
-  MMD_CHECK_DEVICE(perms, z.device());
-  MMD_CHECK_DTYPE(perms, at::kLong);
-  MMD_CHECK_SHAPE(perms, num_codebooks, num_samples);
-  check_groups(groups, z);
-  TORCH_CHECK(term_weights.size() == 3, "term_weights must be [w_xx, w_yy, w_xy], got ", term_weights.size(),
-              " values");
-  const BandwidthPlan plan = make_bandwidth_plan(coefs, chain_src, chain_step, chain_base);
+  row_end = checked.row_end;
+  const BandwidthPlan& plan = checked.plan;
   const c10::cuda::CUDAGuard device_guard(z.device());
 
   const at::Tensor groups_c = groups.contiguous();
@@ -702,81 +191,48 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad_cuda(const at::Tenso
                                                                  const BandwidthPlan& plan, const at::Tensor& sums,
                                                                  int64_t row_begin, int64_t row_end,
                                                                  bool compute_grad) {
-  const int64_t num_samples = z.size(0), num_codebooks = z.size(1), num_bandwidths = plan.count;
-  const int64_t num_groups = groups_c.size(0);
-  const auto double_options = z.options().dtype(at::kDouble);
-  const at::Tensor row_sums = sums.narrow(0, 0, num_codebooks * num_bandwidths).view({num_codebooks, num_bandwidths,
-                                                                                      num_samples});
-  const at::Tensor joint_total = sums.select(0, num_codebooks * num_bandwidths).sum();
-
-  // Products over a group's codebooks as exp(groups @ log(.)): every row mean is >= 1/N (E = 1 on the diagonal),
-  // so the logs are finite, and prod_{i in g, i != k} is the group's product divided by the k-th factor.
-  const double n = static_cast<double>(num_samples);
-  const at::Tensor row_means = row_sums / n;                 // rbar [K, A, N]
-  const at::Tensor means = row_means.mean(-1);               // s [K, A]
-  const at::Tensor membership = groups_c.ne(0).to(at::kDouble);  // [G, K]
-  const at::Tensor mean_products = membership.mm(means.log()).exp();  // [G, A]
-  at::Tensor cross_sum = at::zeros({}, double_options);
-  at::Tensor beta;
-  if (compute_grad) beta = at::empty({num_codebooks, num_bandwidths, num_samples}, double_options);
-  // Chunks over n bound the [G, A, chunk] product tensor (G = K (K - 1) / 2 in pairwise mode).
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(1, num_groups * num_bandwidths));
-  for (int64_t n0 = 0; n0 < num_samples; n0 += chunk) {
-    const int64_t length = std::min(chunk, num_samples - n0);
-    const at::Tensor rbar = row_means.narrow(2, n0, length);
-    const at::Tensor row_products =
-        membership.mm(rbar.log().reshape({num_codebooks, num_bandwidths * length})).exp();  // [G, A * length]
-    cross_sum += row_products.sum();
-    if (compute_grad) {
-      beta.narrow(2, n0, length)
-          .copy_(membership.t().mm(row_products).view({num_codebooks, num_bandwidths, length}) / rbar * (2.0 / (n * n)));
-    }
-  }
-  const at::Tensor loss = (joint_total / (n * n) + mean_products.sum() - cross_sum * (2.0 / n)).to(at::kFloat);
-  if (!compute_grad) return {loss, at::empty({0}, z.options())};
+  const int64_t num_samples = z.size(0), num_codebooks = z.size(1);
+  const DhsicStats stats = dhsic_statistics(sums, groups_c, plan.count, compute_grad);
+  if (!compute_grad) return {stats.loss, at::empty({0}, z.options())};
 
   // Pass 2: recompute the tiles with the gradient weights.
-  const at::Tensor gamma = (membership.t().mm(mean_products) / means / (n * n)).to(at::kFloat).contiguous();
-  const at::Tensor beta_f = beta.to(at::kFloat).contiguous();
   at::Tensor grad = at::zeros_like(z);
-  const LaunchConfig config = make_launch_config(row_end - row_begin, num_samples, num_codebooks, num_groups);
+  const LaunchConfig config =
+      make_launch_config(row_end - row_begin, num_samples, num_codebooks, groups_c.size(0));
   const at::Tensor norms = z.square().sum(-1);
   TileArgs args = base_args(z, groups_c, true, row_begin, row_end);
   args.rows = args.cols = z.data_ptr<float>();
   args.row_norms = args.col_norms = norms.data_ptr<float>();
   args.same_set = true;
-  args.gamma = gamma.data_ptr<float>();
-  args.beta = beta_f.data_ptr<float>();
+  args.gamma = stats.gamma.data_ptr<float>();
+  args.beta = stats.beta.data_ptr<float>();
+  const double n = static_cast<double>(num_samples);
   args.inv_n2 = static_cast<float>(1.0 / (n * n));
   args.row_factor = 2.0f;
   args.grad_rows = grad.data_ptr<float>();
   launch_tiles<Pass::kDhsicGrad>(config, args, plan);
-  return {loss, grad};
+  return {stats.loss, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> mmd_dhsic_cuda(const at::Tensor& z, const at::Tensor& groups,
                                                   c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
                                                   c10::ArrayRef<int64_t> chain_step, double chain_base,
                                                   bool compute_grad) {
-  check_samples(z);
-  check_groups(groups, z);
-  const BandwidthPlan plan = make_bandwidth_plan(coefs, chain_src, chain_step, chain_base);
+  const auto checked =
+      check_dhsic_args(c10::DeviceType::CUDA, z, groups, coefs, chain_src, chain_step, chain_base, 0, -1);
   const c10::cuda::CUDAGuard device_guard(z.device());
   const at::Tensor groups_c = groups.contiguous();
-  const int64_t n = z.size(0);
-  const at::Tensor sums = dhsic_sums_cuda(z, groups_c, plan, 0, n);
-  return dhsic_loss_and_rows_grad_cuda(z, groups_c, plan, sums, 0, n, compute_grad);
+  const at::Tensor sums = dhsic_sums_cuda(z, groups_c, checked.plan, 0, checked.row_end);
+  return dhsic_loss_and_rows_grad_cuda(z, groups_c, checked.plan, sums, 0, checked.row_end, compute_grad);
 }
 
 at::Tensor mmd_dhsic_sums_cuda(const at::Tensor& z, const at::Tensor& groups, c10::ArrayRef<double> coefs,
                                c10::ArrayRef<int64_t> chain_src, c10::ArrayRef<int64_t> chain_step,
                                double chain_base, int64_t row_begin, int64_t row_end) {
-  check_samples(z);
-  check_groups(groups, z);
-  const BandwidthPlan plan = make_bandwidth_plan(coefs, chain_src, chain_step, chain_base);
+  const auto checked = check_dhsic_args(c10::DeviceType::CUDA, z, groups, coefs, chain_src, chain_step, chain_base,
+                                        row_begin, row_end);
   const c10::cuda::CUDAGuard device_guard(z.device());
-  row_end = check_row_range(row_begin, row_end, z.size(0));
-  return dhsic_sums_cuda(z, groups.contiguous(), plan, row_begin, row_end);
+  return dhsic_sums_cuda(z, groups.contiguous(), checked.plan, row_begin, checked.row_end);
 }
 
 std::tuple<at::Tensor, at::Tensor> mmd_dhsic_rows_cuda(const at::Tensor& z, const at::Tensor& groups,
@@ -784,16 +240,12 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_rows_cuda(const at::Tensor& z, cons
                                                        c10::ArrayRef<int64_t> chain_step, double chain_base,
                                                        const at::Tensor& sums, int64_t row_begin, int64_t row_end,
                                                        bool compute_grad) {
-  check_samples(z);
-  check_groups(groups, z);
-  const BandwidthPlan plan = make_bandwidth_plan(coefs, chain_src, chain_step, chain_base);
+  const auto checked = check_dhsic_args(c10::DeviceType::CUDA, z, groups, coefs, chain_src, chain_step, chain_base,
+                                        row_begin, row_end);
+  check_dhsic_sums(sums, z, checked.plan);
   const c10::cuda::CUDAGuard device_guard(z.device());
-  row_end = check_row_range(row_begin, row_end, z.size(0));
-  MMD_CHECK_DEVICE(sums, z.device());
-  MMD_CHECK_DTYPE(sums, at::kDouble);
-  MMD_CHECK_SHAPE(sums, z.size(1) * plan.count + 1, z.size(0));
-  return dhsic_loss_and_rows_grad_cuda(z, groups.contiguous(), plan, sums.contiguous(), row_begin, row_end,
-                                       compute_grad);
+  return dhsic_loss_and_rows_grad_cuda(z, groups.contiguous(), checked.plan, sums.contiguous(), row_begin,
+                                       checked.row_end, compute_grad);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Tile maths of the fused MMD loss, shared by the C++ CPU kernel (mmd_cpu.cpp) and the CUDA kernel (mmd_cuda.cu).
+// Tile maths of the fused MMD loss, shared by the C++ CPU kernels (*_cpu.cpp) and the CUDA kernels (tiles_cuda.h).
 // Everything here is a __host__ __device__ function on scalars, so the CPU tests exercise the same arithmetic
 // that the GPU runs: squared distance from a dot product, the fast exp, the multi-bandwidth chain (one exp per
 // entry, the other bandwidths by integer powers), and the per-entry loss/gradient weights of both estimators.
@@ -18,6 +18,8 @@ namespace mmd {
 
 constexpr int kMaxBandwidths = 8;
 constexpr int kMaxCodebooks = 32;
+// Largest chain step (a power of an earlier bandwidth or of the base): MAX_CHAIN_POWER in mmdkernels/mmd/plan.py.
+constexpr int kMaxChainPower = 1024;
 // src value of a bandwidth that is evaluated by its own exp instead of a power of an earlier one.
 constexpr int kDirectExp = -2;
 // src value of a bandwidth that is a power of the chain's base v = exp(-base_coef * d).

@@ -29,27 +29,6 @@ void power_chunk(const float* base, int step, float* out, int64_t len) {
 
 }  // namespace
 
-BandwidthPlan make_plan(c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
-                        c10::ArrayRef<int64_t> chain_step, double chain_base) {
-  const int64_t count = static_cast<int64_t>(coefs.size());
-  TORCH_CHECK(count >= 1 && count <= kMaxBandwidths, "coefs must hold 1..", kMaxBandwidths, " bandwidths, got ", count);
-  TORCH_CHECK(static_cast<int64_t>(chain_src.size()) == count && static_cast<int64_t>(chain_step.size()) == count,
-              "chain_src and chain_step must have one entry per bandwidth (", count, ")");
-  BandwidthPlan plan{};
-  plan.count = static_cast<int>(count);
-  plan.base_coef = static_cast<float>(chain_base);
-  for (int64_t j = 0; j < count; ++j) {
-    TORCH_CHECK(coefs[j] > 0, "coefs must be positive, got ", coefs[j]);
-    TORCH_CHECK(chain_src[j] >= kDirectExp && chain_src[j] < j, "chain_src[", j, "] must be -2, -1 or < ", j);
-    TORCH_CHECK(chain_step[j] >= 1, "chain_step[", j, "] must be >= 1");
-    TORCH_CHECK(chain_src[j] != kFromBase || chain_base > 0, "chain_base must be positive when a bandwidth uses it");
-    plan.coef[j] = static_cast<float>(coefs[j]);
-    plan.src[j] = static_cast<int>(chain_src[j]);
-    plan.step[j] = static_cast<int>(chain_step[j]);
-  }
-  return plan;
-}
-
 void bandwidths_chunk(const float* dist, const BandwidthPlan& plan, float (*e)[kChunk], int64_t len) {
   float base[kChunk];
   if (plan.base_coef > 0.0f) {
@@ -68,18 +47,10 @@ void bandwidths_chunk(const float* dist, const BandwidthPlan& plan, float (*e)[k
 }
 
 SliceLayout make_layout(const at::Tensor& groups, int64_t num_codebooks, int64_t dim, bool allow_joint_slice) {
-  const auto g = groups.to(at::kCPU).to(at::kInt).contiguous();
+  const auto g = groups.contiguous();
   const int64_t num_groups = g.size(0);
   const int* mask = g.data_ptr<int>();
-  const bool single_full_group =
-      num_groups == 1 && std::all_of(mask, mask + num_codebooks, [](int v) { return v != 0; });
-  SliceLayout layout;
-  if (allow_joint_slice && single_full_group) {
-    layout = {1, num_codebooks * dim, {{0}}};
-    return layout;
-  }
-  layout.num_slices = num_codebooks;
-  layout.width = dim;
+  SliceLayout layout{num_codebooks, dim, {}};
   for (int64_t row = 0; row < num_groups; ++row) {
     std::vector<int> members;
     for (int64_t k = 0; k < num_codebooks; ++k) {
@@ -90,6 +61,9 @@ SliceLayout make_layout(const at::Tensor& groups, int64_t num_codebooks, int64_t
     TORCH_CHECK(!members.empty(), "groups row ", row, " selects no codebook");
     layout.group_members.push_back(members);
   }
+  const bool single_full_group =
+      num_groups == 1 && static_cast<int64_t>(layout.group_members[0].size()) == num_codebooks;
+  if (allow_joint_slice && single_full_group) layout = {1, num_codebooks * dim, {{0}}};
   return layout;
 }
 
@@ -191,30 +165,6 @@ void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Ten
       sink_b.add(layout, s, tile.col0 + c0, update);
     }
   }
-}
-
-void check_samples(const at::Tensor& z) {
-  MMD_CHECK_DEVICE(z, at::Device(at::kCPU));
-  MMD_CHECK_DTYPE(z, at::kFloat);
-  MMD_CHECK_DIM(z, 3);
-  MMD_CHECK_CONTIGUOUS(z);
-  TORCH_CHECK(z.size(0) >= 2, "z must hold at least 2 samples (dim 0), got ", z.size(0));
-  TORCH_CHECK(z.size(1) >= 1 && z.size(1) <= kMaxCodebooks, "z must have 1..", kMaxCodebooks,
-              " codebooks (dim 1), got ", z.size(1));
-  TORCH_CHECK(z.size(2) >= 1, "z must have a feature size >= 1 (dim 2), got ", z.size(2));
-}
-
-void check_groups(const at::Tensor& groups, int64_t num_codebooks) {
-  MMD_CHECK_DIM(groups, 2);
-  TORCH_CHECK(groups.size(1) == num_codebooks && groups.size(0) >= 1, "groups must have shape [G >= 1, ",
-              num_codebooks, "], got ", groups.sizes());
-}
-
-int64_t check_row_range(int64_t row_begin, int64_t row_end, int64_t n) {
-  if (row_end < 0) row_end = n;
-  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= n,
-              "row range must satisfy 0 <= row_begin <= row_end <= N = ", n, ", got [", row_begin, ", ", row_end, ")");
-  return row_end;
 }
 
 }  // namespace mmd

@@ -1,5 +1,6 @@
-// CPU tile machinery shared by the shuffle (mmd_cpu.cpp) and dHSIC (dhsic_cpu.cpp) kernels: the bandwidth
-// plan, the feature-slice layout, distance tiles by BLAS GEMM, vectorised chain evaluation, gradient GEMMs.
+// CPU tile machinery shared by the shuffle (mmd_cpu.cpp) and dHSIC (dhsic_cpu.cpp) kernels: the feature-slice
+// layout, distance tiles by BLAS GEMM, vectorised chain evaluation, gradient GEMMs. (Argument checks and the
+// bandwidth plan: mmd_args.h, shared with CUDA.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,7 +12,7 @@
 #define MMD_HAS_MXCSR 1
 #endif
 
-#include "common/checks.h"
+#include "mmd/mmd_args.h"
 #include "mmd/mmd_tile.h"
 
 namespace mmdkernels {
@@ -43,14 +44,12 @@ inline double sum_chunk(const float* v, int64_t len) {
   return s;
 }
 
-BandwidthPlan make_plan(c10::ArrayRef<double> coefs, c10::ArrayRef<int64_t> chain_src,
-                        c10::ArrayRef<int64_t> chain_step, double chain_base);
-
 // e[j][m] = exp(-coef_j * dist[m]) for every bandwidth, by the plan's chain (eval_bandwidths, vectorised).
 void bandwidths_chunk(const float* dist, const BandwidthPlan& plan, float (*e)[kChunk], int64_t len);
 
 // The feature axis as S slices of equal width: one slice of K*D when the only group holds every codebook (joint
-// mode needs just the joint distance), else one slice per codebook. Groups are re-expressed over slices.
+// mode needs just the joint distance), else one slice per codebook. Groups are re-expressed over slices; their
+// values are checked here (0/1, every row selecting a codebook), the rest of the contract by check_groups.
 struct SliceLayout {
   int64_t num_slices;
   int64_t width;
@@ -108,11 +107,6 @@ void add_row_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor
 // sink_b[tile cols] += scale * (colsum(W) * b[cols] - W^T @ a[rows]): the column side of the xy term.
 void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
                          const SliceLayout& layout, double scale, const GradientSink& sink_b);
-
-void check_samples(const at::Tensor& z);
-void check_groups(const at::Tensor& groups, int64_t num_codebooks);
-// row_end = -1 means N; checks 0 <= row_begin <= row_end <= N and returns row_end.
-int64_t check_row_range(int64_t row_begin, int64_t row_end, int64_t n);
 
 }  // namespace mmd
 }  // namespace mmdkernels

@@ -19,6 +19,7 @@ from mmdkernels.mmd.reference import (
     draw_permutations,
     mmd_loss_ref,
     normalization_weights,
+    shuffle_loss,
 )
 from mmdkernels.mmd.samples import FusedLoss
 
@@ -164,5 +165,4 @@ def mmd_loss(
     def run_kernel(z, compute_grad):
         return op(z, perms, groups, *plan_args, list(weights), compute_grad)
 
-    loss = FusedLoss.apply(x, delay, run_kernel) + constant
-    return loss.clamp(min=0) if normalization == "reference" else loss
+    return shuffle_loss(FusedLoss.apply(x, delay, run_kernel), normalization, constant)

@@ -30,6 +30,7 @@ from mmdkernels.mmd.reference import (
     draw_permutations,
     flatten_samples,
     normalization_weights,
+    shuffle_loss,
     shuffle_sums_ref,
     standardize,
 )
@@ -230,9 +231,7 @@ def mmd_loss_distributed(
     loss = _PrecomputedGrad.apply(x, loss, grad_x) if grad_x is not None else loss
     if estimator == "shuffle":
         _, constant = normalization_weights(normalization, num_samples, batch, groups.shape[0], len(bandwidths))
-        loss = loss + constant
-        if normalization == "reference":
-            loss = loss.clamp(min=0)
+        loss = shuffle_loss(loss, normalization, constant)
     return loss
 
 

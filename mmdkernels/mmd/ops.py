@@ -1,9 +1,13 @@
 """The fused MMD ops as torch.library custom ops, each with a fake (meta) implementation and registered autograd.
 
-Compiled ops (`mmdkernels::mmd_shuffle`, `mmdkernels::mmd_dhsic`; schemas in csrc/bindings.cpp, CPU and CUDA
-implementations by dispatch key) and their Triton twins (`..._triton`, defined here) share one contract
-(docs/mmd_kernels.md): they return (loss, grad). The loss is a scalar, so the gradient is computed in the same tile
-pass as the loss (as fused cross-entropy kernels do) and backward only scales it by the incoming gradient.
+Compiled ops (`mmdkernels::mmd_shuffle`, `mmdkernels::mmd_dhsic` and the row-range forms; schemas in
+csrc/bindings.cpp, CPU and CUDA implementations by dispatch key) and their Triton twins (`..._triton`, defined here)
+share one contract (docs/mmd_kernels.md, "Inputs"; checked by csrc/mmd/mmd_args.h and triton_common.py): z float32
+[N, K, D] contiguous, perms int64 [K, N] and groups int32 [G, K] on z's device, the plan of plan.plan_op_args.
+Callers build them with reference.draw_permutations, reference.codebook_groups(..., device=z.device) and
+plan.plan_op_args, which produce exactly that. They return (loss, grad). The loss is a scalar, so the gradient is
+computed in the same tile pass as the loss (as fused cross-entropy kernels do) and backward only scales it by the
+incoming gradient.
 """
 
 from __future__ import annotations
@@ -52,9 +56,9 @@ def mmd_shuffle_triton(
     term_weights: list[float],
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from mmdkernels.mmd import triton_kernels
+    from mmdkernels.mmd import triton_shuffle
 
-    return triton_kernels.mmd_shuffle_triton(
+    return triton_shuffle.mmd_shuffle_triton(
         z, perms, groups, coefs, chain_src, chain_step, chain_base, term_weights, compute_grad
     )
 
@@ -69,9 +73,9 @@ def mmd_dhsic_triton(
     chain_base: float,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from mmdkernels.mmd import triton_kernels
+    from mmdkernels.mmd import triton_dhsic
 
-    return triton_kernels.mmd_dhsic_triton(z, groups, coefs, chain_src, chain_step, chain_base, compute_grad)
+    return triton_dhsic.mmd_dhsic_triton(z, groups, coefs, chain_src, chain_step, chain_base, compute_grad)
 
 
 @torch.library.custom_op("mmdkernels::mmd_shuffle_rows_triton", mutates_args=())
@@ -88,9 +92,9 @@ def mmd_shuffle_rows_triton(
     row_end: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from mmdkernels.mmd import triton_kernels
+    from mmdkernels.mmd import triton_shuffle
 
-    return triton_kernels.mmd_shuffle_triton(
+    return triton_shuffle.mmd_shuffle_triton(
         z, perms, groups, coefs, chain_src, chain_step, chain_base, term_weights, compute_grad, (row_begin, row_end)
     )
 
@@ -106,9 +110,9 @@ def mmd_dhsic_sums_triton(
     row_begin: int,
     row_end: int,
 ) -> torch.Tensor:
-    from mmdkernels.mmd import triton_kernels
+    from mmdkernels.mmd import triton_dhsic
 
-    return triton_kernels.mmd_dhsic_sums_triton(z, groups, coefs, chain_src, chain_step, chain_base, row_begin, row_end)
+    return triton_dhsic.mmd_dhsic_sums_triton(z, groups, coefs, chain_src, chain_step, chain_base, row_begin, row_end)
 
 
 @torch.library.custom_op("mmdkernels::mmd_dhsic_rows_triton", mutates_args=())
@@ -124,9 +128,9 @@ def mmd_dhsic_rows_triton(
     row_end: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from mmdkernels.mmd import triton_kernels
+    from mmdkernels.mmd import triton_dhsic
 
-    return triton_kernels.mmd_dhsic_rows_triton(
+    return triton_dhsic.mmd_dhsic_rows_triton(
         z, groups, coefs, chain_src, chain_step, chain_base, sums, row_begin, row_end, compute_grad
     )
 

@@ -17,7 +17,7 @@ from typing import Sequence
 from mmdkernels._ext import constant_under_compile
 
 MAX_BANDWIDTHS = 8  # kMaxBandwidths in csrc/mmd/mmd_tile.h
-MAX_CHAIN_POWER = 1024
+MAX_CHAIN_POWER = 1024  # kMaxChainPower: the largest chain_step every backend accepts
 DIRECT_EXP = -2  # kDirectExp
 FROM_BASE = -1  # kFromBase
 

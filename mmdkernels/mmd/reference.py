@@ -172,6 +172,20 @@ def normalization_weights(
     return (1.0 / (b * (b - 1.0)), 1.0 / (b * (b - 1.0)), -2.0 / (b * b)), constant
 
 
+def shuffle_loss(term_sums: torch.Tensor, normalization: str, constant: float) -> torch.Tensor:
+    """The shuffle estimator's loss from its weighted term sums (shuffle_sums_ref or a fused kernel's): plus the
+    normalisation's constant, clamped at 0 for normalization="reference" (the published code's clamp). Every path
+    (reference, fused, distributed) finishes the loss here.
+
+    Args:
+        term_sums: 0-dim, w_xx S_xx + w_yy S_yy + w_xy S_xy with the weights of normalization_weights.
+        normalization: "unbiased" or "reference".
+        constant: the additive constant that normalization_weights returned.
+    """
+    loss = term_sums + constant
+    return loss.clamp(min=0) if normalization == "reference" else loss
+
+
 def mmd_loss_ref(
     x: torch.Tensor,
     *,
@@ -200,5 +214,4 @@ def mmd_loss_ref(
     if perms is None:
         perms = draw_permutations(num_samples, num_codebooks, generator, z.device)
     weights, constant = normalization_weights(normalization, num_samples, batch, groups.shape[0], len(bandwidths))
-    loss = shuffle_sums_ref(z, perms, groups, bandwidths, weights) + constant
-    return loss.clamp(min=0) if normalization == "reference" else loss
+    return shuffle_loss(shuffle_sums_ref(z, perms, groups, bandwidths, weights), normalization, constant)
