@@ -105,8 +105,8 @@ def mmd_loss(
         normalization: "unbiased" (N-sample U-statistic, can be slightly negative) or "reference" (the published
             batch-size scaling and clamp at 0; shuffle only).
         generator: torch.Generator for the permutations (None: the global RNG, as the published code).
-        backend: "cpp", "cuda", "triton" or "reference"; None picks the fastest available (MMDKERNELS_BACKEND
-            overrides).
+        backend: "cpp", "cuda", "triton" or "reference"; None picks the fastest available (the environment can
+            force one, as for every op: mmdkernels/_dispatch.py).
         process_group: a torch.distributed group (torch.distributed.group.WORLD: all ranks): the loss over the
             samples of every rank together (docs/mmd_kernels.md, "Global-batch MMD"); a collective, so every rank
             of the group must call it. With the shuffle estimator a `generator` must be seeded identically on
