@@ -5,8 +5,18 @@
 
 Default strides (8, 5, 4, 4) give a hop of 640 samples: 50 frames/s at 32 kHz, as MusicGen's codec. Channels are
 configurable, small by default so the codec trains on a CPU. Losses: L1 on the waveform, multi-scale mel L1
-(torchaudio), the RVQ commitment loss and lambda_mmd times the MMD independence loss on the per-codebook outputs
-(`mmdkernels.mmd_loss`, optionally delay-aligned): the codec of arXiv 2406.02315.
+(torchaudio), the RVQ commitment loss, and the MMD independence loss of arXiv 2406.02315 on the quantizer's
+per-stage streams (delay-aligned by default):
+
+- the published recipe (mmd_every >= 1, the default 32: audiocraft's EnCodec-MMD solver): every mmd_every training
+  steps the trainer re-encodes the last mmd_every batches (`macro_batch_mmd`, encoder checkpointed), takes the
+  per-stage streams *before* quantization (mmd_input="pre_quantization": stage k's input residual
+  x - sum_{j<k} q_j) and back-propagates lambda_mmd times `mmdkernels.MMDLoss` (the published normalisation by the
+  macro-batch size B) on its own; `forward` leaves the term out;
+- mmd_every = 0: the term is part of every forward pass, on the batch alone (`mmdkernels.mmd_loss`, unbiased).
+
+mmd_input="quantized" takes the straight-through per-codebook outputs q_k instead (values of the chosen entries,
+gradient to the encoder).
 """
 
 from __future__ import annotations
@@ -15,11 +25,14 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.utils.checkpoint
 import torchaudio
 from torch import nn
 
 import mmdkernels
-from mmdkernels.rvq.module import ResidualVQ
+
+
+MMD_INPUTS = ("pre_quantization", "quantized")
 
 
 @dataclass
@@ -35,6 +48,8 @@ class CodecConfig:
     lambda_mmd: float = 0.0
     mmd_delay: bool = True
     mmd_estimator: str = "shuffle"
+    mmd_every: int = 32  # 0: the MMD term in every forward pass; N >= 1: a macro-batch of N batches every N steps
+    mmd_input: str = "pre_quantization"  # or "quantized"
     mel_scales: tuple[int, ...] = (512, 1024, 2048)
     mel_bins: int = 64
     loss_weights: dict = field(default_factory=lambda: {"l1": 1.0, "mel": 1.0, "commitment": 1.0})
@@ -46,6 +61,12 @@ class CodecConfig:
     @property
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop_length
+
+    def __post_init__(self):
+        if self.mmd_input not in MMD_INPUTS:
+            raise ValueError(f"mmd_input must be one of {MMD_INPUTS}, got {self.mmd_input!r}")
+        if self.mmd_every < 0:
+            raise ValueError(f"mmd_every must be >= 0, got {self.mmd_every}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,12 +161,14 @@ class MultiScaleMelLoss(nn.Module):
 
 @dataclass
 class CodecOutput:
-    """reconstruction [B, 1, S], codes [B, K, T], per_codebook [B, K, D, T], losses (name -> 0-dim tensor, 'total')."""
+    """reconstruction [B, 1, S], codes [B, K, T], per_codebook [B, K, D, T], losses (name -> 0-dim tensor, 'total'),
+    mmd_streams [B, K, D, T]: what the MMD loss takes (config.mmd_input)."""
 
     reconstruction: torch.Tensor
     codes: torch.Tensor
     per_codebook: torch.Tensor
     losses: dict
+    mmd_streams: torch.Tensor
 
 
 class Codec(nn.Module):
@@ -155,7 +178,7 @@ class Codec(nn.Module):
         super().__init__()
         self.config = config or CodecConfig()
         self.encoder = SEANetEncoder(self.config)
-        self.quantizer = ResidualVQ(
+        self.quantizer = mmdkernels.ResidualVQ(
             self.config.latent_dim,
             self.config.num_codebooks,
             self.config.codebook_size,
@@ -183,9 +206,51 @@ class Codec(nn.Module):
         """codes [B, K, T] -> waveform [B, 1, T * hop]."""
         return self.decoder(mmdkernels.rvq_decode(codes, self.quantizer.codebooks[: codes.shape[1]]))
 
+    def _mmd_streams(self, latents: torch.Tensor, per_codebook: torch.Tensor) -> torch.Tensor:
+        """The per-stage streams [B, K, D, T] the MMD loss takes: stage k's input residual x - sum_{j<k} q_j
+        (gradient identity to the latents x, as in audiocraft's RVQ) or the straight-through outputs q_k."""
+        if self.config.mmd_input == "quantized":
+            return per_codebook
+        chosen = per_codebook.detach()
+        return latents.unsqueeze(1) - (torch.cumsum(chosen, dim=1) - chosen)
+
+    def mmd_criterion(self, streams: torch.Tensor, process_group=None) -> mmdkernels.MMDLoss:
+        """The published loss for streams [B, K, D, T]: MMDLoss (normalised by the batch size B, clamped at 0),
+        delay-aligned per config when T > K."""
+        return mmdkernels.MMDLoss(
+            delay=self.config.mmd_delay and streams.shape[-1] > streams.shape[1],
+            estimator=self.config.mmd_estimator,
+            # over several processes the ranks must draw the same permutations: a seed shared by rank 0
+            generator=self.generator if process_group is None else None,
+            process_group=process_group,
+        )
+
+    def macro_batch_mmd(self, waveforms: list[torch.Tensor], process_group=None) -> torch.Tensor:
+        """The published recipe's MMD term: every waveform [B_i, 1, S] re-encoded (the encoder checkpointed, so only
+        its outputs stay in memory until the backward pass), the quantizer in eval mode (no codebook updates), the
+        streams of all batches concatenated into one macro-batch and `mmd_criterion` applied to it.
+
+        Returns:
+            0-dim loss (not yet multiplied by lambda_mmd); its gradient reaches the encoder only.
+        """
+        was_training = self.quantizer.training
+        self.quantizer.eval()
+        try:
+            streams = []
+            for waveform in waveforms:
+                self._check_waveform(waveform)
+                latents = torch.utils.checkpoint.checkpoint(self.encoder, waveform, use_reentrant=False)
+                streams.append(self._mmd_streams(latents, self.quantizer(latents).per_codebook))
+        finally:
+            self.quantizer.train(was_training)
+        streams = torch.cat(streams)
+        return self.mmd_criterion(streams, process_group)(streams)
+
     def forward(self, waveform: torch.Tensor) -> CodecOutput:
         self._check_waveform(waveform)
-        quantized = self.quantizer(self.encoder(waveform))
+        latents = self.encoder(waveform)
+        quantized = self.quantizer(latents)
+        streams = self._mmd_streams(latents, quantized.per_codebook)
         reconstruction = self.decoder(quantized.quantized)
         losses = {
             "l1": (reconstruction - waveform).abs().mean(),
@@ -193,13 +258,13 @@ class Codec(nn.Module):
             "commitment": quantized.commitment_loss,
         }
         total = sum(self.config.loss_weights[name] * value for name, value in losses.items())
-        if self.config.lambda_mmd > 0 and quantized.per_codebook.shape[1] >= 2:
+        if self.config.lambda_mmd > 0 and self.config.mmd_every == 0 and streams.shape[1] >= 2:
             losses["mmd"] = mmdkernels.mmd_loss(
-                quantized.per_codebook,
-                delay=self.config.mmd_delay and quantized.per_codebook.shape[-1] > quantized.per_codebook.shape[1],
+                streams,
+                delay=self.config.mmd_delay and streams.shape[-1] > streams.shape[1],
                 estimator=self.config.mmd_estimator,
                 generator=self.generator,
             )
             total = total + self.config.lambda_mmd * losses["mmd"]
         losses["total"] = total
-        return CodecOutput(reconstruction, quantized.codes, quantized.per_codebook, losses)
+        return CodecOutput(reconstruction, quantized.codes, quantized.per_codebook, losses, streams)

@@ -1,16 +1,23 @@
-"""The main job: from music to measured codebook independence and decoding speed, with a report.
+"""The main job: does the MMD loss make a codec's codebooks more independent, and what does the delay pattern lose?
 
-    python -m models.experiment                 # the embedded default, ~15 min on a 2-core CPU
+    python -m models.experiment                 # the embedded default on a 2-core CPU
     python -m models.experiment --quick         # smoke size, < 3 min
-    python -m models.experiment --full --device cuda
+    python -m models.experiment --full --device cuda   # GPU sizes, adversarial losses on (--adversarial)
 
-Stages (each one's result is saved under --out and reused by a rerun, so an interrupted run resumes):
+Paired seeds: for each of --seeds model seeds (--seed, --seed + 1, ...) a codec is trained without (lambda 0) and
+with the MMD loss (--lambda-mmd, the published recipe of models/codec.py) on the *same* pieces (--data-seed picks and
+splits them), and every measure below is taken for both; the report gives each per seed and as the mean paired
+difference (lambda > 0 minus lambda 0) with a 95 % t interval, stating whether it excludes zero.
+
+Stages per seed and codec (each one's result is saved under --out/seed<s>/ and reused by a rerun):
 1. render the music21 corpus to 32 kHz audio (models/data.py, cached; or --audio-dir with your own files);
-2. train the reference codec twice on the same data, seed and steps: lambda_MMD = 0 and lambda_MMD > 0;
-3. measure codebook dependence (MI matrix, total correlation, plain and delay-aligned) on held-out pieces;
-4. encode every piece with both codecs and train two small LMs on each codec's tokens, one with the delay pattern
-   (product of marginals) and one flattened (joint), and measure their held-out NLL per frame;
-5. generate audio from each LM (WAV files) and time delay vs flatten decoding;
+2. train the codec; reconstruction on held-out pieces (mel distance, SI-SNR);
+3. encode every piece; held-out mutual information between codebooks (delay-aligned,
+   `mmdkernels.metrics.heldout_mutual_information`, bootstrap interval over held-out pieces);
+4. train three LMs on the codec's tokens: delay with K independent heads (product of marginals), the same delay
+   backbone with an autoregressive depth head (a joint model of each step), and flatten (joint, K steps per frame);
+   held-out NLL per frame, and the independent - depth gap with a bootstrap interval over held-out pieces;
+5. generate audio from each LM (WAV files) and time delay, depth-head and flatten decoding;
 6. write report.md with PNG figures and print the summary table.
 """
 
@@ -25,8 +32,7 @@ from pathlib import Path
 
 import torch
 
-from models import data, train_codec
-
+from models import data, stats, train_codec
 
 @dataclasses.dataclass
 class Sizes:
@@ -50,14 +56,17 @@ class Sizes:
     lm_warmup: int = 50
     generate_seconds: float = 4.0
     generate_batch: int = 2
+    seeds: int = 3  # paired model seeds (each trains both codecs and their LMs)
+    mmd_every: int = 32  # the published recipe's macro-batch period (models/codec.py)
+    adversarial: bool = False  # the published codec's STFT discriminator losses (train_codec --adversarial)
 
 
 PRESETS = {
     "quick": Sizes(
         pieces=6,
         piece_seconds=4.0,
-        codec_steps=30,
-        codec_batch=4,
+        codec_steps=8,
+        codec_batch=2,
         codec_channels=4,
         latent_dim=16,
         codebook_size=32,
@@ -70,6 +79,8 @@ PRESETS = {
         lm_warmup=5,
         generate_seconds=0.5,
         generate_batch=1,
+        seeds=2,
+        mmd_every=4,
     ),
     "default": Sizes(),
     "full": Sizes(
@@ -90,9 +101,10 @@ PRESETS = {
         lm_warmup=500,
         generate_seconds=10.0,
         generate_batch=4,
+        adversarial=True,
     ),
 }
-PATTERNS = ("delay", "flatten")
+VARIANTS = ("delay", "depth", "flatten")
 # The sizes each stage's result depends on: a cached result made with other values is not reused.
 CODEC_FIELDS = (
     "pieces",
@@ -103,6 +115,8 @@ CODEC_FIELDS = (
     "latent_dim",
     "codebook_size",
     "num_codebooks",
+    "mmd_every",
+    "adversarial",
 )
 LM_FIELDS = ("lm_dim", "lm_layers", "lm_heads", "lm_steps", "lm_batch", "lm_frames", "lm_lr", "lm_warmup")
 
@@ -117,14 +131,16 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def codec_key(args, sizes: Sizes, lambda_mmd: float) -> dict:
-    """Everything a codec run (and its tokens) depends on."""
-    key = {"seed": args.seed, "lambda_mmd": lambda_mmd, "codec_lr": args.codec_lr, "audio_dir": args.audio_dir}
+def codec_key(args, sizes: Sizes, lambda_mmd: float, seed: int) -> dict:
+    """Everything a codec run (and its tokens and MI) depends on."""
+    key = {"seed": seed, "data_seed": args.data_seed, "lambda_mmd": lambda_mmd, "codec_lr": args.codec_lr}
+    key |= {"audio_dir": args.audio_dir, "mmd_input": args.mmd_input}
     return key | {field: getattr(sizes, field) for field in CODEC_FIELDS}
 
 
-def lm_key(args, sizes: Sizes, lambda_mmd: float, pattern: str) -> dict:
-    return codec_key(args, sizes, lambda_mmd) | {"pattern": pattern} | {f: getattr(sizes, f) for f in LM_FIELDS}
+def lm_key(args, sizes: Sizes, lambda_mmd: float, seed: int, variant: str) -> dict:
+    key = codec_key(args, sizes, lambda_mmd, seed) | {"variant": variant}
+    return key | {f: getattr(sizes, f) for f in LM_FIELDS}
 
 
 def stage_folder(path: Path, key: dict) -> Path:
@@ -145,14 +161,18 @@ def stage_folder(path: Path, key: dict) -> Path:
 
 
 def audio_files(args, sizes: Sizes) -> tuple[list[Path], list[Path]]:
-    """Stage 1: the rendered (or user's) audio, split into train and held-out pieces."""
+    """Stage 1: the rendered (or user's) audio, split into train and held-out pieces by --data-seed."""
     if args.audio_dir:
         paths = data.load_audio_folder(args.audio_dir)
     else:
         paths = data.render_corpus(
-            args.cache_dir, sizes.pieces, seconds_per_piece=sizes.piece_seconds, seed=args.seed, progress=args.progress
+            args.cache_dir,
+            sizes.pieces,
+            seconds_per_piece=sizes.piece_seconds,
+            seed=args.data_seed,
+            progress=args.progress,
         )
-    train, valid = data.split_by_piece(paths, valid_fraction=args.valid_fraction, seed=args.seed)
+    train, valid = data.split_by_piece(paths, valid_fraction=args.valid_fraction, seed=args.data_seed)
     if not valid:
         raise ValueError(f"no held-out piece among {len(paths)}: raise --pieces or --valid-fraction")
     return train, valid
@@ -162,20 +182,29 @@ def codec_run_name(lambda_mmd: float) -> str:
     return f"codec-lambda{lambda_mmd:g}"
 
 
-def train_codec_run(args, sizes: Sizes, lambda_mmd: float) -> dict:
-    """Stage 2 + 3: one codec trained (resumed if interrupted) and evaluated on held-out pieces (eval.json)."""
-    out = stage_folder(Path(args.out) / codec_run_name(lambda_mmd), codec_key(args, sizes, lambda_mmd))
+def seed_folder(args, seed: int) -> Path:
+    return Path(args.out) / f"seed{seed}"
+
+
+def train_codec_run(args, sizes: Sizes, lambda_mmd: float, seed: int) -> dict:
+    """Stage 2: one codec trained (resumed if interrupted) and evaluated on held-out pieces (eval.json)."""
+    key = codec_key(args, sizes, lambda_mmd, seed)
+    out = stage_folder(seed_folder(args, seed) / codec_run_name(lambda_mmd), key)
     finished = _read_json(out / "eval.json")
     if finished is not None:
         return finished
     argv = ["train", "--out", str(out), "--steps", str(sizes.codec_steps), "--batch-size", str(sizes.codec_batch)]
-    argv += ["--lr", str(args.codec_lr), "--lambda-mmd", str(lambda_mmd), "--seed", str(args.seed)]
+    argv += ["--lr", str(args.codec_lr), "--lambda-mmd", str(lambda_mmd), "--seed", str(seed)]
+    argv += ["--data-seed", str(args.data_seed), "--mmd-every", str(sizes.mmd_every), "--mmd-input", args.mmd_input]
     argv += ["--channels", str(sizes.codec_channels), "--latent-dim", str(sizes.latent_dim)]
     argv += ["--codebooks", str(sizes.num_codebooks), "--codebook-size", str(sizes.codebook_size)]
     argv += ["--pieces", str(sizes.pieces), "--piece-seconds", str(sizes.piece_seconds), "--cache-dir", args.cache_dir]
     argv += ["--valid-fraction", str(args.valid_fraction), "--checkpoint-every", str(max(1, sizes.codec_steps // 10))]
+    argv += ["--log-every", str(max(1, sizes.codec_steps // 100))]
     if args.audio_dir:
         argv += ["--audio-dir", args.audio_dir]
+    if sizes.adversarial:
+        argv += ["--adversarial"]
     if args.device != "cpu":
         argv += ["--device", args.device]
     if not args.progress:
@@ -203,9 +232,9 @@ def encode_pieces(codec, files: list[Path], device: torch.device) -> list[torch.
     return codes
 
 
-def tokens(args, lambda_mmd: float, train_files: list[Path], valid_files: list[Path]) -> dict:
-    """Stage 4a: both splits encoded by one codec, cached in tokens.pt."""
-    run = Path(args.out) / codec_run_name(lambda_mmd)
+def tokens(args, lambda_mmd: float, seed: int, train_files: list[Path], valid_files: list[Path]) -> dict:
+    """Stage 3a: both splits encoded by one codec, cached in tokens.pt."""
+    run = seed_folder(args, seed) / codec_run_name(lambda_mmd)
     path = run / "tokens.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
@@ -221,30 +250,53 @@ def tokens(args, lambda_mmd: float, train_files: list[Path], valid_files: list[P
     return result
 
 
-def lm_run(args, sizes: Sizes, lambda_mmd: float, pattern: str, token_sets: dict) -> dict:
-    """Stage 4b: one LM trained on one codec's tokens with one pattern; held-out NLL per frame (lm.json)."""
+def heldout_mi_run(args, lambda_mmd: float, seed: int, token_sets: dict) -> dict:
+    """Stage 3b: held-out MI between codebooks, delay-aligned (mi.json): fitted on the training pieces' codes, scored
+    on the held-out pieces' (all cut to the shortest piece, so each held-out piece is one bootstrap unit)."""
+    from mmdkernels.metrics import heldout_mutual_information
+
+    path = seed_folder(args, seed) / codec_run_name(lambda_mmd) / "mi.json"
+    finished = _read_json(path)
+    if finished is not None:
+        return finished
+    pieces = token_sets["train"]["codes"] + token_sets["valid"]["codes"]
+    frames = min(codes.shape[-1] for codes in pieces)
+    train = torch.stack([codes[:, :frames] for codes in token_sets["train"]["codes"]])
+    valid = torch.stack([codes[:, :frames] for codes in token_sets["valid"]["codes"]])
+    result = heldout_mutual_information(
+        train,
+        valid,
+        num_entries=token_sets["codebook_size"],
+        delay=True,
+        generator=torch.Generator().manual_seed(seed),
+    ).to_dict()
+    _write_json(path, result)
+    return result
+
+
+def lm_run(args, sizes: Sizes, lambda_mmd: float, seed: int, variant: str, token_sets: dict) -> dict:
+    """Stage 4: one LM variant trained on one codec's tokens; held-out NLL per frame and per window (lm.json)."""
     from models import experiment_lm
 
-    out = stage_folder(
-        Path(args.out) / f"lm-{codec_run_name(lambda_mmd)}-{pattern}", lm_key(args, sizes, lambda_mmd, pattern)
-    )
+    folder = seed_folder(args, seed) / f"lm-{codec_run_name(lambda_mmd)}-{variant}"
+    out = stage_folder(folder, lm_key(args, sizes, lambda_mmd, seed, variant))
     finished = _read_json(out / "lm.json")
     if finished is not None:
         return finished
     result = experiment_lm.train_and_evaluate(
-        token_sets, pattern, sizes, out, seed=args.seed, device=args.device, progress=args.progress
+        token_sets, variant, sizes, out, seed=seed, device=args.device, progress=args.progress
     )
     result["steps"] = sizes.lm_steps
     _write_json(out / "lm.json", result)
     return result
 
 
-def generation_run(args, sizes: Sizes, lambda_mmd: float, pattern: str, conditions: list[str]) -> dict:
+def generation_run(args, sizes: Sizes, lambda_mmd: float, seed: int, variant: str, conditions: list[str]) -> dict:
     """Stage 5: audio generated by one LM, decoded by its codec to WAV, with the decoding time."""
     from models import experiment_lm
 
-    run = Path(args.out) / codec_run_name(lambda_mmd)
-    out = Path(args.out) / f"lm-{codec_run_name(lambda_mmd)}-{pattern}"
+    run = seed_folder(args, seed) / codec_run_name(lambda_mmd)
+    out = seed_folder(args, seed) / f"lm-{codec_run_name(lambda_mmd)}-{variant}"
     finished = _read_json(out / "generation.json")
     if finished is not None and (finished.get("seconds"), finished.get("batch")) == (
         sizes.generate_seconds,
@@ -252,47 +304,85 @@ def generation_run(args, sizes: Sizes, lambda_mmd: float, pattern: str, conditio
     ):
         return finished
     codec = train_codec.load_codec(run / "last.pt").to(args.device)
-    result = experiment_lm.generate_audio(out, codec, pattern, conditions, sizes, seed=args.seed, device=args.device)
+    result = experiment_lm.generate_audio(out, codec, conditions, sizes, seed=seed, device=args.device)
     result["seconds"] = sizes.generate_seconds
     _write_json(out / "generation.json", result)
     return result
 
 
+def depth_gap(lms: dict, seed: int) -> dict:
+    """NLL per frame of the independent heads minus the depth head's on the same held-out windows: the dependence the
+    delay pattern ignores, with a bootstrap interval over held-out pieces."""
+    independent, depth = lms["delay"], lms["depth"]
+    pieces = torch.tensor(independent["window_piece"])
+    difference = torch.tensor(independent["window_nll"]) - torch.tensor(depth["window_nll"])
+    num_pieces = int(pieces.max()) + 1
+    numerators = torch.zeros(num_pieces, dtype=torch.float64).index_add_(0, pieces, difference.double())
+    frames = torch.zeros(num_pieces, dtype=torch.float64).index_add_(
+        0, pieces, torch.full_like(difference, float(independent["window_frames"]), dtype=torch.float64)
+    )
+    used = frames > 0
+    estimate, low, high = stats.bootstrap_ratio(
+        numerators[used], frames[used], torch.Generator().manual_seed(seed)
+    )
+    return {"estimate": estimate, "low": low, "high": high, "pieces": int(used.sum())}
+
+
+def run_seed(args, sizes: Sizes, seed: int, lambdas, train_files, valid_files) -> dict:
+    """Every stage of one model seed, for both codecs: {codec name: {"codec", "mi", "lms", "generation", "gap"}}."""
+    results = {}
+    for lam in lambdas:
+        codec = train_codec_run(args, sizes, lam, seed)
+        token_sets = tokens(args, lam, seed, train_files, valid_files)
+        mi = heldout_mi_run(args, lam, seed, token_sets)
+        conditions = sorted(set(token_sets["valid"]["conditions"]))[: sizes.generate_batch]
+        conditions += conditions[:1] * (sizes.generate_batch - len(conditions))
+        lms = {variant: lm_run(args, sizes, lam, seed, variant, token_sets) for variant in VARIANTS}
+        generation = {variant: generation_run(args, sizes, lam, seed, variant, conditions) for variant in VARIANTS}
+        results[codec_run_name(lam)] = {
+            "lambda_mmd": lam,
+            "codec": codec,
+            "mi": mi,
+            "lms": lms,
+            "generation": generation,
+            "gap": depth_gap(lms, seed),
+        }
+    return results
+
+
 def run(args) -> dict:
-    """All stages; returns the summary written to summary.json."""
+    """All stages for every seed; returns the summary written to summary.json."""
+    from models import report
+
     sizes = dataclasses.replace(PRESETS[args.preset], **args.overrides)
+    if sizes.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {sizes.seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
     started = time.perf_counter()
     train_files, valid_files = audio_files(args, sizes)
     lambdas = (0.0, args.lambda_mmd)
-    codecs = {lam: train_codec_run(args, sizes, lam) for lam in lambdas}
-    lms, generations = {}, {}
-    for lam in lambdas:
-        token_sets = tokens(args, lam, train_files, valid_files)
-        conditions = sorted(set(token_sets["valid"]["conditions"]))[: sizes.generate_batch]
-        conditions += conditions[:1] * (sizes.generate_batch - len(conditions))
-        for pattern in PATTERNS:
-            lms[lam, pattern] = lm_run(args, sizes, lam, pattern, token_sets)
-            generations[lam, pattern] = generation_run(args, sizes, lam, pattern, conditions)
+    seeds = [args.seed + i for i in range(sizes.seeds)]
+    runs = {}
+    for seed in seeds:
+        runs[str(seed)] = run_seed(args, sizes, seed, lambdas, train_files, valid_files)
+        print(f"seed {seed} done, {(time.perf_counter() - started) / 60:.1f} min")
     summary = {
         "preset": args.preset,
         "sizes": dataclasses.asdict(sizes),
-        "seed": args.seed,
+        "seeds": seeds,
+        "data_seed": args.data_seed,
+        "lambda_mmd": args.lambda_mmd,
+        "mmd_input": args.mmd_input,
+        "codec_names": [codec_run_name(lam) for lam in lambdas],
         "device": str(args.device),
         "train_pieces": len(train_files),
         "valid_pieces": len(valid_files),
-        "codecs": {codec_run_name(lam): codecs[lam] for lam in lambdas},
-        "lms": {f"{codec_run_name(lam)}/{pattern}": lms[lam, pattern] for lam in lambdas for pattern in PATTERNS},
-        "generation": {
-            f"{codec_run_name(lam)}/{pattern}": generations[lam, pattern] for lam in lambdas for pattern in PATTERNS
-        },
+        "runs": runs,
         "wall_seconds": time.perf_counter() - started,
     }
+    summary["paired"] = report.paired_effects(summary)
     _write_json(out / "summary.json", summary)
-    from models import report
-
     table = report.write_report(out, summary)
     print(table)
     print(f"report: {out / 'report.md'}")
@@ -307,16 +397,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(preset="default")
     parser.add_argument("--out", default="outputs/experiment")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lambda-mmd", type=float, default=0.1, help="weight of the MMD loss in the second codec")
+    parser.add_argument("--seed", type=int, default=0, help="the first model seed (then seed + 1, ...)")
+    parser.add_argument("--data-seed", type=int, default=0, help="picks and splits the pieces, the same for all seeds")
+    parser.add_argument(
+        "--lambda-mmd", type=float, default=1000.0, help="the second codec's MMD weight (published: 1000)"
+    )
+    parser.add_argument(
+        "--mmd-input",
+        choices=("pre_quantization", "quantized"),
+        default="pre_quantization",
+        help="the quantizer streams the MMD loss takes (published: pre_quantization)",
+    )
     parser.add_argument("--codec-lr", type=float, default=1e-3)
     parser.add_argument("--audio-dir", default=None, help="your own WAV/FLAC files instead of the rendered corpus")
     parser.add_argument("--cache-dir", default="outputs/audio-cache")
     parser.add_argument("--valid-fraction", type=float, default=0.1)
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
     for field in dataclasses.fields(Sizes):
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.type == "bool":
+            parser.add_argument(flag, action="store_const", const=True, default=None, help="override the preset (on)")
+            continue
         kind = float if field.type == "float" else int
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None, help="override the preset")
+        parser.add_argument(flag, type=kind, default=None, help="override the preset")
     return parser
 
 

@@ -1,5 +1,9 @@
-"""The main job's LM stages (models/experiment.py): train a delay or flatten LM on one codec's tokens, measure its
-held-out NLL per frame, generate audio from it and time the decoding."""
+"""The main job's LM stages (models/experiment.py): train one LM variant on one codec's tokens, measure its held-out
+NLL per frame (and per window, for intervals over pieces), generate audio from it and time the decoding.
+
+Variants: "delay" (delay pattern, K independent heads: the product of marginals), "depth" (the same delay backbone
+with the autoregressive depth head of models/depth_head.py: a joint model of each step) and "flatten" (the joint
+by flattening, K steps per frame; kept for the decoding-speed comparison)."""
 
 from __future__ import annotations
 
@@ -11,31 +15,39 @@ import soundfile
 import torch
 
 from models.generate import generate
-from models.lm import LMConfig, MusicLM, nll_per_frame
+from models.lm import LMConfig, MusicLM, code_log_likelihoods
 from models.train_lm import train_lm
 
 TOP_K = 250  # MusicGen's default sampling
 CFG_COEF = 3.0
+VARIANTS = {"delay": ("delay", "independent"), "depth": ("delay", "depth"), "flatten": ("flatten", "independent")}
 
 
-def code_windows(pieces: list[torch.Tensor], prompts: list[str], frames: int) -> tuple[torch.Tensor, list[str]]:
-    """Non-overlapping windows of `frames` frames from every piece's codes [K, T]: ([N, K, frames], N prompts)."""
+def code_windows(
+    pieces: list[torch.Tensor], prompts: list[str], frames: int, piece_ids: list[int] | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """Non-overlapping windows of `frames` frames from every piece's codes [K, T]: ([N, K, frames], N prompts).
+    piece_ids, if given (a list), receives the index of each window's piece."""
     windows, window_prompts = [], []
-    for codes, prompt in zip(pieces, prompts):
+    for index, (codes, prompt) in enumerate(zip(pieces, prompts)):
         for start in range(0, codes.shape[-1] - frames + 1, frames):
             windows.append(codes[:, start : start + frames])
             window_prompts.append(prompt)
+            if piece_ids is not None:
+                piece_ids.append(index)
     if not windows:
         longest = max(codes.shape[-1] for codes in pieces)
         raise ValueError(f"no piece holds a window of {frames} frames (longest: {longest}): lower lm_frames")
     return torch.stack(windows), window_prompts
 
 
-def lm_config(token_sets: dict, pattern: str, sizes) -> LMConfig:
+def lm_config(token_sets: dict, variant: str, sizes) -> LMConfig:
+    pattern, head = VARIANTS[variant]
     return LMConfig(
         num_codebooks=token_sets["train"]["codes"][0].shape[0],
         codebook_size=token_sets["codebook_size"],
         pattern=pattern,
+        head=head,
         dim=sizes.lm_dim,
         num_layers=sizes.lm_layers,
         num_heads=sizes.lm_heads,
@@ -43,15 +55,29 @@ def lm_config(token_sets: dict, pattern: str, sizes) -> LMConfig:
     )
 
 
-def train_and_evaluate(token_sets: dict, pattern: str, sizes, out: Path, *, seed: int, device, progress: bool) -> dict:
-    """Trains one LM (saved to out/lm.pt) and returns {"nll_per_frame", "train_log", "config", ...}."""
+@torch.no_grad()
+def window_nll(model: MusicLM, codes: torch.Tensor, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Held-out NLL of every window, summed over its K x T codes: codes [N, K, T] -> float64 [N] (nats)."""
+    model.eval()
+    totals = []
+    for i in range(0, codes.shape[0], batch_size):
+        condition = model.encode_condition(prompts[i : i + batch_size])
+        rows = codes[i : i + batch_size].to(model.heads.device)
+        totals.append(-code_log_likelihoods(model, rows, condition).double().sum(dim=(1, 2)).cpu())
+    return torch.cat(totals)
+
+
+def train_and_evaluate(token_sets: dict, variant: str, sizes, out: Path, *, seed: int, device, progress: bool) -> dict:
+    """Trains one LM variant (saved to out/lm.pt); returns {"nll_per_frame", "window_nll", "window_piece",
+    "train_log", "config", ...} (window_nll: per held-out window, nats summed over its frames)."""
     train_codes, train_prompts = code_windows(
         token_sets["train"]["codes"], token_sets["train"]["conditions"], sizes.lm_frames
     )
+    pieces: list[int] = []
     valid_codes, valid_prompts = code_windows(
-        token_sets["valid"]["codes"], token_sets["valid"]["conditions"], sizes.lm_frames
+        token_sets["valid"]["codes"], token_sets["valid"]["conditions"], sizes.lm_frames, pieces
     )
-    config = lm_config(token_sets, pattern, sizes)
+    config = lm_config(token_sets, variant, sizes)
     started = time.perf_counter()
     model, log = train_lm(
         train_codes,
@@ -68,9 +94,15 @@ def train_and_evaluate(token_sets: dict, pattern: str, sizes, out: Path, *, seed
     train_seconds = time.perf_counter() - started
     torch.save({"config": dataclasses.asdict(config), "model": model.state_dict()}, out / "lm.pt")
     num_codebooks = config.num_codebooks
+    per_window = window_nll(model, valid_codes, valid_prompts)
     return {
-        "pattern": pattern,
-        "nll_per_frame": nll_per_frame(model, valid_codes.to(next(model.parameters()).device), valid_prompts),
+        "variant": variant,
+        "pattern": config.pattern,
+        "head": config.head,
+        "nll_per_frame": float(per_window.sum()) / (valid_codes.shape[0] * valid_codes.shape[2]),
+        "window_nll": per_window.tolist(),
+        "window_piece": pieces,
+        "window_frames": int(valid_codes.shape[2]),
         "valid_windows": int(valid_codes.shape[0]),
         "train_windows": int(train_codes.shape[0]),
         "train_seconds": train_seconds,
@@ -88,9 +120,11 @@ def load_lm(path: Path, device) -> MusicLM:
 
 
 @torch.inference_mode()
-def generate_audio(out: Path, codec, pattern: str, conditions: list[str], sizes, *, seed: int, device) -> dict:
-    """Generates sizes.generate_seconds of codes per prompt, decodes them to out/sample<i>.wav, times the decoding."""
+def generate_audio(out: Path, codec, conditions: list[str], sizes, *, seed: int, device) -> dict:
+    """Generates sizes.generate_seconds of codes per prompt with out/lm.pt, decodes them to out/sample<i>.wav, times
+    the decoding."""
     model = load_lm(out / "lm.pt", device)
+    pattern = model.config.pattern
     frame_rate = codec.config.frame_rate
     top_k = min(TOP_K, model.config.codebook_size)
     kwargs = dict(pattern=pattern, frame_rate=frame_rate, top_k=top_k, cfg_coef=CFG_COEF)
@@ -113,6 +147,7 @@ def generate_audio(out: Path, codec, pattern: str, conditions: list[str], sizes,
     frames = codes.shape[-1]
     return {
         "pattern": pattern,
+        "head": model.config.head,
         "batch": len(conditions),
         "frames": frames,
         "conditions": conditions,

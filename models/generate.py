@@ -8,7 +8,9 @@ logits [rows, R, C] from `model.decode_step`, draw the next tokens with `mmdkern
 guidance: the B conditional and B unconditional rows run as one batch of 2B), force the special token where the
 pattern holds no code, hand newly final frames to `on_frames`. All uniforms are drawn from `generator` up front,
 so a seeded generator reproduces the output. On CUDA the one-step decode is captured once in a CUDA graph (static
-token/step buffers, the whole cache under a length mask) and replayed at every step.
+token/step buffers, the whole cache under a length mask) and replayed at every step. A depth-head model
+(LMConfig(head="depth")) runs its backbone once per step and then draws the step's K codes one after another
+(`_depth_step`, no CUDA graph).
 
 Profiling (per-step latency, ms per audio second, optional torch.profiler trace):
 
@@ -145,7 +147,8 @@ def generate(
     total_steps = num_steps(cfg.pattern, cfg.num_codebooks, num_frames)
     prompts = list(conditions) + ([None] * batch if cfg_coef is not None else [])
     cache = model.new_cache(model.encode_condition(prompts), total_steps)
-    use_graph = cuda_graph is True or (cuda_graph == "auto" and device.type == "cuda")
+    # a depth-head model draws the K codes of a step one after another: no single captured step (yet)
+    use_graph = model.depth_head is None and (cuda_graph is True or (cuda_graph == "auto" and device.type == "cuda"))
     step_fn = GraphedStep(model, cache, len(prompts)) if use_graph else None
 
     gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -156,18 +159,12 @@ def generate(
     tokens = torch.full((len(prompts), streams), cfg.special, dtype=torch.long, device=device)
     emitted = 0
     for step in tqdm(range(total_steps), disable=not progress, desc=f"{cfg.pattern} decode", unit="step"):
-        if step_fn is not None:
-            logits = step_fn(tokens, step)
+        draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef)
+        if model.depth_head is not None:
+            new = _depth_step(model, tokens, step, cache, attention, uniforms[step], valid[:, step], draw)
         else:
-            logits = model.decode_step(tokens, step, cache, attention)
-        new = sample(
-            logits,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            cfg_coef=cfg_coef,
-            uniforms=uniforms[step],
-        )
+            logits = step_fn(tokens, step) if step_fn is not None else model.decode_step(tokens, step, cache, attention)
+            new = sample(logits, uniforms=uniforms[step], **draw)
         new = torch.where(valid[:, step], new, cfg.special)
         sequence[:, :, step] = new
         tokens = new.repeat(len(prompts) // batch, 1)
@@ -179,6 +176,19 @@ def generate(
         if on_step is not None:
             on_step(step)
     return revert_pattern(sequence, cfg.pattern, cfg.num_codebooks, num_frames)
+
+
+def _depth_step(model: MusicLM, tokens, step: int, cache, attention: str, uniforms, valid, draw: dict) -> torch.Tensor:
+    """One step of a depth-head model: the backbone once, then codebook k drawn given the step's codes < k (the same
+    drawn codes feed the conditional and unconditional rows). uniforms [B, K], valid bool [K] -> codes [B, K]."""
+    h = model.decode_hidden(tokens, step, cache, attention)  # [rows, D]
+    rows, batch = h.shape[0], uniforms.shape[0]
+    special = model.config.special
+    codes = torch.full((rows, model.config.num_codebooks), special, dtype=torch.long, device=h.device)
+    for k in range(model.config.num_codebooks):
+        drawn = sample(model.depth_logits(h, codes, k)[:, None], uniforms=uniforms[:, k : k + 1], **draw)[:, 0]
+        codes[:, k] = torch.where(valid[k], drawn, special).repeat(rows // batch)
+    return codes[:batch]
 
 
 def _synchronize(device: torch.device) -> None:

@@ -29,9 +29,11 @@ import mmdkernels
 from mmdkernels import _ext
 from mmdkernels.linear import MAX_ROWS, decode_linear
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
+from models.depth_head import DepthHead
 from models.text_encoder import Condition, TextEncoder
 
 ATTENTION = ("auto", "sdpa", "mmdkernels")
+HEADS = ("independent", "depth")
 
 
 @dataclass
@@ -49,10 +51,16 @@ class LMConfig:
     text_heads: int = 4
     max_text_tokens: int = 64
     init_std: float = 0.02
+    head: str = "independent"  # "independent": K heads (product of marginals); "depth": models.depth_head
+    depth_hidden: int = 0  # the depth head's MLP width (0: 2 * dim)
 
     def __post_init__(self):
         if self.pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "depth" and self.pattern == "flatten":
+            raise ValueError("head='depth' models the K codes of a step jointly: use pattern 'delay' or 'parallel'")
         if self.dim % self.num_heads:
             raise ValueError(f"dim = {self.dim} must be a multiple of num_heads = {self.num_heads}")
 
@@ -246,6 +254,7 @@ class MusicLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(d)
         self.heads = nn.Parameter(torch.empty(k, c, d))  # [K, C, D]: one output head per codebook
+        self.depth_head = DepthHead(k, c, d, config.depth_hidden or 2 * d) if config.head == "depth" else None
         self.apply(self._init_weights)
         nn.init.normal_(self.heads, std=config.init_std)
         # CPU decode steps through one C++ call for all layers (mmdkernels::lm_decode_layers) where it can run;
@@ -298,9 +307,14 @@ class MusicLM(nn.Module):
             x = x + self.target_embedding(positions % k)
         return x + sinusoidal_positions(positions, self.config.dim).to(x.dtype)
 
-    def _logits(self, h: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
-        """h [B, S, D] at positions [S] (step: the int position of a single step, else None) -> logits [B, R, S, C]."""
+    def _logits(self, h: torch.Tensor, positions: torch.Tensor, step, step_codes=None) -> torch.Tensor:
+        """h [B, S, D] at positions [S] (step: the int position of a single step, else None) -> logits [B, R, S, C].
+        step_codes [B, K, S]: the steps' codes, which the depth head conditions on (teacher forcing)."""
         k = self.config.num_codebooks
+        if self.depth_head is not None:
+            if step_codes is None:
+                raise ValueError("a depth-head model scores a step given its codes: pass step_codes (or decode_hidden)")
+            return torch.einsum("bksd,kcd->bksc", self.depth_head.hidden(h, step_codes), self.heads)
         if self.target_embedding is None:
             if h.shape[1] == 1:  # decode: one GEMM over the stacked heads
                 return decode_linear(h[:, 0], self.heads.view(-1, h.shape[2])).view(h.shape[0], k, 1, -1)
@@ -315,7 +329,14 @@ class MusicLM(nn.Module):
             logits[:, 0, first::k] = h[:, first::k] @ self.heads[codebook].t()
         return logits
 
-    def forward(self, inputs: torch.Tensor, condition: Condition, cache: KVCache | None = None, start: int = 0):
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        condition: Condition,
+        cache: KVCache | None = None,
+        start: int = 0,
+        step_codes: torch.Tensor | None = None,
+    ):
         """Teacher-forced (cache None) or prefill/incremental (cache given) pass over S steps from `start`.
 
         Args:
@@ -323,11 +344,13 @@ class MusicLM(nn.Module):
             condition: Condition for B rows (ignored when cache is given: its cross K/V were computed from it).
             cache: KVCache from new_cache, written at steps start .. start + S - 1.
             start: the absolute step of inputs[..., 0].
+            step_codes: int64 [B, K, S], the codes of these steps (the targets): needed by a depth-head model only.
         Returns:
             logits [B, R, S, C] (float, the model's dtype).
         """
         positions = torch.arange(start, start + inputs.shape[2], device=inputs.device)
-        return self._run(inputs, positions, condition, cache, start, "sdpa", start if inputs.shape[2] == 1 else None)
+        single = start if inputs.shape[2] == 1 else None
+        return self._run(inputs, positions, condition, cache, start, "sdpa", single, step_codes=step_codes)
 
     def decode_step(self, tokens: torch.Tensor, step, cache: KVCache, attention: str = "auto") -> torch.Tensor:
         """One KV-cached step: tokens [B, R] (the codes of step - 1, or the special token at step 0) -> logits
@@ -339,6 +362,17 @@ class MusicLM(nn.Module):
             positions = torch.tensor([step], device=tokens.device)
         single = None if isinstance(step, torch.Tensor) else step
         return self._run(tokens[:, :, None], positions, None, cache, step, attention, single)[:, :, 0]
+
+    def decode_hidden(self, tokens: torch.Tensor, step: int, cache: KVCache, attention: str = "auto") -> torch.Tensor:
+        """One KV-cached backbone step as decode_step, returning the final-normed state h [B, D] the heads (or the
+        depth head) read, instead of logits."""
+        positions = torch.tensor([step], device=tokens.device)
+        return self._run(tokens[:, :, None], positions, None, cache, step, attention, step, hidden_only=True)[:, 0]
+
+    def depth_logits(self, h: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
+        """A depth-head model's logits [B, C] for codebook k of a step, given h [B, D] and the step's codes [B, K]
+        whose columns < k are drawn."""
+        return self.depth_head.step_hidden(h, codes, k) @ self.heads[k].t()
 
     def _fused_decode_runs(self, x: torch.Tensor, cache: KVCache | None, step, attention: str) -> bool:
         """Whether this step can go through mmdkernels::lm_decode_layers: an int step of a float32 CPU model in
@@ -358,7 +392,7 @@ class MusicLM(nn.Module):
             and _ext.available("cpu")
         )
 
-    def _run(self, inputs, positions, condition, cache, start, attention, step):
+    def _run(self, inputs, positions, condition, cache, start, attention, step, step_codes=None, hidden_only=False):
         x = self._embed(inputs, positions)
         if self._fused_decode_runs(x, cache, step, attention):
             x = torch.ops.mmdkernels.lm_decode_layers(
@@ -373,6 +407,8 @@ class MusicLM(nn.Module):
                 self.config.num_heads,
                 self.layers[0].self_norm.eps,
             )[:, None]
+            if hidden_only:
+                return self.final_norm(x)
             return self._logits(self.final_norm(x), positions, step)
         if cache is None:
             cross = self._cross(condition)
@@ -384,7 +420,9 @@ class MusicLM(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.self_k[i], cache.self_v[i]) if cache is not None else None
             x = layer(x, cross[i], layer_cache, start, attention)
-        return self._logits(self.final_norm(x), positions, step)
+        if hidden_only:
+            return self.final_norm(x)
+        return self._logits(self.final_norm(x), positions, step, step_codes)
 
 
 def teacher_forcing(codes: torch.Tensor, pattern: str, special: int):
@@ -412,7 +450,7 @@ def code_log_likelihoods(model: MusicLM, codes: torch.Tensor, condition: Conditi
     _check_codes(model, codes)
     cfg = model.config
     inputs, targets, valid = teacher_forcing(codes.to(model.heads.device), cfg.pattern, cfg.special)
-    logits = model(inputs, condition)
+    logits = model(inputs, condition, step_codes=targets if model.depth_head is not None else None)
     # special positions (no code) get a dummy target; revert_pattern keeps only the valid positions
     log_probs = -F.cross_entropy(logits.permute(0, 3, 1, 2), targets.clamp(max=cfg.codebook_size - 1), reduction="none")
     return revert_pattern(log_probs, cfg.pattern, cfg.num_codebooks, codes.shape[2])

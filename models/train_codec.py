@@ -1,7 +1,7 @@
 """Train, evaluate and use the reference codec (models/codec.py).
 
     python -m models.train_codec train --out runs/codec --steps 2000 --lambda-mmd 0.0
-    python -m models.train_codec train --out runs/codec-mmd --steps 2000 --lambda-mmd 1.0   # same seed and data
+    python -m models.train_codec train --out runs/codec-mmd --steps 2000 --lambda-mmd 1000  # same seed and data
     python -m models.train_codec encode --checkpoint runs/codec/last.pt song.wav codes.pt
     python -m models.train_codec decode --checkpoint runs/codec/last.pt codes.pt song-decoded.wav
     python -m models.train_codec compare runs/codec runs/codec-mmd
@@ -12,6 +12,18 @@ GPUs, gloo on CPUs): --batch-size is per process, each process takes its own sli
 MMD term is estimated over the union of all processes' batches (mmd_loss(process_group=...)). Only rank 0 logs,
 checkpoints and evaluates; a rerun resumes on every rank from rank 0's checkpoint.
 
+The MMD loss follows the published recipe by default (models/codec.py): every --mmd-every steps (32) the last 32
+batches are re-encoded, encoder checkpointed, and lambda x MMDLoss of their per-stage pre-quantization streams (the
+published normalisation by the macro-batch size; the published weight is 1000) is back-propagated and applied as an
+update of its own; the run prints that update's share of the training time and eval.json records it. The macro-batch
+is the batches seen since the last MMD update, so a resumed run's first one may hold fewer. log.jsonl's "mmd" is
+then a monitor (the term on the logged step's batch, no gradient); mmd_log.jsonl holds the macro-batch values.
+--mmd-every 0 puts the term into every step's loss instead, on the batch alone.
+
+--adversarial adds the published codec's adversarial training (models/discriminator.py: multi-scale STFT
+discriminator, hinge losses, feature matching) with its weights (adv 4, feat 4, l1 0.1, mel 2), without audiocraft's
+loss balancer (the weights scale the losses directly); single process only.
+
 Training data: the music21 corpus rendered to 32 kHz (models/data.py, cached), or `--audio-dir` with your own WAV/FLAC
 files; train/valid split by piece. Checkpoints every `--checkpoint-every` steps and at the end (`last.pt`, with the
 optimiser and RNG states); a rerun with the same `--out` resumes. Every logged step goes to `log.jsonl` and `log.csv`.
@@ -20,6 +32,7 @@ optimiser and RNG states); a rerun with the same `--out` resumes. Every logged s
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import datetime
@@ -27,6 +40,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +53,8 @@ from tqdm import tqdm
 import mmdkernels
 from mmdkernels.metrics import dependence_report
 from models import data
-from models.codec import Codec, CodecConfig
+from models.codec import MMD_INPUTS, Codec, CodecConfig
+from models.discriminator import MultiScaleSTFTDiscriminator, discriminator_loss, generator_losses
 
 
 def si_snr(estimate: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -92,6 +107,16 @@ def _segment_seconds(args) -> float:
     return frames * hop / args.sample_rate
 
 
+# the published EnCodec's weights with the adversarial losses (audiocraft encodec config; no loss balancer here)
+PUBLISHED_RECONSTRUCTION_WEIGHTS = {"l1": 0.1, "mel": 2.0, "commitment": 1.0}
+ADVERSARIAL_WEIGHTS = {"adv": 4.0, "feat": 4.0}
+
+
+def _data_seed(args) -> int:
+    """The seed that picks and splits the pieces: --data-seed, else --seed."""
+    return args.seed if args.data_seed is None else args.data_seed
+
+
 def _datasets(args):
     if args.audio_dir:
         paths = data.load_audio_folder(args.audio_dir)
@@ -102,10 +127,10 @@ def _datasets(args):
             seconds_per_piece=args.piece_seconds,
             sample_rate=args.sample_rate,
             renderer=args.renderer,
-            seed=args.seed,
+            seed=_data_seed(args),
             progress=not args.quiet,
         )
-    train_paths, valid_paths = data.split_by_piece(paths, valid_fraction=args.valid_fraction, seed=args.seed)
+    train_paths, valid_paths = data.split_by_piece(paths, valid_fraction=args.valid_fraction, seed=_data_seed(args))
     if not valid_paths:
         raise ValueError(f"no held-out piece: {len(paths)} piece(s) with --valid-fraction {args.valid_fraction}")
     seconds = _segment_seconds(args)
@@ -144,7 +169,10 @@ def _config(args) -> CodecConfig:
         codebook_size=args.codebook_size,
         lambda_mmd=args.lambda_mmd,
         mmd_estimator=args.mmd_estimator,
+        mmd_every=args.mmd_every,
+        mmd_input=args.mmd_input,
         quantizer_dropout=args.quantizer_dropout,
+        **({"loss_weights": dict(PUBLISHED_RECONSTRUCTION_WEIGHTS)} if args.adversarial else {}),
     )
 
 
@@ -165,10 +193,14 @@ class RunLog:
             writer.writerow(record)
 
 
-def save_checkpoint(path: Path, codec: Codec, optimizer, step: int, epoch: int, generator: torch.Generator) -> None:
-    """Model, optimiser, step, the epoch to resume from and the RNG states, written atomically."""
+def save_checkpoint(
+    path: Path, codec: Codec, optimizer, step: int, epoch: int, generator: torch.Generator, extra: dict | None = None
+) -> None:
+    """Model, optimiser, step, the epoch to resume from, the RNG states and `extra` (e.g. the discriminator's
+    states), written atomically."""
     torch.save(
-        {
+        (extra or {})
+        | {
             "config": codec.config.to_dict(),
             "model": codec.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -232,18 +264,18 @@ class GlobalBatchCodec(Codec):
 
     def forward(self, waveform: torch.Tensor):
         config = self.config
-        if not self.training or config.lambda_mmd <= 0:
+        if not self.training or config.lambda_mmd <= 0 or config.mmd_every > 0:
             return super().forward(waveform)
         self.config = dataclasses.replace(config, lambda_mmd=0.0)
         try:
             out = super().forward(waveform)
         finally:
             self.config = config
-        per_codebook = out.per_codebook
-        if per_codebook.shape[1] >= 2:
+        streams = out.mmd_streams
+        if streams.shape[1] >= 2:
             out.losses["mmd"] = mmdkernels.mmd_loss(
-                per_codebook,
-                delay=config.mmd_delay and per_codebook.shape[-1] > per_codebook.shape[1],
+                streams,
+                delay=config.mmd_delay and streams.shape[-1] > streams.shape[1],
                 estimator=config.mmd_estimator,
                 process_group=dist.group.WORLD,
             )
@@ -294,6 +326,15 @@ def _train(args, world: World) -> dict | None:
         generator.set_state(state["generator"])
         if world.is_main:
             print(f"resumed from {last} at step {step}")
+    discriminator = discriminator_optimizer = None
+    if args.adversarial:
+        if world.size > 1:
+            raise ValueError("--adversarial trains in a single process (the discriminator is not distributed yet)")
+        discriminator = MultiScaleSTFTDiscriminator(filters=args.disc_filters).to(world.device)
+        discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=(0.5, 0.9))
+        if last.exists():
+            discriminator.load_state_dict(state["discriminator"])
+            discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
     model = codec.to(world.device)
     if world.size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -305,11 +346,17 @@ def _train(args, world: World) -> dict | None:
     batches = _batches(train_clips, args.batch_size, generator, epoch, world.rank, world.size)
     codec.train()
     show = not args.quiet and world.is_main
+    macro = args.lambda_mmd > 0 and args.mmd_every > 0 and args.codebooks >= 2
+    recent = collections.deque(maxlen=max(1, args.mmd_every))  # the macro-batch: the last mmd_every batches
+    mmd_seconds, started = 0.0, time.perf_counter()
     with tqdm(total=args.steps, initial=step, desc=f"codec lambda_mmd={args.lambda_mmd}", disable=not show) as bar:
         while step < args.steps:
             waveform, epoch = next(batches)
-            result = model(waveform.to(world.device))
+            waveform = waveform.to(world.device)
+            result = model(waveform)
             loss = result.losses["total"]
+            if discriminator is not None:
+                loss = loss + _adversarial_losses(discriminator, discriminator_optimizer, waveform, result)
             if "mmd" in result.losses and world.size > 1:
                 # DDP averages the ranks' gradients, but each rank's MMD gradient is only its own samples' share of
                 # the global term's gradient: scale it back to the sum.
@@ -319,18 +366,84 @@ def _train(args, world: World) -> dict | None:
             optimizer.step()
             step += 1
             bar.update(1)
+            if macro:
+                recent.append(waveform)
+                if step % args.mmd_every == 0:
+                    seconds, value = _macro_mmd_step(codec, list(recent), optimizer, args.lambda_mmd, world)
+                    mmd_seconds += seconds
+                    if world.is_main:
+                        clips = sum(w.shape[0] for w in recent) * world.size
+                        record = {"step": step, "mmd": value, "batches": len(recent), "clips": clips}
+                        with (out / "mmd_log.jsonl").open("a") as f:
+                            f.write(json.dumps(record | {"seconds": round(seconds, 4)}) + "\n")
             if step % args.log_every == 0 or step == args.steps:
-                record = {"step": step, **_averaged(result.losses, world)}
+                losses = dict(result.losses)
+                if macro:  # a monitor: the MMD term on this step's batch alone, no gradient
+                    with torch.no_grad():
+                        streams = result.mmd_streams.detach()
+                        losses["mmd"] = codec.mmd_criterion(streams)(streams)
+                record = {"step": step, **_averaged(losses, world)}
                 if world.is_main:
                     log.write(record)
                 bar.set_postfix(total=record["total"], mel=record["mel"])
             if world.is_main and (step % args.checkpoint_every == 0 or step == args.steps):
-                save_checkpoint(last, codec, optimizer, step, epoch + 1, generator)
+                extra = None
+                if discriminator is not None:
+                    extra = {
+                        "discriminator": discriminator.state_dict(),
+                        "discriminator_optimizer": discriminator_optimizer.state_dict(),
+                    }
+                save_checkpoint(last, codec, optimizer, step, epoch + 1, generator, extra)
+    train_seconds = time.perf_counter() - started
     if not world.is_main:
         return None
+    if macro and train_seconds > 0:
+        print(
+            f"MMD steps (macro-batch of {args.mmd_every} batches every {args.mmd_every} steps): {mmd_seconds:.1f} s of "
+            f"{train_seconds:.1f} s training, {100 * mmd_seconds / train_seconds:.1f} %"
+        )
     report = evaluate(codec, valid_clips)
+    report["train_seconds"] = train_seconds
+    report["mmd_seconds"] = mmd_seconds
+    report["mmd_time_share"] = mmd_seconds / train_seconds if train_seconds > 0 else 0.0
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _adversarial_losses(discriminator, discriminator_optimizer, waveform: torch.Tensor, result) -> torch.Tensor:
+    """One discriminator update (hinge, on the real batch and the detached reconstruction), then the generator's
+    weighted adversarial and feature-matching losses (added to result.losses, "total" included); returns their sum."""
+    real_logits, _ = discriminator(waveform)
+    fake_logits, _ = discriminator(result.reconstruction.detach())
+    critic = discriminator_loss(real_logits, fake_logits)
+    discriminator_optimizer.zero_grad(set_to_none=True)
+    critic.backward()
+    discriminator_optimizer.step()
+    fake_logits, fake_features = discriminator(result.reconstruction)
+    with torch.no_grad():
+        _, real_features = discriminator(waveform)
+    adversarial, matching = generator_losses(fake_logits, real_features, fake_features)
+    added = ADVERSARIAL_WEIGHTS["adv"] * adversarial + ADVERSARIAL_WEIGHTS["feat"] * matching
+    result.losses |= {"adv": adversarial, "feat": matching, "disc": critic.detach()}
+    result.losses["total"] = result.losses.pop("total") + added
+    return added
+
+
+def _macro_mmd_step(codec: Codec, waveforms: list, optimizer, lambda_mmd: float, world: World) -> tuple[float, float]:
+    """The published recipe's MMD update: lambda_mmd x MMD of the re-encoded macro-batch, back-propagated and applied
+    on its own (outside the reconstruction losses). Over several processes the loss is global (every rank's batches)
+    and each rank's gradient is its own rows' share, so the ranks' gradients are summed. Returns (seconds, loss)."""
+    started = time.perf_counter()
+    group = dist.group.WORLD if world.size > 1 else None
+    loss = codec.macro_batch_mmd(waveforms, process_group=group)
+    optimizer.zero_grad(set_to_none=True)
+    (lambda_mmd * loss).backward()
+    if world.size > 1:
+        for parameter in codec.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)
+    optimizer.step()
+    return time.perf_counter() - started, float(loss.detach())
 
 
 def read_waveform(path: str | Path, sample_rate: int) -> torch.Tensor:
@@ -391,9 +504,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--segment-seconds", type=float, default=1.0)
     t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--lambda-mmd", type=float, default=0.0)
+    t.add_argument("--lambda-mmd", type=float, default=0.0, help="MMD weight (the published recipe: 1000)")
     t.add_argument("--mmd-estimator", choices=("shuffle", "dhsic"), default="shuffle")
+    t.add_argument(
+        "--mmd-every",
+        type=int,
+        default=32,
+        help="the published recipe: every N steps, the MMD loss on the last N batches re-encoded (default 32); "
+        "0: the MMD term in every step's loss, on the batch alone",
+    )
+    t.add_argument("--mmd-input", choices=MMD_INPUTS, default="pre_quantization", help="the streams the MMD takes")
     t.add_argument("--quantizer-dropout", action="store_true")
+    t.add_argument(
+        "--adversarial",
+        action="store_true",
+        help="the published EnCodec losses: multi-scale STFT discriminator (adv 4, feat 4, l1 0.1, mel 2; no balancer)",
+    )
+    t.add_argument("--disc-filters", type=int, default=32, help="the discriminator's channels (published: 32)")
     t.add_argument("--channels", type=int, default=8)
     t.add_argument("--latent-dim", type=int, default=64)
     t.add_argument("--codebooks", type=int, default=4)
@@ -405,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--piece-seconds", type=float, default=20.0)
     t.add_argument("--renderer", choices=("auto", "builtin", "fluidsynth"), default="auto")
     t.add_argument("--valid-fraction", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="the model's seed (weights, batches, MMD permutations)")
+    t.add_argument("--data-seed", type=int, default=None, help="picks and splits the pieces (default: --seed)")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--quiet", action="store_true")

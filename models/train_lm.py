@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mmdkernels.patterns import PATTERNS
-from models.lm import LMConfig, MusicLM, lm_loss, nll_per_frame
+from models.lm import HEADS, LMConfig, MusicLM, lm_loss, nll_per_frame
 
 
 def _check_data(codes, conditions) -> None:
@@ -134,6 +134,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--codebooks", type=int, default=4, help="K for --random")
     parser.add_argument("--codebook-size", type=int, default=256, help="C (codes must lie below it)")
     parser.add_argument("--pattern", choices=PATTERNS, default="delay")
+    parser.add_argument(
+        "--head", choices=HEADS, default="independent", help="depth: a joint model of each step (delay/parallel only)"
+    )
     parser.add_argument("--preset", choices=("small", "musicgen-small"), default="small")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -155,7 +158,11 @@ def main(argv=None) -> dict:
     num_valid = min(codes.shape[0] - 1, math.ceil(args.valid_fraction * codes.shape[0]))
     valid, train = order[:num_valid], order[num_valid:]
     config = LMConfig.preset(
-        args.preset, pattern=args.pattern, num_codebooks=codes.shape[1], codebook_size=args.codebook_size
+        args.preset,
+        pattern=args.pattern,
+        head=args.head,
+        num_codebooks=codes.shape[1],
+        codebook_size=args.codebook_size,
     )
     model, log = train_lm(
         codes[train],

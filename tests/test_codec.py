@@ -25,9 +25,11 @@ def test_shapes_round_trip(strides):
     assert codec.decode(out.codes).shape == waveform.shape
 
 
-def test_mmd_term_reaches_the_encoder():
+@pytest.mark.parametrize("mmd_input", ["pre_quantization", "quantized"])
+def test_mmd_term_reaches_the_encoder(mmd_input):
     torch.manual_seed(0)
-    codec = Codec(CodecConfig(lambda_mmd=1.0, **TINY), generator=torch.Generator().manual_seed(0)).train()
+    config = CodecConfig(lambda_mmd=1.0, mmd_every=0, mmd_input=mmd_input, **TINY)
+    codec = Codec(config, generator=torch.Generator().manual_seed(0)).train()
     waveform = 0.1 * torch.randn(2, 1, 20 * 640)
     out = codec(waveform)
     assert {"l1", "mel", "commitment", "mmd", "total"} <= set(out.losses)
@@ -35,6 +37,43 @@ def test_mmd_term_reaches_the_encoder():
     encoder_grads = [p.grad for p in codec.encoder.parameters() if p.grad is not None]
     assert encoder_grads and any(g.abs().sum() > 0 for g in encoder_grads)
     assert all(p.grad is None for p in codec.decoder.parameters())  # the MMD term does not involve the decoder
+
+
+def test_mmd_streams_are_the_stage_inputs_or_outputs():
+    codec = Codec(CodecConfig(**TINY), generator=torch.Generator().manual_seed(0)).train()
+    waveform = 0.1 * torch.randn(2, 1, 12 * 640)
+    out = codec(waveform)
+    assert "mmd" not in out.losses  # the published recipe: the term is the trainer's macro-batch update
+    latents = codec.encoder(waveform)
+    # stage 0 quantizes the latents themselves; stage k's input is what stages < k left
+    assert torch.allclose(out.mmd_streams[:, 0], latents, atol=1e-5)
+    left = latents - out.per_codebook[:, 0].detach()
+    assert torch.allclose(out.mmd_streams[:, 1], left, atol=1e-5)
+    quantized = Codec(CodecConfig(mmd_input="quantized", **TINY)).eval()
+    out = quantized(waveform)
+    assert out.mmd_streams is out.per_codebook
+
+
+def test_macro_batch_mmd_uses_every_batch_and_leaves_the_codebooks_alone():
+    codec = Codec(CodecConfig(**TINY), generator=torch.Generator().manual_seed(0)).train()
+    codec(0.1 * torch.randn(2, 1, 12 * 640))  # k-means initialisation
+    codebooks = codec.quantizer.codebooks.clone()
+    waveforms = [0.1 * torch.randn(2, 1, 12 * 640, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    loss = codec.macro_batch_mmd(waveforms)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert torch.equal(codec.quantizer.codebooks, codebooks) and codec.quantizer.training
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in codec.encoder.parameters())
+    assert all(p.grad is None for p in codec.decoder.parameters())
+    # the same value as the published loss on the concatenated streams (same permutations: same generator seed)
+    codec.generator.manual_seed(1)
+    again = codec.macro_batch_mmd(waveforms)
+    codec.generator.manual_seed(1)
+    with torch.no_grad():
+        codec.quantizer.eval()
+        streams = torch.cat([codec(w).mmd_streams for w in waveforms])
+        codec.quantizer.train()
+    assert float(again) == pytest.approx(float(codec.mmd_criterion(streams)(streams)), rel=1e-4, abs=1e-6)
 
 
 def test_training_reduces_the_loss_on_a_fixed_batch():
@@ -59,3 +98,5 @@ def test_bad_waveforms_raise():
         codec(torch.randn(2, 640))
     with pytest.raises(ValueError, match="multiple of the hop 640"):
         codec(torch.randn(1, 1, 1000))
+    with pytest.raises(ValueError, match="mmd_input"):
+        CodecConfig(mmd_input="latents")

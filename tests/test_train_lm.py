@@ -70,3 +70,10 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # cosine: non-increasing after the warm-up
     assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert [learning_rate_factor(step, 50, 0) for step in (0, 25)] == pytest.approx([1.0, 0.5])
+
+
+def test_cli_trains_a_depth_head(tmp_path):
+    argv = ["--out", str(tmp_path), "--random", "6", "--frames", "5", "--codebook-size", "16", "--steps", "2"]
+    last = main(argv + ["--head", "depth", "--quiet"])
+    assert last["valid_nll_per_frame"] > 0
+    assert load_lm(tmp_path / "lm.pt").config.head == "depth"
