@@ -7,13 +7,14 @@
 Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing compiled until an op runs.
 """
 
+from mmdkernels import metrics, patterns
 from mmdkernels._ext import cpu_capability
 from mmdkernels.attention import decode_attention, decode_attention_ref
 from mmdkernels.linear import decode_linear, decode_linear_ref
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
 from mmdkernels.nn import MMDLoss, ResidualVQ, RVQOutput
 from mmdkernels.rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
-from mmdkernels.sampling import sample, sample_ref
+from mmdkernels.sampling import check_sample_args, sample, sample_ref
 
 __version__ = "0.1.0"
 __all__ = [
@@ -34,4 +35,7 @@ __all__ = [
     "decode_attention_ref",
     "sample",
     "sample_ref",
+    "check_sample_args",
+    "metrics",
+    "patterns",
 ]

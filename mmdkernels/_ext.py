@@ -106,6 +106,15 @@ def cpu_extension() -> object | None:
     return _load(_CPU_MODULE)
 
 
+def constant_under_compile(fn):
+    """torch.compiler.assume_constant_result without its import of torch._dynamo (which pulls in triton and would
+    make `import mmdkernels` heavy): dynamo calls `fn` eagerly while tracing and uses the result as a constant.
+    tests/test_compile.py checks that the marker is still the one torch uses."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def cpu_capability() -> str:
     """The instruction set of the C++ CPU kernels in use: "avx512", "avx2", "native" (a -march build), "default"
     (non-x86 builds), or "reference" when no compiled library loads (ops run the PyTorch reference).
@@ -129,14 +138,6 @@ def compiled_op(name: str, backend: str):
     if not available(which):
         raise RuntimeError(load_error(which))
     return getattr(torch.ops.mmdkernels, name)
-
-
-def constant_under_compile(fn):
-    """torch.compiler.assume_constant_result without its import of torch._dynamo (which pulls in triton and would
-    make `import mmdkernels` heavy): dynamo calls `fn` eagerly while tracing and uses the result as a constant.
-    tests/test_compile.py checks that the marker is still the one torch uses."""
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 @constant_under_compile

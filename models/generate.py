@@ -28,9 +28,8 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from mmdkernels import check_sample_args, sample
 from mmdkernels.patterns import PATTERNS, frames_done, num_steps, revert_pattern, valid_mask
-from mmdkernels.sampling import sample
-from mmdkernels.sampling.reference import check_sample_args
 from models.lm import ATTENTION, KVCache, LMConfig, MusicLM
 
 CUDA_GRAPH = ("auto", True, False)

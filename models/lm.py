@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmdkernels
-from mmdkernels import _ext
 from mmdkernels.linear import MAX_ROWS, decode_linear
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
 from models.depth_head import DepthHead
@@ -389,7 +388,7 @@ class MusicLM(nn.Module):
             and not self.training
             and not (torch.is_grad_enabled() and self.heads.requires_grad)
             and _attention_backend(attention) == "mmdkernels"
-            and _ext.available("cpu")
+            and mmdkernels.cpu_capability() != "reference"
         )
 
     def _run(self, inputs, positions, condition, cache, start, attention, step, step_codes=None, hidden_only=False):

@@ -15,7 +15,7 @@ from mmdkernels.sampling.reference import (
     sample_ref,
 )
 
-__all__ = ["sample", "sample_ref", "kept_distribution_ref"]
+__all__ = ["sample", "sample_ref", "kept_distribution_ref", "check_sample_args"]
 
 
 def sample(
