@@ -31,7 +31,6 @@ from torch import nn
 
 import mmdkernels
 
-
 MMD_INPUTS = ("pre_quantization", "quantized")
 
 
@@ -259,12 +258,16 @@ class Codec(nn.Module):
         }
         total = sum(self.config.loss_weights[name] * value for name, value in losses.items())
         if self.config.lambda_mmd > 0 and self.config.mmd_every == 0 and streams.shape[1] >= 2:
-            losses["mmd"] = mmdkernels.mmd_loss(
-                streams,
-                delay=self.config.mmd_delay and streams.shape[-1] > streams.shape[1],
-                estimator=self.config.mmd_estimator,
-                generator=self.generator,
-            )
+            losses["mmd"] = self.step_mmd(streams)
             total = total + self.config.lambda_mmd * losses["mmd"]
         losses["total"] = total
         return CodecOutput(reconstruction, quantized.codes, quantized.per_codebook, losses, streams)
+
+    def step_mmd(self, streams: torch.Tensor) -> torch.Tensor:
+        """The MMD term of one forward pass (mmd_every = 0) on this batch's streams [B, K, D, T]; 0-dim, unbiased."""
+        return mmdkernels.mmd_loss(
+            streams,
+            delay=self.config.mmd_delay and streams.shape[-1] > streams.shape[1],
+            estimator=self.config.mmd_estimator,
+            generator=self.generator,
+        )

@@ -262,26 +262,15 @@ class GlobalBatchCodec(Codec):
     evaluate alone.
     """
 
-    def forward(self, waveform: torch.Tensor):
-        config = self.config
-        if not self.training or config.lambda_mmd <= 0 or config.mmd_every > 0:
-            return super().forward(waveform)
-        self.config = dataclasses.replace(config, lambda_mmd=0.0)
-        try:
-            out = super().forward(waveform)
-        finally:
-            self.config = config
-        streams = out.mmd_streams
-        if streams.shape[1] >= 2:
-            out.losses["mmd"] = mmdkernels.mmd_loss(
-                streams,
-                delay=config.mmd_delay and streams.shape[-1] > streams.shape[1],
-                estimator=config.mmd_estimator,
-                process_group=dist.group.WORLD,
-            )
-            total = out.losses.pop("total") + config.lambda_mmd * out.losses["mmd"]
-            out.losses["total"] = total
-        return out
+    def step_mmd(self, streams: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().step_mmd(streams)
+        return mmdkernels.mmd_loss(
+            streams,
+            delay=self.config.mmd_delay and streams.shape[-1] > streams.shape[1],
+            estimator=self.config.mmd_estimator,
+            process_group=dist.group.WORLD,
+        )
 
 
 def _averaged(losses: dict, world: World) -> dict:
