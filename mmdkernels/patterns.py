@@ -129,6 +129,31 @@ def apply_pattern(codes: torch.Tensor, pattern: str, special: int) -> torch.Tens
     return sequence.masked_fill(~valid, special)
 
 
+def _frame_positions(pattern: str, num_codebooks: int, first: int, last: int, device) -> tuple[torch.Tensor, ...]:
+    """Where codebook k of frame t sits in the step sequence, for frames first <= t < last: (stream, step), [K, n]."""
+    k = torch.arange(num_codebooks, device=device)[:, None]
+    t = torch.arange(first, last, device=device)[None]
+    if pattern == "delay":
+        return k.expand(-1, t.shape[1]), t + k
+    if pattern == "flatten":
+        return torch.zeros_like(t + k), t * num_codebooks + k
+    return k.expand(-1, t.shape[1]), t.expand(num_codebooks, -1)
+
+
+def _check_sequence(sequence, pattern: str, num_codebooks: int, num_frames: int) -> None:
+    _check_pattern(pattern)
+    _check_positive("num_codebooks", num_codebooks)
+    _check_positive("num_frames", num_frames)
+    if not isinstance(sequence, torch.Tensor):
+        raise TypeError(f"sequence must be a torch.Tensor of shape [B, R, S], got {type(sequence).__name__}")
+    streams, steps = num_streams(pattern, num_codebooks), num_steps(pattern, num_codebooks, num_frames)
+    if sequence.dim() != 3 or sequence.shape[1] != streams or sequence.shape[2] < steps:
+        raise ValueError(
+            f"sequence must have shape [B, {streams}, S >= {steps}] for pattern {pattern!r} with K = {num_codebooks},"
+            f" T = {num_frames}, got shape {tuple(sequence.shape)}"
+        )
+
+
 def revert_pattern(sequence: torch.Tensor, pattern: str, num_codebooks: int, num_frames: int) -> torch.Tensor:
     """Inverse of apply_pattern: gather the codes back from the valid positions of a step sequence.
 
@@ -144,20 +169,24 @@ def revert_pattern(sequence: torch.Tensor, pattern: str, num_codebooks: int, num
     Example:
         >>> codes = revert_pattern(apply_pattern(codes, "flatten", special=C), "flatten", K, T)
     """
-    _check_pattern(pattern)
-    _check_positive("num_codebooks", num_codebooks)
-    _check_positive("num_frames", num_frames)
-    if not isinstance(sequence, torch.Tensor):
-        raise TypeError(f"sequence must be a torch.Tensor of shape [B, R, S], got {type(sequence).__name__}")
-    streams, steps = num_streams(pattern, num_codebooks), num_steps(pattern, num_codebooks, num_frames)
-    if sequence.dim() != 3 or sequence.shape[1] != streams or sequence.shape[2] < steps:
-        raise ValueError(
-            f"sequence must have shape [B, {streams}, S >= {steps}] for pattern {pattern!r} with K = {num_codebooks},"
-            f" T = {num_frames}, got shape {tuple(sequence.shape)}"
-        )
-    index, valid = _step_index(pattern, num_codebooks, num_frames, sequence.device)
-    batch = sequence.shape[0]
-    values = sequence[:, :, :steps][:, valid]  # [B, K * T] in (r, s) order
-    codes = sequence.new_empty(batch, num_codebooks * num_frames)
-    codes[:, index[valid]] = values
-    return codes.reshape(batch, num_codebooks, num_frames)
+    return revert_frames(sequence, pattern, num_codebooks, num_frames, 0, num_frames)
+
+
+def revert_frames(
+    sequence: torch.Tensor, pattern: str, num_codebooks: int, num_frames: int, first: int, last: int
+) -> torch.Tensor:
+    """Frames first <= t < last of revert_pattern(sequence, ...), reading only their positions: streaming
+    generation hands out each run of newly final frames in O(K * (last - first)), not O(K * T).
+
+    Args:
+        sequence, pattern, num_codebooks, num_frames: as for revert_pattern (the sequence may be partly decoded:
+            only the positions of the requested frames are read).
+        first, last: the frame range, 0 <= first <= last <= num_frames.
+    Returns:
+        [B, K, last - first] of sequence's dtype.
+    """
+    _check_sequence(sequence, pattern, num_codebooks, num_frames)
+    if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last <= num_frames):
+        raise ValueError(f"first, last must satisfy 0 <= first <= last <= T = {num_frames}, got {first}, {last}")
+    stream, step = _frame_positions(pattern, num_codebooks, first, last, sequence.device)
+    return sequence[:, stream, step]

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from mmdkernels import check_sample_args, sample
-from mmdkernels.patterns import PATTERNS, frames_done, num_steps, revert_pattern, valid_mask
+from mmdkernels.patterns import PATTERNS, frames_done, num_steps, revert_frames, revert_pattern, valid_mask
 from models.lm import ATTENTION, KVCache, LMConfig, MusicLM
 
 CUDA_GRAPH = ("auto", True, False)
@@ -170,7 +170,7 @@ def generate(
         if on_frames is not None:
             done = frames_done(cfg.pattern, cfg.num_codebooks, num_frames, step + 1)
             if done > emitted:
-                on_frames(revert_pattern(sequence, cfg.pattern, cfg.num_codebooks, num_frames)[:, :, emitted:done])
+                on_frames(revert_frames(sequence, cfg.pattern, cfg.num_codebooks, num_frames, emitted, done))
                 emitted = done
         if on_step is not None:
             on_step(step)

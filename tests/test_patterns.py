@@ -10,6 +10,7 @@ from mmdkernels.patterns import (
     frames_done,
     num_steps,
     num_streams,
+    revert_frames,
     revert_pattern,
     valid_mask,
 )
@@ -67,6 +68,24 @@ def test_revert_carries_float_values():
     out = revert_pattern(values, "flatten", 3, 4)
     assert out.dtype == values.dtype
     assert torch.equal(out[:, 1, 2], values[:, 0, 2 * 3 + 1])
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_revert_frames_reads_only_the_range(pattern, seeded):
+    """Each frame range of a sequence equals the slice of the whole revert; positions of other frames may hold
+    anything (streaming reads a partly decoded sequence)."""
+    codes = torch.randint(0, 50, (2, 3, 6), generator=seeded)
+    sequence = apply_pattern(codes, pattern, special=99)
+    for first in range(7):
+        for last in range(first, 7):
+            partial = sequence.clone()
+            index = torch.arange(partial.shape[2])
+            steps_needed = {"delay": last + 2, "flatten": last * 3, "parallel": last}[pattern]
+            partial[:, :, index >= steps_needed] = -1  # not decoded yet
+            got = revert_frames(partial, pattern, 3, 6, first, last)
+            assert torch.equal(got, codes[:, :, first:last]), (first, last)
+    with pytest.raises(ValueError, match="first, last"):
+        revert_frames(sequence, pattern, 3, 6, 4, 2)
 
 
 @pytest.mark.parametrize(
