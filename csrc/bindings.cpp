@@ -51,14 +51,18 @@ TORCH_LIBRARY(mmdkernels, m) {
   // Few-row linear layer of a decode step (CPU only; spec: F.linear, then F.gelu when gelu): x float32 [M, D]
   // (M <= 16, unit stride in D), weight float32 [N, D] contiguous, bias float32 [N] or None -> float32 [M, N].
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
-  // One KV-cached decode step through every layer of models/lm.py's decoder (CPU; spec: the Python layers' decode
-  // path). x float32 [B, D] (the step's embeddings, B <= 16); weights: 12 tensors per layer (self_norm weight, bias,
-  // qkv, self out, cross_norm weight, bias, cross q, cross out, mlp_norm weight, bias, fc1, fc2); self_k/self_v
-  // [L, B, H, S_max, Dh] written at `step`; cross_k/cross_v [L, B, H, Tc, Dh]; cross_lengths int64 [B].
-  // Returns the residual stream after the last layer, float32 [B, D].
+  // The same with weights stored in reduced precision (spec: mmdkernels/linear/reference.py, decode_linear_ref on a
+  // QuantizedLinearWeight): weight bfloat16 [N, D] (scale None) or int8 [N, D] with scale float32 [N]
+  // (y = scale * (x @ weight^T) + bias); x, the accumulation and the result float32.
+  m.def("small_batch_linear_quantized(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, bool gelu) -> Tensor");
+  // One KV-cached decode step through a stack of decoder layers (CPU; spec: mmdkernels/decode/reference.py,
+  // decode_layers_ref). x float32 [B, D] (the step's embeddings, B <= 16); weights: 12 tensors per layer in the order
+  // of DecoderLayerWeights; self_k/self_v [L, B, H, S_max, Dh] written at `step`; cross_k/cross_v [L, B, H, Tc, Dh];
+  // cross_lengths int64 [B]; torch_linear: project through at::linear instead of small_batch_linear (the dispatcher's
+  // rule, mmdkernels/_dispatch.py). Returns the residual stream after the last layer, float32 [B, D].
   m.def(
       "lm_decode_layers(Tensor x, Tensor[] weights, Tensor(a!) self_k, Tensor(b!) self_v, Tensor cross_k, "
-      "Tensor cross_v, Tensor cross_lengths, int step, int num_heads, float eps) -> Tensor");
+      "Tensor cross_v, Tensor cross_lengths, int step, int num_heads, float eps, bool torch_linear) -> Tensor");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
 }

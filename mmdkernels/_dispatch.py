@@ -34,6 +34,9 @@ class OpBackends:
 
     providers: tuple[str, ...]
     priority: Callable[[torch.Tensor], tuple[str, ...]]
+    # whether falling back to the reference for any reason warns once (the fused ops, where the reference is far
+    # slower); False: only a missing build warns, a fallback by design (row counts, autograd) is silent
+    warn_on_any_fallback: bool = True
 
 
 def _fused_priority(x: torch.Tensor) -> tuple[str, ...]:
@@ -75,6 +78,20 @@ def _linear_priority(x: torch.Tensor) -> tuple[str, ...]:
     return ("cpp", "torch", "reference")
 
 
+def _quantized_linear_priority(x: torch.Tensor) -> tuple[str, ...]:
+    """decode_linear with bf16/int8 weights (mmdkernels/linear/quantize.py): on CPU the C++ kernel at every row count
+    it takes, one row included (torch has no GEMV on such weights: "torch" dequantises them, a full float32 copy, then
+    calls F.linear); elsewhere, and for larger batches, "torch"."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if x.device.type != "cpu" or rows > LINEAR_MAX_ROWS:
+        return ("torch", "reference")
+    return ("cpp", "torch", "reference")
+
+
+def _cpu_float32_priority(x: torch.Tensor) -> tuple[str, ...]:
+    return ("cpp", "reference") if x.device.type == "cpu" and x.dtype == torch.float32 else ("reference",)
+
+
 OPS = {
     "mmd_loss": OpBackends(("reference", "cpp", "triton", "cuda"), _fused_priority),
     "rvq_encode": OpBackends(("reference", "cpp", "triton", "cuda"), _fused_priority),
@@ -82,6 +99,8 @@ OPS = {
     "sample": OpBackends(("reference", "cpp", "triton", "cuda"), _fused_priority),
     "decode_attention": OpBackends(("reference", "sdpa", "cpp", "triton", "cuda"), _attention_priority),
     "decode_linear": OpBackends(("reference", "torch", "cpp"), _linear_priority),
+    "decode_linear_quantized": OpBackends(("reference", "torch", "cpp"), _quantized_linear_priority),
+    "decode_layers": OpBackends(("reference", "cpp"), _cpu_float32_priority, warn_on_any_fallback=False),
 }
 
 
@@ -126,6 +145,13 @@ def not_supported_reasons(backend: str, x: torch.Tensor, max_codebooks: int | No
     return reasons
 
 
+def _warns(spec: OpBackends, reasons: list[str]) -> bool:
+    if spec.warn_on_any_fallback:
+        return bool(reasons)
+    unbuilt = {_ext.load_error("cpu"), _ext.load_error("cuda")} - {""}
+    return any(reason.split(": ", 1)[-1] in unbuilt for reason in reasons)
+
+
 def env_backend(op: str) -> str | None:
     """The provider the environment forces for `op`, or None."""
     spec = OPS[op]
@@ -163,7 +189,8 @@ def choose_backend(
     requested = requested or env_backend(op)
 
     def reasons_for(backend: str) -> list[str]:
-        return not_supported_reasons(backend, x, max_codebooks) + (op_reasons(backend) if op_reasons is not None else [])
+        extra = op_reasons(backend) if op_reasons is not None else []
+        return not_supported_reasons(backend, x, max_codebooks) + extra
 
     if requested is not None:
         reasons = reasons_for(requested)
@@ -174,11 +201,11 @@ def choose_backend(
     for backend in spec.priority(x):
         reasons = reasons_for(backend)
         if not reasons:
-            if backend == "reference" and x.dtype in KERNEL_DTYPES and all_reasons:
+            if backend == "reference" and x.dtype in KERNEL_DTYPES and _warns(spec, all_reasons):
                 _ext.warn_once(
                     f"{op}-{x.device.type}",
                     f"{op}: no fused kernel available for {x.device.type} input, using the PyTorch reference "
-                    f"(slower, O(N^2) memory). Reasons: " + "; ".join(all_reasons),
+                    f"(slower{', O(N^2) memory' if op == 'mmd_loss' else ''}). Reasons: " + "; ".join(all_reasons),
                 )
             return backend
         all_reasons += [f"{backend}: {r}" for r in reasons]

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmdkernels
-from mmdkernels.linear import MAX_ROWS, decode_linear
+from mmdkernels.decode import decode_layers_backend
+from mmdkernels.linear import decode_linear
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
 from models.depth_head import DepthHead
 from models.text_encoder import Condition, TextEncoder
@@ -220,20 +221,25 @@ class DecoderLayer(nn.Module):
         return x + self._drop(self.fc2(self.fc1(self.mlp_norm(x), activation="gelu")))
 
 
-def decode_layer_weights(layers) -> list[torch.Tensor]:
-    """The per-layer tensors mmdkernels::lm_decode_layers takes, in its order (csrc/decode/decode_layers_cpu.cpp)."""
-    weights = []
-    for layer in layers:
-        weights += [
+def decode_layer_weights(layers) -> list[mmdkernels.DecoderLayerWeights]:
+    """The layers' tensors for mmdkernels.decode_layers (the fused CPU decode step)."""
+    return [
+        mmdkernels.DecoderLayerWeights(
             layer.self_norm.weight,
             layer.self_norm.bias,
             layer.self_attn.qkv.weight,
             layer.self_attn.out.weight,
-        ]
-        weights += [layer.cross_norm.weight, layer.cross_norm.bias, layer.cross_attn.q.weight]
-        weights += [layer.cross_attn.out.weight, layer.mlp_norm.weight, layer.mlp_norm.bias]
-        weights += [layer.fc1.weight, layer.fc2.weight]
-    return weights
+            layer.cross_norm.weight,
+            layer.cross_norm.bias,
+            layer.cross_attn.q.weight,
+            layer.cross_attn.out.weight,
+            layer.mlp_norm.weight,
+            layer.mlp_norm.bias,
+            layer.fc1.weight,
+            layer.fc2.weight,
+        )
+        for layer in layers
+    ]
 
 
 class MusicLM(nn.Module):
@@ -374,27 +380,25 @@ class MusicLM(nn.Module):
         return self.depth_head.step_hidden(h, codes, k) @ self.heads[k].t()
 
     def _fused_decode_runs(self, x: torch.Tensor, cache: KVCache | None, step, attention: str) -> bool:
-        """Whether this step can go through mmdkernels::lm_decode_layers: an int step of a float32 CPU model in
-        inference with at most 16 rows, mmdkernels attention and a prefix-masked condition."""
+        """Whether this step goes through mmdkernels.decode_layers' compiled CPU op: an int step of a CPU model in
+        inference, one position, mmdkernels attention, a prefix-masked condition, and the library able to run it
+        (float32, at most 16 rows, no autograd, the extension loaded)."""
         return (
             self.fused_decode
             and isinstance(step, int)
             and cache is not None
             and cache.cross_lengths is not None
             and x.shape[1] == 1
-            and x.shape[0] <= MAX_ROWS
             and x.device.type == "cpu"
-            and x.dtype == torch.float32
             and not self.training
-            and not (torch.is_grad_enabled() and self.heads.requires_grad)
             and _attention_backend(attention) == "mmdkernels"
-            and mmdkernels.cpu_capability() != "reference"
+            and decode_layers_backend(x[:, 0], decode_layer_weights(self.layers)) == "cpp"
         )
 
     def _run(self, inputs, positions, condition, cache, start, attention, step, step_codes=None, hidden_only=False):
         x = self._embed(inputs, positions)
         if self._fused_decode_runs(x, cache, step, attention):
-            x = torch.ops.mmdkernels.lm_decode_layers(
+            x = mmdkernels.decode_layers(
                 x[:, 0],
                 decode_layer_weights(self.layers),
                 cache.self_k,
@@ -403,8 +407,9 @@ class MusicLM(nn.Module):
                 cache.cross_v,
                 cache.cross_lengths,
                 step,
-                self.config.num_heads,
-                self.layers[0].self_norm.eps,
+                num_heads=self.config.num_heads,
+                eps=self.layers[0].self_norm.eps,
+                backend="cpp",
             )[:, None]
             if hidden_only:
                 return self.final_norm(x)

@@ -84,3 +84,13 @@ def test_linear_reference_is_the_spec():
     y = mmdkernels.decode_linear(x.double(), w.double(), b.double(), activation="gelu", backend="reference")
     expected = torch.nn.functional.gelu(torch.einsum("abd,nd->abn", x.double(), w.double()) + b.double())
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+
+
+@needs_cpu_kernels
+def test_fallback_by_design_is_silent(recwarn):
+    """decode_layers at 17 rows goes to its reference by design (the model then keeps its own layers): no warning."""
+    from mmdkernels.decode import DecoderLayerWeights, decode_layers_backend
+
+    weights = [DecoderLayerWeights(*[torch.zeros(3 * 8, 8) if i == 2 else torch.zeros(8, 8) for i in range(12)])]
+    assert decode_layers_backend(torch.zeros(17, 8), weights) == "reference"
+    assert not [w for w in recwarn if "no fused kernel" in str(w.message)]

@@ -15,7 +15,8 @@
 namespace mmdkernels::decode {
 namespace {
 
-// Per-layer tensors, in this order (models/lm.py, decode_layer_weights, builds the list).
+// Per-layer tensors, in this order: mmdkernels/decode/reference.py, DecoderLayerWeights (tests/test_decode_layers.py
+// checks that the two orders agree).
 enum Weight : int64_t {
   kSelfNormWeight,
   kSelfNormBias,
@@ -32,8 +33,8 @@ enum Weight : int64_t {
   kWeightsPerLayer,
 };
 
-at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool gelu = false) {
-  if (x.size(0) == 1) {  // one row: torch's GEMV does not pack the weights and measured as fast (bench_linear.py)
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, bool torch_linear, bool gelu = false) {
+  if (torch_linear) {  // the dispatcher's choice for this row count (mmdkernels/_dispatch.py)
     const auto y = at::linear(x, weight);
     return gelu ? at::gelu(y) : y;
   }
@@ -80,7 +81,8 @@ void check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& s
 
 at::Tensor lm_decode_layers_cpu(const at::Tensor& x_in, at::TensorList weights, const at::Tensor& self_k,
                                 const at::Tensor& self_v, const at::Tensor& cross_k, const at::Tensor& cross_v,
-                                const at::Tensor& cross_lengths, int64_t step, int64_t num_heads, double eps) {
+                                const at::Tensor& cross_lengths, int64_t step, int64_t num_heads, double eps,
+                                bool torch_linear) {
   check_args(x_in, weights, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads);
   const int64_t batch = x_in.size(0), dim = x_in.size(1), head_dim = dim / num_heads;
   const int64_t layers = static_cast<int64_t>(weights.size()) / kWeightsPerLayer;
@@ -91,20 +93,20 @@ at::Tensor lm_decode_layers_cpu(const at::Tensor& x_in, at::TensorList weights, 
     const at::Tensor* w = weights.data() + layer * kWeightsPerLayer;
     // self-attention: K/V of this step written into the cache, then one query per row over steps 0..step
     auto h = at::layer_norm(x, {dim}, w[kSelfNormWeight], w[kSelfNormBias], eps);
-    const auto qkv = project(h, w[kQkv]).view({batch, 3, num_heads, head_dim});
+    const auto qkv = project(h, w[kQkv], torch_linear).view({batch, 3, num_heads, head_dim});
     const auto layer_k = self_k.select(0, layer), layer_v = self_v.select(0, layer);
     layer_k.select(2, step).copy_(qkv.select(1, 1));
     layer_v.select(2, step).copy_(qkv.select(1, 2));
     auto attended = attend(qkv.select(1, 0), layer_k, layer_v, self_lengths, scale);
-    x.add_(project(attended.view({batch, dim}), w[kSelfOut]));
+    x.add_(project(attended.view({batch, dim}), w[kSelfOut], torch_linear));
     // cross-attention over the condition's fixed K/V
     h = at::layer_norm(x, {dim}, w[kCrossNormWeight], w[kCrossNormBias], eps);
-    const auto q = project(h, w[kCrossQ]).view({batch, num_heads, head_dim});
+    const auto q = project(h, w[kCrossQ], torch_linear).view({batch, num_heads, head_dim});
     attended = attend(q, cross_k.select(0, layer), cross_v.select(0, layer), cross_lengths, scale);
-    x.add_(project(attended.view({batch, dim}), w[kCrossOut]));
+    x.add_(project(attended.view({batch, dim}), w[kCrossOut], torch_linear));
     // MLP, GELU fused into fc1
     h = at::layer_norm(x, {dim}, w[kMlpNormWeight], w[kMlpNormBias], eps);
-    x.add_(project(project(h, w[kFc1], /*gelu=*/true), w[kFc2]));
+    x.add_(project(project(h, w[kFc1], torch_linear, /*gelu=*/true), w[kFc2], torch_linear));
   }
   return x;
 }

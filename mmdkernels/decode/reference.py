@@ -1,0 +1,81 @@
+"""decode_layers_ref: the spec of one KV-cached decode step through a stack of pre-LN decoder layers (MusicGen's
+layout: self-attention with a fused QKV projection, cross-attention over a prefix-masked condition, a GELU MLP; no
+projection biases, LayerNorms with bias). Plain PyTorch, float64-capable."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class DecoderLayerWeights(NamedTuple):
+    """One decoder layer's tensors, in the order the compiled op takes them (csrc/decode/decode_layers_cpu.cpp).
+
+    D = model dim, F = MLP dim; projections are [out, in] (nn.Linear's layout), none has a bias.
+    """
+
+    self_norm_weight: torch.Tensor  # [D]
+    self_norm_bias: torch.Tensor  # [D]
+    qkv: torch.Tensor  # [3D, D]: rows of q, then k, then v
+    self_out: torch.Tensor  # [D, D]
+    cross_norm_weight: torch.Tensor  # [D]
+    cross_norm_bias: torch.Tensor  # [D]
+    cross_q: torch.Tensor  # [D, D]
+    cross_out: torch.Tensor  # [D, D]
+    mlp_norm_weight: torch.Tensor  # [D]
+    mlp_norm_bias: torch.Tensor  # [D]
+    fc1: torch.Tensor  # [F, D], GELU after it
+    fc2: torch.Tensor  # [D, F]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """q [B, H, Dh] over the first lengths[b] entries of k, v [B, H, S, Dh]."""
+    scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(q.shape[-1])
+    keep = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]
+    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+    return torch.einsum("bhs,bhsd->bhd", torch.softmax(scores, dim=-1), v)
+
+
+def decode_layers_ref(
+    x: torch.Tensor,
+    layers: list[DecoderLayerWeights],
+    self_k: torch.Tensor,
+    self_v: torch.Tensor,
+    cross_k: torch.Tensor,
+    cross_v: torch.Tensor,
+    cross_lengths: torch.Tensor,
+    step: int,
+    num_heads: int,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """One decode step through every layer; writes this step's keys/values into self_k/self_v at `step`.
+
+    Args:
+        x: [B, D] the step's input embeddings.
+        layers: L DecoderLayerWeights.
+        self_k, self_v: [L, B, H, S_max, Dh] self-attention caches (positions < step already filled).
+        cross_k, cross_v: [L, B, H, Tc, Dh] the condition's keys/values; cross_lengths int64 [B] valid entries.
+        step: this step's position, 0 <= step < S_max.
+        num_heads: H (D = H * Dh).
+        eps: the LayerNorms' epsilon.
+    Returns:
+        [B, D]: the residual stream after the last layer (before the model's final norm).
+    """
+    batch, dim = x.shape
+    head_dim = dim // num_heads
+    self_lengths = torch.full((batch,), step + 1, dtype=torch.long, device=x.device)
+    for index, w in enumerate(layers):
+        h = F.layer_norm(x, (dim,), w.self_norm_weight, w.self_norm_bias, eps)
+        q, k, v = F.linear(h, w.qkv).view(batch, 3, num_heads, head_dim).unbind(1)
+        self_k[index, :, :, step] = k
+        self_v[index, :, :, step] = v
+        x = x + F.linear(_attend(q, self_k[index], self_v[index], self_lengths).reshape(batch, dim), w.self_out)
+        h = F.layer_norm(x, (dim,), w.cross_norm_weight, w.cross_norm_bias, eps)
+        q = F.linear(h, w.cross_q).view(batch, num_heads, head_dim)
+        x = x + F.linear(_attend(q, cross_k[index], cross_v[index], cross_lengths).reshape(batch, dim), w.cross_out)
+        h = F.layer_norm(x, (dim,), w.mlp_norm_weight, w.mlp_norm_bias, eps)
+        x = x + F.linear(F.gelu(F.linear(h, w.fc1)), w.fc2)
+    return x

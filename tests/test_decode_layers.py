@@ -1,0 +1,137 @@
+"""mmdkernels.decode_layers: the compiled CPU decode step against its spec (decode_layers_ref, float64), the weight
+order shared by Python and C++, the dispatcher's row rule, opcheck and clear errors."""
+
+import pytest
+import torch
+
+import mmdkernels
+from mmdkernels import _ext
+from mmdkernels.decode import DecoderLayerWeights, decode_layers, decode_layers_backend, decode_layers_ref
+from mmdkernels.decode import ops as decode_ops
+from tolerances import assert_close_to_reference
+
+needs_cpu_kernels = pytest.mark.skipif(not _ext.available("cpu"), reason="no compiled CPU library")
+
+
+def make_problem(batch, dim=32, heads=4, layers=2, ffn=48, s_max=9, cross=5, step=4, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype)
+
+    weights = [
+        DecoderLayerWeights(
+            1 + rand(dim, scale=0.1), rand(dim, scale=0.1), rand(3 * dim, dim, scale=dim**-0.5),
+            rand(dim, dim, scale=dim**-0.5), 1 + rand(dim, scale=0.1), rand(dim, scale=0.1),
+            rand(dim, dim, scale=dim**-0.5), rand(dim, dim, scale=dim**-0.5), 1 + rand(dim, scale=0.1),
+            rand(dim, scale=0.1), rand(ffn, dim, scale=dim**-0.5), rand(dim, ffn, scale=ffn**-0.5),
+        )  # fmt: skip
+        for _ in range(layers)
+    ]
+    head_dim = dim // heads
+    self_k, self_v = rand(layers, batch, heads, s_max, head_dim), rand(layers, batch, heads, s_max, head_dim)
+    cross_k, cross_v = rand(layers, batch, heads, cross, head_dim), rand(layers, batch, heads, cross, head_dim)
+    cross_lengths = torch.randint(1, cross + 1, (batch,), generator=g)
+    return rand(batch, dim), weights, [self_k, self_v, cross_k, cross_v, cross_lengths], step, heads
+
+
+def as64(problem):
+    x, weights, caches, step, heads = problem
+    return (
+        x.double(),
+        [DecoderLayerWeights(*(t.double() for t in w)) for w in weights],
+        [c.double() if c.is_floating_point() else c for c in caches],
+        step,
+        heads,
+    )
+
+
+def run(problem, backend):
+    x, weights, caches, step, heads = problem
+    caches = [c.clone() for c in caches]
+    with torch.no_grad():
+        out = decode_layers(x, weights, *caches, step, num_heads=heads, backend=backend)
+    return out, caches[0], caches[1]
+
+
+def test_weight_order_is_the_one_the_op_documents():
+    assert DecoderLayerWeights._fields == (
+        "self_norm_weight", "self_norm_bias", "qkv", "self_out", "cross_norm_weight", "cross_norm_bias", "cross_q",
+        "cross_out", "mlp_norm_weight", "mlp_norm_bias", "fc1", "fc2",
+    )  # fmt: skip
+    source = open("csrc/decode/decode_layers_cpu.cpp").read()
+    order = ["kSelfNormWeight", "kSelfNormBias", "kQkv", "kSelfOut", "kCrossNormWeight", "kCrossNormBias", "kCrossQ"]
+    order += ["kCrossOut", "kMlpNormWeight", "kMlpNormBias", "kFc1", "kFc2", "kWeightsPerLayer"]
+    positions = [source.index(name + ",") for name in order]
+    assert positions == sorted(positions)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("batch", [1, 2, 5, 16])
+@pytest.mark.parametrize("step", [0, 4, 8])
+def test_compiled_step_matches_the_spec(batch, step):
+    problem = make_problem(batch, step=step, seed=batch * 10 + step)
+    ref_out, ref_k, ref_v = run(as64(problem), "reference")
+    base_out, base_k, base_v = run(problem, "reference")  # PyTorch's own float32 computation
+    out, k, v = run(problem, "cpp")
+    assert_close_to_reference(out, ref_out, base_out, name="decode_layers output")
+    assert_close_to_reference(k, ref_k, base_k, name="decode_layers K cache")
+    assert_close_to_reference(v, ref_v, base_v, name="decode_layers V cache")
+
+
+@needs_cpu_kernels
+def test_automatic_choice():
+    x, weights, *_ = make_problem(3)
+    with torch.no_grad():
+        assert decode_layers_backend(x, weights) == "cpp"
+        assert decode_layers_backend(x.double(), [DecoderLayerWeights(*(t.double() for t in w)) for w in weights]) == (
+            "reference"
+        )
+        assert decode_layers_backend(torch.zeros(17, 32), weights) == "reference"  # > 16 rows
+    x.requires_grad_(True)
+    assert decode_layers_backend(x, weights) == "reference"  # autograd: the spec is differentiable
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("torch_linear", [False, True])
+def test_opcheck(torch_linear):
+    x, weights, caches, step, heads = make_problem(3)
+    flat = [t for w in weights for t in w]
+    torch.library.opcheck(decode_ops.decode_layers_op(), (x, flat, *caches, step, heads, 1e-5, torch_linear))
+
+
+@needs_cpu_kernels
+def test_compiled_op_checks_its_arguments():
+    x, weights, caches, _, heads = make_problem(1, s_max=4)
+    flat = [t for w in weights for t in w]
+    op = decode_ops.decode_layers_op()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="weights must hold 12 tensors per layer"):
+            op(x, flat[:-1], *caches, 0, heads, 1e-5, False)
+        with pytest.raises(RuntimeError, match=r"step must be in \[0, S_max = 4\)"):
+            op(x, flat, *caches, 4, heads, 1e-5, False)
+        with pytest.raises(RuntimeError, match="caches must have shape"):
+            op(torch.zeros(2, 32), flat, *caches, 0, heads, 1e-5, False)
+        with pytest.raises(RuntimeError, match="num_heads must divide"):
+            op(x, flat, *caches, 0, 5, 1e-5, False)
+
+
+def test_wrapper_errors_name_the_argument():
+    x, weights, caches, step, heads = make_problem(2)
+    with pytest.raises(ValueError, match="num_heads must be a positive int dividing D = 32"):
+        decode_layers(x, weights, *caches, step, num_heads=5)
+    with pytest.raises(ValueError, match=r"layers\[1\].qkv must have shape \[96, 32\]"):
+        bad = weights[1]._replace(qkv=weights[1].qkv[:-1])
+        decode_layers(x, [weights[0], bad], *caches, step, num_heads=heads)
+    with pytest.raises(ValueError, match="step must be an int in"):
+        decode_layers(x, weights, *caches, 99, num_heads=heads)
+    with pytest.raises(TypeError, match="cross_lengths must be an int64 tensor"):
+        decode_layers(x, weights, *caches[:4], caches[4].int(), step, num_heads=heads)
+    with pytest.raises(ValueError, match="self_k must have shape"):
+        decode_layers(x, weights, caches[0][:, :1], *caches[1:], step, num_heads=heads)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        decode_layers(x, weights, *caches, step, num_heads=heads, backend="sdpa")
+
+
+def test_public_names():
+    assert mmdkernels.decode_layers is decode_layers and mmdkernels.decode_layers_ref is decode_layers_ref
