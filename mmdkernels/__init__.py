@@ -12,6 +12,7 @@ from mmdkernels._ext import cpu_capability
 from mmdkernels.attention import decode_attention, decode_attention_ref
 from mmdkernels.decode import DecoderLayerWeights, decode_layers, decode_layers_ref
 from mmdkernels.linear import decode_linear, decode_linear_ref
+from mmdkernels.linear.quantize import QuantizedLinearWeight, pack_decode_weight
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
 from mmdkernels.nn import MMDLoss, ResidualVQ, RVQOutput
 from mmdkernels.rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
@@ -25,6 +26,8 @@ __all__ = [
     "DecoderLayerWeights",
     "decode_linear",
     "decode_linear_ref",
+    "QuantizedLinearWeight",
+    "pack_decode_weight",
     "mmd_loss",
     "mmd_loss_ref",
     "MMDLoss",

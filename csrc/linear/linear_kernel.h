@@ -1,0 +1,148 @@
+// The few-row linear kernel's loops (no torch dependency, so that a scratch benchmark can include them): see
+// csrc/linear/linear_cpu.cpp for the design. rows_block<T, M> computes output columns [n_begin, n_end) of y for the
+// M rows of x with weights of type T (float, bfloat16 bits as uint16_t, int8).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "linear/linear_vec.h"
+
+namespace mmdkernels::linear {
+
+constexpr int64_t kMaxRows = 16;
+
+// Rows of x per pass over a block of weight rows: the pass's accumulators must stay in the vector registers (32
+// zmm with AVX-512, 16 ymm with AVX2). More rows (classifier-free guidance doubles the batch) take several passes
+// over the same few weight rows, which the later passes read from L1: the weights still stream from memory once.
+// Weight rows per block, by the rows of a pass: a pass loads m + R vectors for m * R FMAs, so passes of 4 rows
+// against 4 weight rows (16 accumulators) need the fewest loads per FMA that fit; measured with the weights hot in
+// cache on the 2-core AVX-512 Xeon this was written on: 4 and 8 rows 2.8 G FMA/s, against 2.3-2.5 for passes of 8
+// rows against 2 weight rows.
+constexpr int kMaxPassRows = 4;
+#if defined(__AVX512F__)
+constexpr int block_rows(int m) { return m <= 2 ? 8 : 4; }
+#else
+constexpr int block_rows(int m) { return m <= 2 ? 4 : 2; }
+#endif
+// Rows of the first pass when M rows are split into equal passes of at most kMaxPassRows (the last may be smaller).
+constexpr int passes(int m) { return (m + kMaxPassRows - 1) / kMaxPassRows; }
+constexpr int pass_rows(int m) { return (m + passes(m) - 1) / passes(m); }
+// A software prefetch (into L2) this many bytes ahead of every weight stream. One core has too few loads in flight
+// to reach the memory's bandwidth on its own once there are several FMAs per weight vector (M > 1); prefetching
+// 16 KiB ahead took the M = 4 float32 stream from 7.5 to 12 GB/s there (13 GB/s is the core's copy bandwidth).
+constexpr int64_t kPrefetchBytes = 16384;
+
+// Columns of x per chunk: all M rows of a chunk of x (M * chunk floats, at most 16 KiB) stay in L1 while every
+// weight row of a group streams its chunk past them, instead of being re-read from L2 for every weight row once
+// M * D floats outgrow L1 (measured at D = 4096, 16 rows: bfloat16 1.5x and float32 1.25x faster with chunks).
+constexpr int64_t kChunkBytes = 16384;
+constexpr int64_t chunk_columns(int m) {
+  return kChunkBytes / 4 / m / 64 * 64 > 64 ? kChunkBytes / 4 / m / 64 * 64 : 64;  // a multiple of every line
+}
+constexpr int kGroupRows = 8;  // weight rows per group: the threads' unit of work; every R divides it
+
+// One pass over columns [k0, k1) (k0 a multiple of the line, k1 - k0 of kLanes): R weight rows (w, D apart) against
+// M rows of x, added to the accumulators acc[m * R + r]. Only the first pass prefetches (later ones hit L1).
+template <typename T, int M, int R, bool kPrefetch>
+static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim, int64_t k0, int64_t k1,
+                            Vec* acc_io) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(T);
+  Vec acc[M * R];
+#pragma GCC unroll 128
+  for (int i = 0; i < M * R; ++i) acc[i] = acc_io[i];
+  auto accumulate = [&](int64_t k) __attribute__((always_inline)) {
+    Vec wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = load_weights(w + r * dim + k);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      Vec xv = load_floats(x + m * ldx + k);
+#if defined(__x86_64__)
+      // One load of x, in a register, for the R weight rows: GCC would fold the load into each of the R FMAs, and
+      // the loads, not the FMAs, then bound the loop (measured: 8 rows of float32 from 14.8 to 16.9 GB/s, hot).
+      asm("" : "+v"(xv));
+#endif
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m * R + r] += xv * wv[r];
+    }
+  };
+  const int64_t lines_end = k0 + (k1 - k0) / kLine * kLine;
+  int64_t k = k0;
+  for (; k < lines_end; k += kLine) {
+    if constexpr (kPrefetch) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * dim + k + kAhead, 0, 1);  // never faults past the end
+    }
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kLine; v += kLanes) accumulate(k + v);
+  }
+  for (; k < k1; k += kLanes) accumulate(k);
+#pragma GCC unroll 128
+  for (int i = 0; i < M * R; ++i) acc_io[i] = acc[i];
+}
+
+// All M rows against R weight rows over columns [k0, k1), in passes of pass_rows(M) rows: acc[m * R + r].
+template <typename T, int M, int R, bool kFirst = true>
+static inline void dot_rows(const float* x, int64_t ldx, const T* w, int64_t dim, int64_t k0, int64_t k1, Vec* acc) {
+  constexpr int kPass = pass_rows(M);
+  dot_pass<T, kPass, R, kFirst>(x, ldx, w, dim, k0, k1, acc);
+  if constexpr (M > kPass) dot_rows<T, M - kPass, R, false>(x + kPass * ldx, ldx, w, dim, k0, k1, acc + kPass * R);
+}
+
+// The epilogue of one output: * scale (int8 weights), + bias, then the exact (erf) GELU when asked, as F.gelu.
+struct Epilogue {
+  const float* scale;  // [N] or nullptr
+  const float* bias;   // [N] or nullptr
+  bool gelu;
+  inline float operator()(float value, int64_t n) const {
+    if (scale != nullptr) value *= scale[n];
+    if (bias != nullptr) value += bias[n];
+    return gelu ? 0.5f * value * (1.f + std::erf(value * static_cast<float>(M_SQRT1_2))) : value;
+  }
+};
+
+// R outputs of M rows from their accumulators: lane sums, the columns past the last whole vector, the epilogue.
+template <typename T, int M, int R>
+static inline void finish_rows(const float* x, int64_t ldx, const T* w, int64_t dim, int64_t vectors, const Vec* acc,
+                               float* y, int64_t ldy, int64_t n, const Epilogue& epilogue) {
+  float sums[M * R];
+  lane_sums<M * R>(acc, sums);
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      float total = sums[m * R + r];
+      for (int64_t k = vectors; k < dim; ++k) total += x[m * ldx + k] * weight_value(w[r * dim + k]);
+      y[m * ldy + n + r] = epilogue(total, n + r);
+    }
+}
+
+// Output columns [n_begin, n_end) of y for the M rows of x (n_begin a multiple of kGroupRows, so that each output's
+// order of summation does not depend on how threads split the rows). ldx, ldy: row strides of x and y; weight rows
+// are D apart. Per group of 8 weight rows: chunk by chunk of D, blocks of R rows, passes of at most 8 rows of x.
+template <typename T, int M>
+static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim, float* y, int64_t ldy,
+                       int64_t n_begin, int64_t n_end, Epilogue epilogue) {
+  constexpr int R = block_rows(pass_rows(M));
+  constexpr int64_t kChunk = chunk_columns(M);
+  const int64_t vectors = dim - dim % kLanes;
+  Vec acc[kGroupRows * M];  // block of R rows starting at n: acc[(n - g) * M + m * R + r]
+  for (int64_t g = n_begin; g < n_end; g += kGroupRows) {
+    const int64_t g_end = std::min<int64_t>(g + kGroupRows, n_end), blocks_end = g + (g_end - g) / R * R;
+    for (int64_t i = 0; i < (g_end - g) * M; ++i) acc[i] = Vec{};
+    for (int64_t k0 = 0; k0 < vectors; k0 += kChunk) {
+      const int64_t k1 = std::min(k0 + kChunk, vectors);
+      int64_t n = g;
+      for (; n < blocks_end; n += R) dot_rows<T, M, R>(x, ldx, weight + n * dim, dim, k0, k1, acc + (n - g) * M);
+      for (; n < g_end; ++n) dot_rows<T, M, 1>(x, ldx, weight + n * dim, dim, k0, k1, acc + (n - g) * M);
+    }
+    int64_t n = g;
+    for (; n < blocks_end; n += R)
+      finish_rows<T, M, R>(x, ldx, weight + n * dim, dim, vectors, acc + (n - g) * M, y, ldy, n, epilogue);
+    for (; n < g_end; ++n)
+      finish_rows<T, M, 1>(x, ldx, weight + n * dim, dim, vectors, acc + (n - g) * M, y, ldy, n, epilogue);
+  }
+}
+
+}  // namespace mmdkernels::linear
