@@ -1,15 +1,16 @@
 """KV-cached decode attention through the public API: the C++ and SDPA backends against the float64 reference,
 strided caches, garbage past the lengths, grouped-query attention, bad input, opcheck and torch.compile.
 
-Tolerance (flash-attention's rule): a backend's max error against the float64 reference may be at most twice the
-error of the same maths done by plain PyTorch in the input dtype (scores, softmax and weighted sum all in that
-dtype), plus a small floor per dtype (ERROR_FLOOR).
+Tolerance: the rule of tests/tolerances.py (flash-attention's): a backend's max error against the float64 reference
+may be at most twice the error of the same maths done by plain PyTorch in the input dtype (scores, softmax and
+weighted sum all in that dtype), plus the table's floor for that dtype.
 """
 
 import math
 
 import pytest
 import torch
+from tolerances import assert_close_to_reference
 
 import mmdkernels
 from mmdkernels import _dispatch
@@ -17,7 +18,6 @@ from mmdkernels.attention import ops
 from mmdkernels.attention.reference import decode_attention_ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ERROR_FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 # (B, H, H_kv, S_max, Dh): B = 1 and 5, odd H, Dh in 16, 64, 80, 128, odd S_max, grouped-query (H_kv < H), and a long
 # cache with one (sequence, head) pair, which the C++ kernel splits into key ranges (flash-decoding) and combines.
 SHAPES = [
@@ -82,10 +82,8 @@ def assert_matches_reference(out, q, k, v, lengths, scale=None):
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     expected = decode_attention_ref(q.double(), k.double(), v.double(), lengths, scale=scale)
-    error = (out.double() - expected).abs().max().item()
-    baseline = (attention_in_dtype(q, k, v, lengths, scale).double() - expected).abs().max().item()
-    bound = 2 * baseline + ERROR_FLOOR[q.dtype]
-    assert error <= bound, f"max error {error:.3g} > 2 x {baseline:.3g} (PyTorch in {q.dtype}) + floor"
+    baseline = attention_in_dtype(q, k, v, lengths, scale)
+    assert_close_to_reference(out, expected, baseline, name=f"decode attention, {q.dtype}")
 
 
 @pytest.mark.parametrize("lengths_kind", LENGTH_KINDS)
@@ -116,7 +114,7 @@ def test_reference_matches_a_loop_over_sequences_and_heads():
         for h in range(6):
             keys, values = k[b, h // 3, : lengths[b]], v[b, h // 3, : lengths[b]]
             weights = torch.softmax(keys @ q[b, h] * 0.3, dim=0)
-            torch.testing.assert_close(out[b, h], weights @ values, rtol=1e-12, atol=1e-12)
+            assert_close_to_reference(out[b, h], weights @ values, name="float64 reference vs the loop")
 
 
 def strided_views(shape, dtype, layout: str, seed=1):

@@ -5,30 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import assert_close_to_reference
 
 import mmdkernels
 from mmdkernels import _ext
 from mmdkernels.linear import MAX_ROWS, decode_linear
 
+DTYPES = (torch.float64, torch.float32)  # the reference's, the kernel's (and the rule's baseline's)
 needs_cpp = pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
 
 
-def _reference(x, weight, bias=None, activation=None):
-    y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+def _torch_linear(x, weight, bias=None, activation=None):
+    """F.linear (+ F.gelu) in the dtype of its inputs: in float64 the reference, in x's dtype the rule's baseline."""
+    y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y
 
 
 def _assert_close(y, x, weight, bias=None, activation=None):
-    """float32 rounding of a D-term sum: |error| <= 4 eps sqrt(D) * (sum_k |x_k w_k| + |b|) (+ a tiny floor); the
-    GELU's slope is at most 1.13 and its own rounding a few eps of the value."""
-    eps = torch.finfo(torch.float32).eps
-    expected = _reference(x, weight, bias, activation)
-    scale = F.linear(x.double().abs(), weight.double().abs(), None if bias is None else bias.double().abs())
-    bound = 4 * eps * max(1.0, x.shape[-1] ** 0.5) * scale + 1e-30
-    if activation == "gelu":
-        bound = 1.13 * bound + 4 * eps * expected.abs() + 1e-7
-    assert y.shape == expected.shape and y.dtype == x.dtype
-    assert bool(((y.double() - expected).abs() <= bound).all()), float((y.double() - expected).abs().max())
+    """The kernel against F.linear in float64, by the rule of tests/tolerances.py (baseline: F.linear in float32)."""
+    assert y.shape == x.shape[:-1] + weight.shape[:1] and y.dtype == x.dtype
+    expected = _torch_linear(*(t if t is None else t.double() for t in (x, weight, bias)), activation)
+    baseline = _torch_linear(x, weight, bias, activation)
+    assert_close_to_reference(y, expected, baseline, name=f"decode_linear, activation {activation}")
 
 
 @needs_cpp
@@ -53,7 +51,8 @@ def test_bias_and_gelu_epilogue(rows, with_bias):
     for activation in (None, "gelu"):
         y = decode_linear(x, weight, bias, activation=activation, backend="cpp")
         _assert_close(y, x, weight, bias, activation)
-        torch.testing.assert_close(y, decode_linear(x, weight, bias, activation=activation, backend="torch"))
+        torch_backend = decode_linear(x, weight, bias, activation=activation, backend="torch")
+        assert torch.equal(torch_backend, _torch_linear(x, weight, bias, activation))  # the same call
 
 
 @needs_cpp
@@ -88,16 +87,23 @@ def test_threads_split_the_output_rows():
 
 
 def test_auto_falls_back_to_torch_where_the_kernel_cannot_run():
+    """Where the kernel cannot run, "auto" makes exactly the F.linear call that backend="torch" makes: the same code
+    path, so the results are equal bit for bit (F.linear on another layout of the same weight would be another BLAS
+    path, equal only to rounding)."""
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(6, 8, generator=g)
     many = torch.randn(MAX_ROWS + 1, 8, generator=g)
-    torch.testing.assert_close(decode_linear(many, weight), F.linear(many, weight))
+    assert torch.equal(decode_linear(many, weight), F.linear(many, weight))
     half = torch.randn(2, 8, generator=g, dtype=torch.float64)
     assert torch.equal(decode_linear(half, weight.double()), F.linear(half, weight.double()))
     x = torch.randn(2, 8, generator=g, requires_grad=True)
     decode_linear(x, weight).sum().backward()  # autograd: F.linear's backward
-    torch.testing.assert_close(x.grad, weight.sum(0).expand(2, 8))
-    assert torch.equal(decode_linear(x.detach(), weight.t().contiguous().t()), F.linear(x.detach(), weight))
+    column_sums = [weight.double().sum(0).expand(2, 8), weight.sum(0).expand(2, 8)]  # float64, float32
+    assert_close_to_reference(x.grad, *column_sums, name="F.linear's backward", kind="gradient")
+    strided = weight.t().contiguous().t()  # not contiguous: the kernel cannot take it
+    y = decode_linear(x.detach(), strided)
+    assert torch.equal(y, F.linear(x.detach(), strided))
+    _assert_close(y, x.detach(), weight)  # and the strided GEMM is still F.linear's maths
 
 
 @needs_cpp
@@ -151,4 +157,6 @@ def test_compiles_without_graph_breaks():
         lambda x: torch.relu(mmdkernels.decode_linear(x, weight, bias, activation="gelu")), fullgraph=True
     )
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), torch.relu(F.gelu(F.linear(x, weight, bias))))
+        y = compiled(x)
+    expected, baseline = (torch.relu(_torch_linear(*(t.to(d) for t in (x, weight, bias)), "gelu")) for d in DTYPES)
+    assert_close_to_reference(y, expected, baseline, name="compiled decode_linear + relu")

@@ -8,10 +8,15 @@ import sys
 
 import pytest
 import torch
+from mmd_cases import EXP_REL_ERROR, chain_floor
+from tolerances import assert_close_to_reference, table_floor
 
 from mmdkernels.mmd import ops
 from mmdkernels.mmd import reference as ref
 from mmdkernels.mmd.plan import DIRECT_EXP, FROM_BASE, build_plan
+
+
+DTYPES = (torch.float64, torch.float32)  # the reference's, the kernel's (and the rule's baseline's)
 
 
 def _op_inputs(num_samples=23, num_codebooks=3, dim=5, mode="pairwise"):
@@ -46,10 +51,12 @@ def test_bandwidth_chain_matches_exp(bandwidths):
     ops.shuffle_op("cpp")  # loads the extension
     plan = build_plan(bandwidths)
     d = torch.cat([torch.linspace(0, 1, 2001), torch.linspace(1, 200, 2001), torch.tensor([0.0, 1e-6, 5e3])])
-    got = torch.ops.mmdkernels.bandwidth_chain_eval(d, *plan.as_op_args()).double()
-    expected = torch.exp(-torch.tensor(plan.coefs, dtype=torch.float64)[None] * d.double()[:, None])
-    # absolute error: powers amplify v's relative error by the power (<= 1000 x 6e-8), values are <= 1
-    assert (got - expected).abs().max() < 1e-4
+    got = torch.ops.mmdkernels.bandwidth_chain_eval(d, *plan.as_op_args())
+    expected, baseline = (torch.exp(-torch.tensor(plan.coefs, dtype=t)[None] * d.to(t)[:, None]) for t in DTYPES)
+    # the rule, PyTorch's float32 exp as the baseline; values <= 1, so the floor is absolute: the kernel's exp error,
+    # which the chain's powers amplify (mmd_cases.chain_floor), plus a few roundings
+    floor = EXP_REL_ERROR["cpu"] + chain_floor(bandwidths) + table_floor(torch.float32)
+    assert_close_to_reference(got, expected, baseline, name=f"chain {bandwidths}", floor=floor, scale=1.0)
     assert torch.all(got[0] == 1.0)
 
 

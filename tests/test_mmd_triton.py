@@ -1,21 +1,11 @@
-"""Triton backend of the fused MMD loss (mmdkernels/mmd/triton_kernels.py) against the float64 PyTorch reference.
+"""Triton backend of the fused MMD loss (mmdkernels/mmd/triton_{shuffle,dhsic}.py) against the float64 reference.
 
 Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1), so the shapes are small.
 
-Tolerances, against the float64 reference (autograd for the gradient) on the same z and perms:
-
-    quantity        allowed error                                  why
-    loss            1e-4 |loss| + 1e-5 scale                       scale: the size of the summed terms before they
-                                                                   cancel (docs/mmd_kernels.md)
-    gradient        max(rtol max|g|, 2 f32_err) + 1e-8             f32_err: the float32 PyTorch reference's own error;
-                                                                   dHSIC's gradient is a near-cancelling difference
-                                                                   where float32 itself errs by ~8e-5 of max|g| (the
-                                                                   doc's flash-attention rule). The floor covers K = 1
-                                                                   dHSIC, whose gradient is exactly 0.
-      rtol, one exp per bandwidth    1e-4
-      rtol, bandwidth chain          3e-4                          v^1000 amplifies exp's float32 rounding 1000-fold
-                                                                   (~6e-5 in the coef-5 kernel, plan.py); with D = 1
-                                                                   (close pairs) it reached 1.1e-4 over 64 random cases
+Tolerances: the rule of tests/tolerances.py against the float64 reference (autograd for the gradient) on the same z
+and perms, with PyTorch's float32 reference as the baseline. The loss floor is relative to the size of the summed
+terms before they cancel (Case.loss_scale); the gradient floor, relative to max |grad|, adds the bandwidth chain's
+amplification of exp's rounding (mmd_cases.mmd_grad_floor; 0 for one exp per bandwidth).
 """
 
 import os
@@ -36,14 +26,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
 ]
 
-from mmdkernels.mmd import plan, reference, triton_kernels  # noqa: E402
+from mmd_cases import mmd_grad_floor  # noqa: E402
+from tolerances import assert_close_to_reference  # noqa: E402
 
-LOSS_RTOL = 1e-4
-LOSS_ATOL_PER_SCALE = 1e-5
-GRAD_RTOL_DIRECT_EXP = 1e-4
-GRAD_RTOL_CHAINED = 3e-4
-GRAD_F32_FACTOR = 2.0
-GRAD_ATOL = 1e-8
+from mmdkernels.mmd import plan, reference, triton_common, triton_dhsic, triton_shuffle  # noqa: E402
 
 DIRECT_BANDWIDTHS = (0.3, 1.7, 7.1)  # no common base within plan.MAX_CHAIN_POWER: one exp per bandwidth
 # (N, K, D): N = 2 and N not a multiple of the 16-row blocks; K = 1 and 2; D = 1, odd, and 17 (two feature chunks).
@@ -80,11 +66,11 @@ class Case:
             return reference.shuffle_sums_ref(z, self.perms, self.groups, self.bandwidths, weights)
         return reference.dhsic_ref(z, self.groups, self.bandwidths)
 
-    def reference_with_grad(self, op: str, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
+    def reference_with_grad(self, op: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.z.detach().to(dtype).clone().requires_grad_()
         loss = self.reference_loss(op, z)
         loss.backward()
-        return loss.item(), z.grad.double()
+        return loss.detach(), z.grad
 
     def loss_scale(self, op: str) -> float:
         """Size of the summed terms before they cancel in the loss."""
@@ -94,35 +80,28 @@ class Case:
         # each of dHSIC's three means lies in [0, 1]
         return float(self.groups.shape[0] * len(self.bandwidths))
 
-    def grad_rtol(self) -> float:
-        chained = any(src != plan.DIRECT_EXP for src in plan.build_plan(self.bandwidths).src)
-        return GRAD_RTOL_CHAINED if chained else GRAD_RTOL_DIRECT_EXP
-
     def run_kernel(self, op: str, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         plan_args = plan.build_plan(self.bandwidths).as_op_args()
         if op == "shuffle":
-            return triton_kernels.mmd_shuffle_triton(
+            return triton_shuffle.mmd_shuffle_triton(
                 self.z, self.perms, self.groups, *plan_args, list(self.weights), compute_grad
             )
-        return triton_kernels.mmd_dhsic_triton(self.z, self.groups, *plan_args, compute_grad)
+        return triton_dhsic.mmd_dhsic_triton(self.z, self.groups, *plan_args, compute_grad)
 
 
 def _check_against_reference(case: Case, op: str, compute_grad: bool) -> None:
     loss, grad = case.run_kernel(op, compute_grad)
     assert loss.dtype == torch.float32 and loss.shape == ()
     ref_loss, ref_grad = case.reference_with_grad(op, torch.float64)
-    loss_tol = LOSS_RTOL * abs(ref_loss) + LOSS_ATOL_PER_SCALE * case.loss_scale(op)
-    assert abs(loss.item() - ref_loss) <= loss_tol, f"loss {loss.item()} vs reference {ref_loss} (tol {loss_tol:.3g})"
+    f32_loss, f32_grad = case.reference_with_grad(op, torch.float32)
+    assert_close_to_reference(loss, ref_loss, f32_loss, name=f"{op} loss", scale=case.loss_scale(op))
     if not compute_grad:
         assert grad.shape == (0,)
         return
     assert grad.dtype == torch.float32 and grad.shape == case.z.shape
     assert torch.isfinite(grad).all(), "the kernel left unwritten (NaN) gradient entries"
-    _, f32_grad = case.reference_with_grad(op, torch.float32)
-    f32_err = (f32_grad - ref_grad).abs().max().item()
-    grad_tol = max(case.grad_rtol() * ref_grad.abs().max().item(), GRAD_F32_FACTOR * f32_err) + GRAD_ATOL
-    grad_err = (grad.double() - ref_grad).abs().max().item()
-    assert grad_err <= grad_tol, f"grad max error {grad_err:.3g} > {grad_tol:.3g} (float32 reference: {f32_err:.3g})"
+    floor = mmd_grad_floor(case.bandwidths)
+    assert_close_to_reference(grad, ref_grad, f32_grad, name=f"{op} gradient", kind="gradient", floor=floor)
 
 
 def _shape_mode_params():
@@ -160,10 +139,10 @@ def test_duplicate_rows_match_reference(mode, op):
 
 
 def test_chain_sentinels_match_plan():
-    assert triton_kernels.DIRECT_EXP.value == plan.DIRECT_EXP
-    assert triton_kernels.FROM_BASE.value == plan.FROM_BASE
-    assert triton_kernels.MAX_BANDWIDTHS == plan.MAX_BANDWIDTHS
-    assert plan.MAX_CHAIN_POWER < 2**triton_kernels.MAX_STEP_BITS.value
+    assert triton_common.DIRECT_EXP.value == plan.DIRECT_EXP
+    assert triton_common.FROM_BASE.value == plan.FROM_BASE
+    assert triton_common.MAX_BANDWIDTHS == plan.MAX_BANDWIDTHS
+    assert plan.MAX_CHAIN_POWER < 2**triton_common.MAX_STEP_BITS.value
 
 
 def test_kernels_compile_for_sm90():
@@ -192,9 +171,9 @@ def _compile_kernels_for_sm90() -> None:
     from triton.compiler import ASTSource
 
     z = torch.zeros(7, 3, 17)
-    shape = {**triton_kernels._shape_kwargs(z), "BLOCK_D": triton_kernels._grad_block_d(z)}
+    shape = {**triton_common.shape_kwargs(z), "BLOCK_D": triton_common.grad_block_d(z)}
     chained, direct = (
-        triton_kernels._plan_kwargs(triton_kernels._make_plan(*plan.build_plan(bandwidths).as_op_args()))
+        triton_common.plan_kwargs(triton_common.make_plan(*plan.build_plan(bandwidths).as_op_args()))
         for bandwidths in (reference.DEFAULT_BANDWIDTHS, DIRECT_BANDWIDTHS)
     )
     shuffle_flags = [
@@ -202,12 +181,12 @@ def _compile_kernels_for_sm90() -> None:
         dict(SYMMETRIC=False, COMPUTE_GRAD=False, ACCUMULATE_GRAD=True),
     ]
     launches = [
-        (triton_kernels._shuffle_term_kernel, {**bandwidths, **shape, **flags})
+        (triton_shuffle._shuffle_term_kernel, {**bandwidths, **shape, **flags})
         for bandwidths, flags in zip((chained, direct), shuffle_flags)
     ]
     launches += [
-        (triton_kernels._dhsic_sums_kernel, {**chained, **shape}),
-        (triton_kernels._dhsic_grad_kernel, {**direct, **shape}),
+        (triton_dhsic._dhsic_sums_kernel, {**chained, **shape}),
+        (triton_dhsic._dhsic_grad_kernel, {**direct, **shape}),
     ]
     for kernel, constexprs in launches:
         constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
@@ -215,7 +194,7 @@ def _compile_kernels_for_sm90() -> None:
         triton.compile(
             ASTSource(kernel, signature, constexprs),
             target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": triton_kernels.NUM_WARPS},
+            options={"num_warps": triton_common.NUM_WARPS},
         )
 
 

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from tolerances import assert_codes_near_optimal
 
 import mmdkernels
 from mmdkernels import _dispatch
 from mmdkernels.rvq import ops
-from mmdkernels.rvq.reference import codebook_sqnorms, rvq_encode_rows_ref
+from mmdkernels.rvq.reference import codebook_sqnorms
 
 
 def cpu_backends(num_rows: int) -> list[str]:
@@ -49,32 +50,39 @@ def test_clustered_data_matches_reference():
         assert torch.equal(mmdkernels.rvq_encode(x, books, backend=backend), codes)
 
 
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """[B, D, T] -> [B * T, D], the rows the encoder quantizes; [B, K, T] codes -> [B * T, K] likewise."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_random_data_matches_reference_up_to_float_ties(dtype):
+def test_random_data_codes_are_nearest_up_to_rounding(dtype):
+    """Random floats: the kernel may break a near-tie another way than a reference (another summation order), so
+    its codes are judged by the rule (tolerances.assert_codes_near_optimal), not by equality. bf16/fp16 inputs are
+    quantized in float32: judged on the upcast values."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 24, 200, generator=g).to(dtype)
     books = torch.randn(3, 100, 24, generator=g).to(dtype)
     codes = mmdkernels.rvq_encode(x, books, backend="cpp")
-    rows = x.float().transpose(1, 2).reshape(-1, 24)
-    expected, _ = rvq_encode_rows_ref(rows.double(), books.double())
-    mismatches = (codes.transpose(1, 2).reshape(-1, 3) != expected).sum().item()
-    assert mismatches <= 2, f"{mismatches} codes differ from the float64 reference"
+    assert_codes_near_optimal(rows_of(x.float()), books.float(), rows_of(codes), name=f"cpp codes, {dtype}")
 
 
 def test_non_contiguous_input():
-    x = torch.randn(2, 300, 16).transpose(1, 2)  # [B, D=16, T=300] strided
-    books = torch.randn(2, 50, 16)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 300, 16, generator=g).transpose(1, 2)  # [B, D=16, T=300] strided
+    books = torch.randn(2, 50, 16, generator=g)
     assert not x.is_contiguous()
-    assert torch.equal(
-        mmdkernels.rvq_encode(x, books), mmdkernels.rvq_encode(x.contiguous(), books, backend="reference")
-    )
+    codes = mmdkernels.rvq_encode(x, books)
+    # both layouts become the same contiguous rows before the kernel: the same code path, so bit for bit
+    assert torch.equal(codes, mmdkernels.rvq_encode(x.contiguous(), books))
+    assert_codes_near_optimal(rows_of(x), books, rows_of(codes), name="codes of a strided input")
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_decode_is_the_sum_of_the_quantized_stages(backend):
     x, books = integer_problem(2, 9, 33, 3, 20, seed=4)
     codes, quantized = mmdkernels.rvq_encode(x, books, return_quantized=True)
-    torch.testing.assert_close(mmdkernels.rvq_decode(codes, books, backend=backend), quantized.sum(1))
+    assert torch.equal(mmdkernels.rvq_decode(codes, books, backend=backend), quantized.sum(1))  # integers: exact
 
 
 def test_many_row_blocks_and_entry_chunks():

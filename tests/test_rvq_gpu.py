@@ -3,6 +3,7 @@
 import pytest
 import torch
 from test_rvq import integer_problem
+from tolerances import assert_codes_near_optimal
 
 import mmdkernels
 
@@ -17,13 +18,16 @@ def test_gpu_codes_identical_on_integer_data(backend, shape):
     codes, quantized = mmdkernels.rvq_encode(x, books, return_quantized=True, backend=backend)
     assert torch.equal(codes, expected)
     assert torch.equal(quantized, expected_q)
-    torch.testing.assert_close(mmdkernels.rvq_decode(codes, books, backend=backend), quantized.sum(1))
+    assert torch.equal(mmdkernels.rvq_decode(codes, books, backend=backend), quantized.sum(1))  # integers: exact
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_random_data_agrees_with_cpu_kernel(backend):
     g = torch.Generator().manual_seed(3)
     x, books = torch.randn(2, 64, 5000, generator=g), torch.randn(4, 1024, 64, generator=g)
-    cpu = mmdkernels.rvq_encode(x, books, backend="cpp")
-    gpu = mmdkernels.rvq_encode(x.cuda(), books.cuda(), backend=backend).cpu()
-    assert (cpu == gpu).float().mean() > 0.999  # float32 near-ties may differ in the last bit of a score
+    rows = x.transpose(1, 2).reshape(-1, 64)
+    for codes, name in (
+        (mmdkernels.rvq_encode(x, books, backend="cpp"), "cpp"),
+        (mmdkernels.rvq_encode(x.cuda(), books.cuda(), backend=backend).cpu(), backend),
+    ):  # float32 near-ties may break either way: each kernel's codes by the rule, not equal to each other
+        assert_codes_near_optimal(rows, books, codes.transpose(1, 2).reshape(-1, 4), name=f"{name} codes")
