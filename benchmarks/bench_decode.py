@@ -5,11 +5,14 @@
     per step, ms per frame, frames/s, real-time factor; delay_speedup = flatten time / delay time (best rounds).
     Target: delay >= 3.2x faster (K = 4).
 (b) against Hugging Face transformers' MusicgenForCausalLM.generate with an identical decoder (ours is loaded with
-    HF's random weights, `models.lm.load_hf_musicgen`): d = 512, 8 layers, 8 heads, FFN 2048, K = 4, V = 2048, GELU,
+    HF's random weights, `models.checkpoints.load_hf_musicgen`): d = 512, 8 layers, 8 heads, FFN 2048, K = 4,
+    V = 2048, GELU,
     cross-attention to the same condition embeddings on both sides, no CFG, float32, B = 4, 250 steps, top-k 250.
     Our time also includes encoding the prompts with the text encoder (HF is handed the embeddings). Providers:
     "hf" with an explicit EncoderDecoderCache (the fair baseline), "hf-default-cache" as generate() comes (its
-    default cache re-appends the cross-attention K/V at every step), ours with each decode attention.
+    default cache re-appends the cross-attention K/V at every step), "ours-mmdkernels" (the dispatcher's choice: on
+    CPU the fused decode_layers op) and "ours-sdpa" (the per-layer path with torch's SDPA attention, forced through
+    MMDKERNELS_BACKEND_DECODE_LAYERS / _DECODE_ATTENTION).
     Target: ours >= 2x faster per step.
 
 CI sizes by default, the issue's sizes with MMDKERNELS_BENCH=full. Threads: MMDKERNELS_BENCH_THREADS (default 1:
@@ -27,8 +30,9 @@ import pytest
 import torch
 
 from benchmarks.conftest import FULL
+from models.checkpoints import load_hf_musicgen
 from models.generate import generate
-from models.lm import LMConfig, MusicLM, load_hf_musicgen
+from models.lm import LMConfig, MusicLM
 
 THREADS = int(os.environ.get("MMDKERNELS_BENCH_THREADS", "1"))
 FRAME_RATE = 50
@@ -118,7 +122,7 @@ def _hf_model():
 
 
 @pytest.mark.parametrize("provider", ["hf", "hf-default-cache", "ours-sdpa", "ours-mmdkernels"])
-def test_decode_vs_hf(benchmark, provider):
+def test_decode_vs_hf(benchmark, provider, monkeypatch):
     pytest.importorskip("transformers", reason="transformers is not installed")
     import transformers
 
@@ -172,12 +176,14 @@ def test_decode_vs_hf(benchmark, provider):
                     min_new_tokens=s["steps"],
                 )
     else:
-        attention = provider.removeprefix("ours-")
+        if provider == "ours-sdpa":
+            monkeypatch.setenv("MMDKERNELS_BACKEND_DECODE_LAYERS", "reference")
+            monkeypatch.setenv("MMDKERNELS_BACKEND_DECODE_ATTENTION", "sdpa")
 
         def run():
             g = torch.Generator().manual_seed(0)
             seconds = frames / FRAME_RATE
-            return generate(ours, prompts, seconds, top_k=TOP_K, cfg_coef=None, generator=g, attention=attention)
+            return generate(ours, prompts, seconds, top_k=TOP_K, cfg_coef=None, generator=g)
 
     codes = benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup)
     assert tuple(codes.shape) == (s["batch"], s["codebooks"], frames)

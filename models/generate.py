@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,32 +31,29 @@ from tqdm import tqdm
 
 from mmdkernels import check_sample_args, sample
 from mmdkernels.patterns import PATTERNS, frames_done, num_steps, revert_frames, revert_pattern, valid_mask
-from models.lm import ATTENTION, KVCache, LMConfig, MusicLM
+from models.lm import KVCache, LMConfig, MusicLM
 
 CUDA_GRAPH = ("auto", True, False)
 
 
 class GraphedStep:
     """model.decode_step captured in a CUDA graph: call(tokens [rows, R], step: int) -> logits [rows, R, C] (a
-    static buffer, overwritten by the next call).
-
-    The captured attention is SDPA over the whole cache under a length mask: mmdkernels.decode_attention checks
-    tensor lengths on the host, which a capture cannot do."""
+    static buffer, overwritten by the next call). The step is a device tensor: MusicLM.decode_step's fixed-shape
+    variant (attention over the whole cache under a length mask)."""
 
     def __init__(self, model: MusicLM, cache: KVCache, rows: int):
         device = cache.self_k.device
-        attention = "sdpa"
         self.tokens = torch.full((rows, model.streams), model.config.special, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the capture (allocations, lazy inits); writes only step 0
             for _ in range(2):
-                model.decode_step(self.tokens, self.step, cache, attention)
+                model.decode_step(self.tokens, self.step, cache)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.decode_step(self.tokens, self.step, cache, attention)
+            self.logits = model.decode_step(self.tokens, self.step, cache)
 
     def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -65,7 +63,7 @@ class GraphedStep:
 
 
 def _check_args(model, conditions, seconds, pattern, frame_rate, temperature, top_k, top_p, cfg_coef, generator,
-                cuda_graph, attention):  # fmt: skip
+                cuda_graph):  # fmt: skip
     if not isinstance(model, MusicLM):
         raise TypeError(f"model must be a models.lm.MusicLM, got {type(model).__name__}")
     if not isinstance(conditions, (list, tuple)) or not conditions:
@@ -88,8 +86,6 @@ def _check_args(model, conditions, seconds, pattern, frame_rate, temperature, to
         raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH}, got {cuda_graph!r}")
     if cuda_graph is True and model.heads.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {model.heads.device}")
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     # temperature, top_k, top_p: mmdkernels.sample's own checks, run once before any work
     check_sample_args(torch.zeros(1, 1, 2), temperature, top_k, top_p, None, None, None)
 
@@ -110,7 +106,6 @@ def generate(
     progress: bool = False,
     on_frames: Callable[[torch.Tensor], None] | None = None,
     cuda_graph: str | bool = "auto",
-    attention: str = "auto",
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Generate round(seconds * frame_rate) frames of codes for each prompt.
@@ -126,8 +121,6 @@ def generate(
         progress: tqdm bar over the steps.
         on_frames: called with each run of newly final frames, int64 [B, K, n], in order, each frame exactly once.
         cuda_graph: "auto" (on when the model is on CUDA), True or False.
-        attention: the decode attention, "auto", "sdpa" or "mmdkernels" (see models.lm.decode_attention); a CUDA
-            graph always captures "sdpa".
         on_step: called with the step index after every step (profiling hooks).
     Returns:
         int64 codes [B, K, T] on the model's device, values in [0, C).
@@ -138,7 +131,7 @@ def generate(
         ...                  generator=torch.Generator().manual_seed(0))  # [2, K, 100]; chunks concatenate to it
     """
     _check_args(model, conditions, seconds, pattern, frame_rate, temperature, top_k, top_p, cfg_coef, generator,
-                cuda_graph, attention)  # fmt: skip
+                cuda_graph)  # fmt: skip
     cfg = model.config
     device = model.heads.device
     batch, streams = len(conditions), model.streams
@@ -160,9 +153,9 @@ def generate(
     for step in tqdm(range(total_steps), disable=not progress, desc=f"{cfg.pattern} decode", unit="step"):
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_coef=cfg_coef)
         if model.depth_head is not None:
-            new = _depth_step(model, tokens, step, cache, attention, uniforms[step], valid[:, step], draw)
+            new = _depth_step(model, tokens, step, cache, uniforms[step], valid[:, step], draw)
         else:
-            logits = step_fn(tokens, step) if step_fn is not None else model.decode_step(tokens, step, cache, attention)
+            logits = step_fn(tokens, step) if step_fn is not None else model.decode_step(tokens, step, cache)
             new = sample(logits, uniforms=uniforms[step], **draw)
         new = torch.where(valid[:, step], new, cfg.special)
         sequence[:, :, step] = new
@@ -177,10 +170,10 @@ def generate(
     return revert_pattern(sequence, cfg.pattern, cfg.num_codebooks, num_frames)
 
 
-def _depth_step(model: MusicLM, tokens, step: int, cache, attention: str, uniforms, valid, draw: dict) -> torch.Tensor:
+def _depth_step(model: MusicLM, tokens, step: int, cache, uniforms, valid, draw: dict) -> torch.Tensor:
     """One step of a depth-head model: the backbone once, then codebook k drawn given the step's codes < k (the same
     drawn codes feed the conditional and unconditional rows). uniforms [B, K], valid bool [K] -> codes [B, K]."""
-    h = model.decode_hidden(tokens, step, cache, attention)  # [rows, D]
+    h = model.decode_hidden(tokens, step, cache)  # [rows, D]
     rows, batch = h.shape[0], uniforms.shape[0]
     special = model.config.special
     codes = torch.full((rows, model.config.num_codebooks), special, dtype=torch.long, device=h.device)
@@ -202,7 +195,7 @@ def profile(args) -> dict:
     config = LMConfig.preset(args.preset, pattern=args.pattern)
     model = MusicLM(config).to(device).eval()
     prompts = [f"prompt {i}" for i in range(args.batch)]
-    kwargs = dict(seconds=args.seconds, top_k=250, cfg_coef=args.cfg_coef, attention=args.attention, cuda_graph="auto")
+    kwargs = dict(seconds=args.seconds, top_k=250, cfg_coef=args.cfg_coef, cuda_graph="auto")
     generate(model, prompts, **(kwargs | {"seconds": min(args.seconds, 0.2)}))  # warm-up
     marks = []
 
@@ -250,9 +243,18 @@ def main(argv=None) -> None:
     p.add_argument("--preset", choices=("small", "musicgen-small"), default="small")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cfg-coef", type=float, default=None, help="classifier-free guidance (2B rows); off by default")
-    p.add_argument("--attention", choices=ATTENTION, default="auto")
+    p.add_argument(
+        "--attention",
+        choices=("auto", "sdpa", "cpp", "cuda", "triton"),
+        default="auto",
+        help="force the decode attention kernel of the per-layer path (sets MMDKERNELS_BACKEND_DECODE_ATTENTION and "
+        "DECODE_LAYERS=reference, since the fused CPU layers have their own attention; auto: the dispatcher)",
+    )
     p.add_argument("--trace", default=None, help="write a torch.profiler trace (TensorBoard/Perfetto) to this folder")
     args = parser.parse_args(argv)
+    if args.attention != "auto":
+        os.environ["MMDKERNELS_BACKEND_DECODE_ATTENTION"] = args.attention
+        os.environ["MMDKERNELS_BACKEND_DECODE_LAYERS"] = "reference"
     profile(args)
 
 

@@ -8,12 +8,16 @@ encoded text prompt, GELU MLP) over the step sequence of a codebook pattern (mmd
   head) keep the parameters equal to the delay model's, so the two patterns compare at the same model size.
 
 Layers mirror Hugging Face's MusicgenDecoder (LayerNorm with bias, bias-free projections and MLP, sinusoidal
-positions): `load_hf_musicgen` copies a MusicgenForCausalLM's weights in, which the decode benchmark uses.
+positions): `models.checkpoints.load_hf_musicgen` copies a MusicgenForCausalLM's weights in (the decode benchmark
+uses it).
 
 Decoding uses a static KV cache (`new_cache`): self-attention keys/values live in preallocated [L, B, H, S_max, Dh]
 buffers written in place at each step; cross-attention keys/values are computed once from the condition.
-`decode_step` takes the step either as an int (the cache is sliced to the filled length) or as a device tensor
-(the whole cache under a length mask: fixed shapes, what a CUDA graph captures).
+`decode_step` is one path: embed, the decoder layers, the heads. Every kernel on it is chosen by the library's
+dispatcher (mmdkernels/_dispatch.py; force one with MMDKERNELS_BACKEND_<OP>, e.g. DECODE_ATTENTION=sdpa, or
+DECODE_LAYERS=reference to run the layers one op at a time): on CPU the layers run as one `mmdkernels.decode_layers`
+call. Its one variant is the CUDA-graph step: the step is a device tensor and attention runs over the whole cache
+under a length mask (fixed shapes, no host read of a length).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pat
 from models.depth_head import DepthHead
 from models.text_encoder import Condition, TextEncoder
 
-ATTENTION = ("auto", "sdpa", "mmdkernels")
 HEADS = ("independent", "depth")
 
 
@@ -91,28 +94,17 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-def _attention_backend(attention: str) -> str:
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-    if attention == "auto":
-        return "mmdkernels" if hasattr(mmdkernels, "decode_attention") else "sdpa"
-    return attention
-
-
-def decode_attention(q, k_cache, v_cache, length, attention: str) -> torch.Tensor:
+def attend_cache(q, k_cache, v_cache, length) -> torch.Tensor:
     """One query per row over the first `length` cache entries: q [B, H, Dh], caches [B, H, S_max, Dh] -> [B, H, Dh].
 
-    length: int (all rows equal) or an int64 tensor [1] on q's device (CUDA-graph mode: fixed shapes).
+    length: int (all rows equal): mmdkernels.decode_attention, whose dispatcher picks the kernel. Or an int64 tensor
+    [1] on q's device (the CUDA-graph step): SDPA over the whole cache under a length mask, since a captured graph
+    can read no length on the host (the cache is zero-initialised, so masked entries hold no NaN that could leak).
     """
-    if _attention_backend(attention) == "mmdkernels":
-        lengths = length if isinstance(length, int) else length.expand(q.shape[0])
-        return mmdkernels.decode_attention(q, k_cache, v_cache, lengths)
     if isinstance(length, int):
-        k, v, mask = k_cache[:, :, :length], v_cache[:, :, :length], None
-    else:  # the cache is zero-initialised, so the masked entries hold no NaN that could leak through
-        k, v = k_cache, v_cache
-        mask = (torch.arange(k_cache.shape[2], device=q.device) < length)[None]
-    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)[:, :, 0]
+        return mmdkernels.decode_attention(q, k_cache, v_cache, length)
+    mask = (torch.arange(k_cache.shape[2], device=q.device) < length)[None]
+    return F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask)[:, :, 0]
 
 
 @dataclass
@@ -146,7 +138,7 @@ class SelfAttention(nn.Module):
         self.qkv = Linear(dim, 3 * dim, bias=False)  # fused: one GEMM per step instead of three
         self.out = Linear(dim, dim, bias=False)
 
-    def forward(self, x, cache_k=None, cache_v=None, start=0, attention="auto") -> torch.Tensor:
+    def forward(self, x, cache_k=None, cache_v=None, start=0) -> torch.Tensor:
         """x [B, S, D] at positions start.. -> [B, S, D]. With cache views [B, H, S_max, Dh], writes K/V in place.
 
         start: int, or an int64 tensor [1] (then S must be 1: the fixed-shape CUDA-graph step)."""
@@ -157,12 +149,12 @@ class SelfAttention(nn.Module):
         elif isinstance(start, torch.Tensor):
             cache_k.index_copy_(2, start, k)
             cache_v.index_copy_(2, start, v)
-            y = decode_attention(q[:, :, 0], cache_k, cache_v, start + 1, attention)[:, :, None]
+            y = attend_cache(q[:, :, 0], cache_k, cache_v, start + 1)[:, :, None]
         else:
             cache_k[:, :, start : start + steps] = k
             cache_v[:, :, start : start + steps] = v
             if steps == 1:
-                y = decode_attention(q[:, :, 0], cache_k, cache_v, start + 1, attention)[:, :, None]
+                y = attend_cache(q[:, :, 0], cache_k, cache_v, start + 1)[:, :, None]
             else:
                 keys = torch.arange(start + steps, device=x.device)
                 mask = keys[None] <= keys[start:, None]
@@ -186,12 +178,13 @@ class CrossAttention(nn.Module):
         k, v = self.kv(condition).view(batch, length, 2, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x, k, v, mask, lengths=None, attention="auto") -> torch.Tensor:
+    def forward(self, x, k, v, mask, lengths=None) -> torch.Tensor:
         """x [B, S, D], k/v [B, H, Tc, Dh], mask bool [B, 1, 1, Tc] -> [B, S, D]. lengths: int64 [B] when the mask
-        is a prefix mask (a decode step then attends with decode_attention, the way the self-attention does)."""
+        is a prefix mask (a decode step then attends with mmdkernels.decode_attention, as the self-attention does);
+        None for other masks and in a CUDA-graph step (SDPA under the mask)."""
         batch, steps, dim = x.shape
         q = self.q(x).view(batch, steps, self.num_heads, dim // self.num_heads).transpose(1, 2)
-        if steps == 1 and lengths is not None and _attention_backend(attention) == "mmdkernels":
+        if steps == 1 and lengths is not None:
             y = mmdkernels.decode_attention(q[:, :, 0], k, v, lengths)[:, :, None]
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -213,11 +206,11 @@ class DecoderLayer(nn.Module):
     def _drop(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
-    def forward(self, x, cross, cache=None, start=0, attention="auto"):
-        """x [B, S, D]; cross = (k, v, mask) of this layer; cache = (k, v) views of this layer or None."""
+    def forward(self, x, cross, cache=None, start=0):
+        """x [B, S, D]; cross = (k, v, mask[, lengths]) of this layer; cache = (k, v) views of this layer or None."""
         cache_k, cache_v = cache if cache is not None else (None, None)
-        x = x + self._drop(self.self_attn(self.self_norm(x), cache_k, cache_v, start, attention))
-        x = x + self._drop(self.cross_attn(self.cross_norm(x), *cross, attention=attention))
+        x = x + self._drop(self.self_attn(self.self_norm(x), cache_k, cache_v, start))
+        x = x + self._drop(self.cross_attn(self.cross_norm(x), *cross))
         return x + self._drop(self.fc2(self.fc1(self.mlp_norm(x), activation="gelu")))
 
 
@@ -262,9 +255,6 @@ class MusicLM(nn.Module):
         self.depth_head = DepthHead(k, c, d, config.depth_hidden or 2 * d) if config.head == "depth" else None
         self.apply(self._init_weights)
         nn.init.normal_(self.heads, std=config.init_std)
-        # CPU decode steps through one C++ call for all layers (mmdkernels::lm_decode_layers) where it can run;
-        # False keeps the Python layers (the spec it is tested against)
-        self.fused_decode = True
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -354,50 +344,34 @@ class MusicLM(nn.Module):
             logits [B, R, S, C] (float, the model's dtype).
         """
         positions = torch.arange(start, start + inputs.shape[2], device=inputs.device)
+        cross = self._cross(condition) if cache is None else self._cached_cross(cache, prefix_lengths=True)
+        h = self._layers(self._embed(inputs, positions), cross, cache, start)
         single = start if inputs.shape[2] == 1 else None
-        return self._run(inputs, positions, condition, cache, start, "sdpa", single, step_codes=step_codes)
+        return self._logits(h, positions, single, step_codes)
 
-    def decode_step(self, tokens: torch.Tensor, step, cache: KVCache, attention: str = "auto") -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, step, cache: KVCache) -> torch.Tensor:
         """One KV-cached step: tokens [B, R] (the codes of step - 1, or the special token at step 0) -> logits
-        [B, R, C] for step `step`. step: int, or an int64 tensor [1] on the model's device (fixed shapes for CUDA
-        graphs). attention: "auto" (mmdkernels.decode_attention when available), "sdpa" or "mmdkernels"."""
-        if isinstance(step, torch.Tensor):
-            positions = step
-        else:
-            positions = torch.tensor([step], device=tokens.device)
-        single = None if isinstance(step, torch.Tensor) else step
-        return self._run(tokens[:, :, None], positions, None, cache, step, attention, single)[:, :, 0]
+        [B, R, C] for step `step`. step: int, or an int64 tensor [1] on the model's device (the CUDA-graph variant:
+        fixed shapes, attention under a length mask)."""
+        h, positions = self._decode_backbone(tokens, step, cache)
+        return self._logits(h, positions, step if isinstance(step, int) else None)[:, :, 0]
 
-    def decode_hidden(self, tokens: torch.Tensor, step: int, cache: KVCache, attention: str = "auto") -> torch.Tensor:
+    def decode_hidden(self, tokens: torch.Tensor, step: int, cache: KVCache) -> torch.Tensor:
         """One KV-cached backbone step as decode_step, returning the final-normed state h [B, D] the heads (or the
         depth head) read, instead of logits."""
-        positions = torch.tensor([step], device=tokens.device)
-        return self._run(tokens[:, :, None], positions, None, cache, step, attention, step, hidden_only=True)[:, 0]
+        return self._decode_backbone(tokens, step, cache)[0][:, 0]
 
     def depth_logits(self, h: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
         """A depth-head model's logits [B, C] for codebook k of a step, given h [B, D] and the step's codes [B, K]
         whose columns < k are drawn."""
         return self.depth_head.step_hidden(h, codes, k) @ self.heads[k].t()
 
-    def _fused_decode_runs(self, x: torch.Tensor, cache: KVCache | None, step, attention: str) -> bool:
-        """Whether this step goes through mmdkernels.decode_layers' compiled CPU op: an int step of a CPU model in
-        inference, one position, mmdkernels attention, a prefix-masked condition, and the library able to run it
-        (float32, at most 16 rows, no autograd, the extension loaded)."""
-        return (
-            self.fused_decode
-            and isinstance(step, int)
-            and cache is not None
-            and cache.cross_lengths is not None
-            and x.shape[1] == 1
-            and x.device.type == "cpu"
-            and not self.training
-            and _attention_backend(attention) == "mmdkernels"
-            and decode_layers_backend(x[:, 0], decode_layer_weights(self.layers)) == "cpp"
-        )
-
-    def _run(self, inputs, positions, condition, cache, start, attention, step, step_codes=None, hidden_only=False):
-        x = self._embed(inputs, positions)
-        if self._fused_decode_runs(x, cache, step, attention):
+    def _decode_backbone(self, tokens, step, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, R] at step (int or int64 tensor [1]) -> (final-normed h [B, 1, D], positions [1])."""
+        graphed = isinstance(step, torch.Tensor)
+        positions = step if graphed else torch.tensor([step], device=tokens.device)
+        x = self._embed(tokens[:, :, None], positions)
+        if not graphed and self._fused_decode_runs(x, cache):
             x = mmdkernels.decode_layers(
                 x[:, 0],
                 decode_layer_weights(self.layers),
@@ -410,23 +384,30 @@ class MusicLM(nn.Module):
                 num_heads=self.config.num_heads,
                 eps=self.layers[0].self_norm.eps,
                 backend="cpp",
-            )[:, None]
-            if hidden_only:
-                return self.final_norm(x)
-            return self._logits(self.final_norm(x), positions, step)
-        if cache is None:
-            cross = self._cross(condition)
-        else:
-            cross = [
-                (cache.cross_k[i], cache.cross_v[i], cache.cross_mask, cache.cross_lengths)
-                for i in range(len(self.layers))
-            ]
+            )
+            return self.final_norm(x[:, None]), positions
+        return self._layers(x, self._cached_cross(cache, prefix_lengths=not graphed), cache, step), positions
+
+    def _fused_decode_runs(self, x: torch.Tensor, cache: KVCache) -> bool:
+        """Whether an int decode step runs all layers in mmdkernels.decode_layers' compiled CPU op: inference, a
+        prefix-masked condition, and the dispatcher choosing "cpp" for the input (float32 CPU rows, no autograd, the
+        extension loaded; MMDKERNELS_BACKEND_DECODE_LAYERS=reference keeps the per-layer path)."""
+        return (
+            not self.training
+            and cache.cross_lengths is not None
+            and decode_layers_backend(x[:, 0], decode_layer_weights(self.layers)) == "cpp"
+        )
+
+    def _cached_cross(self, cache: KVCache, prefix_lengths: bool) -> list[tuple]:
+        """The cache's cross-attention K/V per layer; with its prefix lengths unless a CUDA-graph step (SDPA)."""
+        lengths = cache.cross_lengths if prefix_lengths else None
+        return [(cache.cross_k[i], cache.cross_v[i], cache.cross_mask, lengths) for i in range(len(self.layers))]
+
+    def _layers(self, x, cross, cache: KVCache | None, start) -> torch.Tensor:
+        """The decoder layers then the final norm: x [B, S, D] at `start` -> h [B, S, D]."""
         for i, layer in enumerate(self.layers):
-            layer_cache = (cache.self_k[i], cache.self_v[i]) if cache is not None else None
-            x = layer(x, cross[i], layer_cache, start, attention)
-        if hidden_only:
-            return self.final_norm(x)
-        return self._logits(self.final_norm(x), positions, step, step_codes)
+            x = layer(x, cross[i], (cache.self_k[i], cache.self_v[i]) if cache is not None else None, start)
+        return self.final_norm(x)
 
 
 def teacher_forcing(codes: torch.Tensor, pattern: str, special: int):
@@ -496,30 +477,3 @@ def nll_per_frame(
         total += float(code_log_likelihoods(model, codes[i : i + batch_size], condition).double().sum())
     model.train(was_training)
     return -total / (codes.shape[0] * codes.shape[2])
-
-
-def load_hf_musicgen(model: MusicLM, hf_model) -> None:
-    """Copy a transformers MusicgenForCausalLM's decoder weights into `model` (same sizes; delay pattern).
-
-    The text encoder is untouched: HF's causal LM takes encoder_hidden_states directly, so a comparison feeds both
-    the same condition embeddings (Condition(hidden_states, mask))."""
-    decoder = hf_model.model.decoder
-    with torch.no_grad():
-        model.token_embedding.weight.copy_(torch.cat([table.weight for table in decoder.embed_tokens]))
-        for ours, theirs in zip(model.layers, decoder.layers):
-            sa, ca = theirs.self_attn, theirs.encoder_attn
-            ours.self_attn.qkv.weight.copy_(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]))
-            ours.self_attn.out.weight.copy_(sa.out_proj.weight)
-            ours.cross_attn.q.weight.copy_(ca.q_proj.weight)
-            ours.cross_attn.kv.weight.copy_(torch.cat([ca.k_proj.weight, ca.v_proj.weight]))
-            ours.cross_attn.out.weight.copy_(ca.out_proj.weight)
-            for name, hf_name in (
-                ("self_norm", "self_attn_layer_norm"),
-                ("cross_norm", "encoder_attn_layer_norm"),
-                ("mlp_norm", "final_layer_norm"),
-            ):
-                getattr(ours, name).load_state_dict(getattr(theirs, hf_name).state_dict())
-            ours.fc1.weight.copy_(theirs.fc1.weight)
-            ours.fc2.weight.copy_(theirs.fc2.weight)
-        model.final_norm.load_state_dict(decoder.layer_norm.state_dict())
-        model.heads.copy_(torch.stack([head.weight for head in hf_model.lm_heads]))

@@ -157,7 +157,6 @@ def test_single_frame_single_prompt():
         ({"cfg_coef": "3"}, TypeError, "cfg_coef must be a float or None"),
         ({"cuda_graph": "yes"}, ValueError, "cuda_graph must be one of"),
         ({"cuda_graph": True}, ValueError, "cuda_graph=True needs the model on a CUDA device"),
-        ({"attention": "flash"}, ValueError, "attention must be one of"),
         ({"temperature": -1.0}, ValueError, "temperature"),
         ({"top_k": -2}, ValueError, "top_k"),
         ({"top_p": 1.5}, ValueError, "top_p"),

@@ -8,14 +8,15 @@ import pytest
 import torch
 from tolerances import assert_close_to_reference
 
+import mmdkernels
 from mmdkernels import _ext
 from mmdkernels.patterns import PATTERNS
+from models.checkpoints import load_hf_musicgen
 from models.lm import (
     LMConfig,
     MusicLM,
     code_log_likelihoods,
     lm_loss,
-    load_hf_musicgen,
     nll_per_frame,
     teacher_forcing,
 )
@@ -42,10 +43,24 @@ def tiny_model(pattern: str, dtype=torch.float64, **overrides) -> MusicLM:
     return MusicLM(config).to(dtype).eval()
 
 
+# the decode path's kernels as the dispatcher's environment forces them: automatic, then the per-layer path with
+# each float64-capable decode attention provider (the float32 kernels: test_fused_cpu_decode_step_...)
+DECODE_PATHS = {
+    "auto": {},
+    "layers-sdpa": {"MMDKERNELS_BACKEND_DECODE_LAYERS": "reference", "MMDKERNELS_BACKEND_DECODE_ATTENTION": "sdpa"},
+    "layers-reference": {
+        "MMDKERNELS_BACKEND_DECODE_LAYERS": "reference",
+        "MMDKERNELS_BACKEND_DECODE_ATTENTION": "reference",
+    },
+}
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("attention", ["sdpa", "mmdkernels"])
+@pytest.mark.parametrize("path", DECODE_PATHS)
 @pytest.mark.parametrize("step_kind", ["int", "tensor"])
-def test_incremental_decode_equals_full_forward(pattern, attention, step_kind, seeded):
+def test_incremental_decode_equals_full_forward(pattern, path, step_kind, seeded, monkeypatch):
+    for name, value in DECODE_PATHS[path].items():
+        monkeypatch.setenv(name, value)
     model = tiny_model(pattern)
     codes = torch.randint(0, 17, (2, 3, 6), generator=seeded)
     inputs, _, _ = teacher_forcing(codes, pattern, model.config.special)
@@ -55,8 +70,8 @@ def test_incremental_decode_equals_full_forward(pattern, attention, step_kind, s
     steps = []
     for s in range(inputs.shape[2]):
         step = s if step_kind == "int" else torch.tensor([s])
-        steps.append(model.decode_step(inputs[:, :, s], step, cache, attention))
-    assert_close64(torch.stack(steps, dim=2), full, f"{attention} decode steps vs full forward")
+        steps.append(model.decode_step(inputs[:, :, s], step, cache))
+    assert_close64(torch.stack(steps, dim=2), full, f"{path} decode steps vs full forward")
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -223,11 +238,14 @@ def test_fused_cpu_decode_step_equals_the_python_layers(pattern, batch, seeded):
     with torch.no_grad():
         runs = {}
         for fused in (True, False):
-            model.fused_decode = fused
-            cache = model.new_cache(model.encode_condition(prompts), inputs.shape[2] + 2)
-            x = model._embed(inputs[:, :, :1], torch.tensor([0]))
-            assert model._fused_decode_runs(x, cache, 0, "auto") == fused
-            runs[fused] = torch.stack([model.decode_step(inputs[:, :, s], s, cache) for s in range(inputs.shape[2])], 2)
+            with pytest.MonkeyPatch.context() as env:
+                if not fused:
+                    env.setenv("MMDKERNELS_BACKEND_DECODE_LAYERS", "reference")
+                cache = model.new_cache(model.encode_condition(prompts), inputs.shape[2] + 2)
+                x = model._embed(inputs[:, :, :1], torch.tensor([0]))
+                assert model._fused_decode_runs(x, cache) == fused
+                steps = [model.decode_step(inputs[:, :, s], s, cache) for s in range(inputs.shape[2])]
+            runs[fused] = torch.stack(steps, 2)
             runs[fused, "cache"] = cache.self_k.clone()
         cache64 = model64.new_cache(model64.encode_condition(prompts), inputs.shape[2] + 2)
         runs64 = torch.stack([model64.decode_step(inputs[:, :, s], s, cache64) for s in range(inputs.shape[2])], 2)
@@ -246,11 +264,30 @@ def test_fused_decode_only_where_it_can_run(seeded):
     x = torch.zeros(2, 1, 32)
     with torch.no_grad():
         cache = model.new_cache(condition, 4)
-        assert model._fused_decode_runs(x, cache, 0, "auto")
-        assert not model._fused_decode_runs(x, cache, torch.tensor([0]), "auto")  # CUDA-graph steps: fixed shapes
-        assert not model._fused_decode_runs(x, cache, 0, "sdpa")
-        assert not model._fused_decode_runs(x.double(), cache, 0, "auto")
-        assert not model._fused_decode_runs(torch.zeros(17, 1, 32), cache, 0, "auto")
+        assert model._fused_decode_runs(x, cache)
+        assert not model._fused_decode_runs(x.double(), cache)
+        assert not model._fused_decode_runs(torch.zeros(17, 1, 32), cache)
         holes = Condition(condition.embeddings, torch.tensor([[True, False, True], [True, True, True]]))
-        assert model.new_cache(holes, 4).cross_lengths is None  # not a prefix mask: SDPA with the mask
-    assert not model._fused_decode_runs(x, cache, 0, "auto")  # autograd recording
+        holes_cache = model.new_cache(holes, 4)
+        assert holes_cache.cross_lengths is None  # not a prefix mask: SDPA with the mask
+        assert not model._fused_decode_runs(x, holes_cache)
+        model.train()
+        assert not model._fused_decode_runs(x, cache)
+        model.eval()
+    assert not model._fused_decode_runs(x, cache)  # autograd recording
+
+
+@pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
+def test_decode_step_takes_the_fused_path_only_for_int_steps(seeded, monkeypatch):
+    """The CUDA-graph variant (a tensor step) never calls decode_layers: it runs the layers under a length mask."""
+    model = tiny_model("delay", dtype=torch.float32)
+    calls = []
+    original = mmdkernels.decode_layers
+    monkeypatch.setattr(mmdkernels, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    tokens = torch.full((2, 3), model.config.special)
+    with torch.no_grad():
+        cache = model.new_cache(model.encode_condition(["a prompt", None]), 4)
+        model.decode_step(tokens, torch.tensor([0]), cache)
+        assert calls == []
+        model.decode_step(tokens, 1, cache)
+        assert calls == [1]
