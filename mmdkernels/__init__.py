@@ -10,7 +10,7 @@ Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing
 from mmdkernels import metrics, patterns
 from mmdkernels._ext import cpu_capability
 from mmdkernels.attention import decode_attention, decode_attention_ref
-from mmdkernels.decode import DecoderLayerWeights, decode_layers, decode_layers_ref
+from mmdkernels.decode import DecoderLayerWeights, decode_layers, decode_layers_backend, decode_layers_ref
 from mmdkernels.linear import decode_linear, decode_linear_ref
 from mmdkernels.linear.quantize import QuantizedLinearWeight, pack_decode_weight
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "cpu_capability",
     "decode_layers",
+    "decode_layers_backend",
     "decode_layers_ref",
     "DecoderLayerWeights",
     "decode_linear",

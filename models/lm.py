@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmdkernels
-from mmdkernels.decode import decode_layers_backend
-from mmdkernels.linear import decode_linear
+from mmdkernels import decode_layers_backend, decode_linear
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
 from models.depth_head import DepthHead
 from models.text_encoder import Condition, TextEncoder

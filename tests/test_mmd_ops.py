@@ -15,7 +15,6 @@ from mmdkernels.mmd import ops
 from mmdkernels.mmd import reference as ref
 from mmdkernels.mmd.plan import DIRECT_EXP, FROM_BASE, build_plan
 
-
 DTYPES = (torch.float64, torch.float32)  # the reference's, the kernel's (and the rule's baseline's)
 
 
@@ -58,6 +57,15 @@ def test_bandwidth_chain_matches_exp(bandwidths):
     floor = EXP_REL_ERROR["cpu"] + chain_floor(bandwidths) + table_floor(torch.float32)
     assert_close_to_reference(got, expected, baseline, name=f"chain {bandwidths}", floor=floor, scale=1.0)
     assert torch.all(got[0] == 1.0)
+
+
+def test_opcheck_bandwidth_chain_eval():
+    """The chain's test hook is a registered op too: schema and autograd registration (CPU only, no fake: nothing
+    traces it)."""
+    ops.shuffle_op("cpp")  # loads the extension
+    args = (torch.linspace(0, 50, 37), *build_plan(ref.DEFAULT_BANDWIDTHS).as_op_args())
+    checks = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.mmdkernels.bandwidth_chain_eval.default, args, test_utils=checks)
 
 
 def test_torch_compile_fullgraph_through_the_op():
