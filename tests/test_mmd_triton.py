@@ -14,17 +14,10 @@ import sys
 
 import pytest
 import torch
+from triton_cases import interpreter_marks
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1",
-        reason="CPU tensors need the Triton interpreter (tests/conftest.py sets it without a GPU); "
-        "on a GPU machine tests/test_mmd_gpu.py covers the compiled Triton kernels",
-    ),
-    # Triton's interpreter itself warns when a kernel loops over range(runtime scalar).
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
-]
+pytestmark = interpreter_marks("tests/test_mmd_gpu.py")
 
 from mmd_cases import mmd_grad_floor  # noqa: E402
 from tolerances import assert_close_to_reference  # noqa: E402

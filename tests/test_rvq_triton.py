@@ -17,16 +17,10 @@ import sys
 
 import pytest
 import torch
+from triton_cases import interpreter_marks
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1",
-        reason="CPU tensors need the Triton interpreter (tests/conftest.py sets it without a GPU)",
-    ),
-    # Triton's interpreter itself warns when a kernel loops over range(runtime scalar).
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
-]
+pytestmark = interpreter_marks("tests/test_rvq_gpu.py")
 
 from tolerances import assert_codes_near_optimal  # noqa: E402
 

@@ -3,19 +3,13 @@ tokens given the same uniforms. Runs under the Triton interpreter on CPU (TRITON
 and rows few; the statistical test lives in test_sampling.py (token equality carries it over)."""
 
 import math
-import os
 
 import pytest
 import torch
+from triton_cases import interpreter_marks
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1",
-        reason="CPU tensors need the Triton interpreter (tests/conftest.py sets it without a GPU)",
-    ),
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
-]
+pytestmark = interpreter_marks("tests/test_sampling_gpu.py")
 
 import mmdkernels  # noqa: E402
 from mmdkernels.sampling import sample_ref  # noqa: E402
