@@ -15,6 +15,16 @@ if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
   cp requirements.txt "$stamp"
 fi
 
+# audiocraft: the reference forward of tests/test_checkpoints.py. Without its dependencies (xformers, spacy, av, a
+# pinned torch, ...): the test imports only its LM modules and stubs the rest; einops, its one dependency they
+# call, comes with requirements.txt (vector-quantize-pytorch)
+stamp=.venv/.mmdkernels-audiocraft
+audiocraft="audiocraft==1.3.0"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$audiocraft" ]; then
+  .venv/bin/python -m pip install -q --no-deps "$audiocraft"
+  echo "$audiocraft" > "$stamp"
+fi
+
 # the editable install only links the package (no compiling); the extensions are built in place just below
 stamp=.venv/.mmdkernels-editable
 if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
