@@ -34,14 +34,16 @@ import torch
 
 from models import data, stats, train_codec
 
+
 @dataclasses.dataclass
 class Sizes:
     """Everything that sets the run's cost. Presets: quick (CI smoke test), default (this CPU), full (a GPU)."""
 
     pieces: int = 60
     piece_seconds: float = 20.0
-    codec_steps: int = 1000
+    codec_steps: int = 250
     codec_batch: int = 8
+    codec_segment_seconds: float = 0.5  # training clip length; the MMD macro-batch holds mmd_every x codec_batch clips
     codec_channels: int = 8
     latent_dim: int = 64
     codebook_size: int = 256
@@ -49,12 +51,12 @@ class Sizes:
     lm_dim: int = 128
     lm_layers: int = 2
     lm_heads: int = 4
-    lm_steps: int = 2000
+    lm_steps: int = 400
     lm_batch: int = 16
     lm_frames: int = 25  # training context in frames (0.5 s at 50 Hz); flatten sees K times as many tokens
     lm_lr: float = 3e-3  # peak learning rate, after lm_warmup steps of linear warm-up, then cosine decay
-    lm_warmup: int = 50
-    generate_seconds: float = 4.0
+    lm_warmup: int = 30
+    generate_seconds: float = 2.0
     generate_batch: int = 2
     seeds: int = 3  # paired model seeds (each trains both codecs and their LMs)
     mmd_every: int = 32  # the published recipe's macro-batch period (models/codec.py)
@@ -88,6 +90,7 @@ PRESETS = {
         piece_seconds=30.0,
         codec_steps=20000,
         codec_batch=32,
+        codec_segment_seconds=1.0,
         codec_channels=32,
         latent_dim=128,
         codebook_size=1024,
@@ -111,6 +114,7 @@ CODEC_FIELDS = (
     "piece_seconds",
     "codec_steps",
     "codec_batch",
+    "codec_segment_seconds",
     "codec_channels",
     "latent_dim",
     "codebook_size",
@@ -194,6 +198,7 @@ def train_codec_run(args, sizes: Sizes, lambda_mmd: float, seed: int) -> dict:
     if finished is not None:
         return finished
     argv = ["train", "--out", str(out), "--steps", str(sizes.codec_steps), "--batch-size", str(sizes.codec_batch)]
+    argv += ["--segment-seconds", str(sizes.codec_segment_seconds)]
     argv += ["--lr", str(args.codec_lr), "--lambda-mmd", str(lambda_mmd), "--seed", str(seed)]
     argv += ["--data-seed", str(args.data_seed), "--mmd-every", str(sizes.mmd_every), "--mmd-input", args.mmd_input]
     argv += ["--channels", str(sizes.codec_channels), "--latent-dim", str(sizes.latent_dim)]

@@ -289,9 +289,11 @@ def write_report(out: Path, summary: dict) -> str:
 
 Preset `{summary["preset"]}`, model seeds {seeds} (paired: each trains both codecs and their LMs), data seed
 {summary["data_seed"]}: the same {summary["train_pieces"]} training and {summary["valid_pieces"]} held-out pieces for
-every run. Device {summary["device"]}, wall time {summary["wall_seconds"] / 60:.1f} min.
+every run. Device {summary["device"]}, wall time of this invocation {summary["wall_seconds"] / 60:.1f} min
+(stages reused from an earlier invocation not counted).
 Codec: {sizes["num_codebooks"]} codebooks of {sizes["codebook_size"]}, {sizes["codec_channels"]} channels,
-{sizes["codec_steps"]} steps of {sizes["codec_batch"]} one-second clips. MMD (codec `{mmd}`): the published recipe,
+{sizes["codec_steps"]} steps of {sizes["codec_batch"]} clips of {sizes.get("codec_segment_seconds", 1.0):g} s.
+MMD (codec `{mmd}`): the published recipe,
 weight {summary["lambda_mmd"]:g} on MMDLoss (published normalisation) of the `{summary["mmd_input"]}` streams of a
 macro-batch re-encoded every {sizes["mmd_every"]} steps; its share of the codec's training time: {share_text}.
 {adversarial_text}

@@ -1,6 +1,7 @@
 """The codec training entry point end to end on tiny data: train, log, checkpoint, resume, evaluate, encode/decode."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -81,6 +82,24 @@ def test_si_snr_of_a_scaled_copy_is_high():
     x = torch.randn(2, 1, 1000)
     assert (train_codec.si_snr(3.0 * x, x) > 60).all()
     assert (train_codec.si_snr(torch.randn(2, 1, 1000), x) < 5).all()
+
+
+def test_si_snr_matches_the_closed_form():
+    """target + noise orthogonal to it at power ratio r gives exactly 10 log10(r) dB, whatever the estimate's scale
+    or sign; an input-independent output (a codec that has not learned yet) scores far below 0 dB."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 1, 4000, generator=generator)
+    target -= target.mean(-1, keepdim=True)
+    noise = torch.randn(3, 1, 4000, generator=generator)
+    noise -= noise.mean(-1, keepdim=True)
+    noise -= (noise * target).sum(-1, keepdim=True) / (target * target).sum(-1, keepdim=True) * target
+    for ratio in (0.25, 1.0, 8.0):
+        scaled = noise * ((target.pow(2).sum(-1, keepdim=True) / ratio) / noise.pow(2).sum(-1, keepdim=True)).sqrt()
+        expected = torch.full((3,), 10 * math.log10(ratio))
+        torch.testing.assert_close(train_codec.si_snr(target + scaled, target), expected, atol=1e-3, rtol=0)
+        torch.testing.assert_close(train_codec.si_snr(-0.1 * (target + scaled), target), expected, atol=1e-3, rtol=0)
+    constant = torch.sin(torch.arange(4000.0) / 7).expand(3, 1, 4000)
+    assert (train_codec.si_snr(constant, target) < -20).all()
 
 
 def test_published_recipe_runs_a_macro_batch_update_every_n_steps(tmp_path, capsys):
