@@ -14,6 +14,13 @@
     CPU the fused decode_layers op) and "ours-sdpa" (the per-layer path with torch's SDPA attention, forced through
     MMDKERNELS_BACKEND_DECODE_LAYERS / _DECODE_ATTENTION).
     Target: ours >= 2x faster per step.
+(c) one decode step vs its memory floor, per weight precision (models.lm.quantize_for_decode): fp32, bf16 and int8
+    copies of one model (shared float32 parameters) and the floor (`x.sum()` over a float32 buffer of the step's
+    weight bytes, models.lm.decode_weight_bytes) timed in turn, round by round; extra_info: ms per step, each step as a
+    multiple of its floor, bf16 / fp32 and int8 / fp32 (best rounds). Cases: the benchmark decoder of (b) at B = 4 and
+    MusicGen-small (d = 1024, 24 layers, 16 heads, K = 4, V = 2048) at B = 1 under MMDKERNELS_BENCH=full; a d = 128
+    stand-in by default. MMDKERNELS_BENCH_WEIGHTS=fp32,int8 (say) times only those precisions.
+    Targets: fp32 <= 1.3x its floor, bf16 <= 0.55x fp32, int8 <= 0.35x fp32.
 
 CI sizes by default, the issue's sizes with MMDKERNELS_BENCH=full. Threads: MMDKERNELS_BENCH_THREADS (default 1:
 batch-4 decode steps are too small to share across cores, and on a busy machine extra threads only wait).
@@ -21,6 +28,7 @@ batch-4 decode steps are too small to share across cores, and on a busy machine 
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import os
 import time
@@ -32,7 +40,7 @@ import torch
 from benchmarks.conftest import FULL
 from models.checkpoints import load_hf_musicgen
 from models.generate import generate
-from models.lm import LMConfig, MusicLM
+from models.lm import LMConfig, MusicLM, decode_weight_bytes, quantize_for_decode
 
 THREADS = int(os.environ.get("MMDKERNELS_BENCH_THREADS", "1"))
 FRAME_RATE = 50
@@ -49,6 +57,18 @@ HF_SIZES = (
     else dict(dim=64, layers=2, heads=4, codebooks=4, vocab=256, batch=4, steps=12)
 )
 TOP_K = 250
+
+# (c) step vs floor
+WEIGHTS = tuple(os.environ.get("MMDKERNELS_BENCH_WEIGHTS", "fp32,bf16,int8").split(","))
+FLOOR_CASES = (
+    {
+        "benchmark-decoder-B4": (dict(dim=512, num_layers=8, num_heads=8, ffn_dim=2048, codebook_size=2048), 4),
+        "musicgen-small-B1": (dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096, codebook_size=2048), 1),
+    }
+    if FULL
+    else {"stand-in-B4": (dict(dim=128, num_layers=2, num_heads=4, ffn_dim=512, codebook_size=256), 4)}
+)
+FLOOR_STEPS = 16 if FULL else 4
 
 
 @pytest.fixture(autouse=True)
@@ -196,3 +216,55 @@ def test_decode_vs_hf(benchmark, provider, monkeypatch):
         transformers=importlib.metadata.version("transformers"),
         **{f"config_{k}": v for k, v in s.items()},
     )
+
+
+def _best_seconds(fn, rounds_out: list) -> None:
+    start = time.perf_counter()
+    fn()
+    rounds_out.append(time.perf_counter() - start)
+
+
+@pytest.mark.parametrize("case", FLOOR_CASES)
+def test_decode_step_vs_floor(benchmark, case):
+    """FLOOR_STEPS decode steps of each precision, then each floor, in turn per round; min over rounds per step."""
+    for precision in WEIGHTS:
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"MMDKERNELS_BENCH_WEIGHTS must list fp32, bf16 or int8, got {precision!r}")
+    sizes, batch = FLOOR_CASES[case]
+    torch.manual_seed(0)
+    base = MusicLM(LMConfig(pattern="delay", num_codebooks=4, **sizes)).eval()
+    shared = {id(p): p for p in base.parameters()}  # the copies share the float32 parameters
+    models = {w: quantize_for_decode(copy.deepcopy(base, dict(shared)), w) for w in WEIGHTS}
+    weight_bytes = {w: decode_weight_bytes(m) for w, m in models.items()}
+    buffers = {w: torch.rand(n // 4) for w, n in weight_bytes.items()}
+    benchmark.group = f"decode-step-vs-floor-{case}"
+    tokens = torch.full((batch, 4), base.config.special)
+    with torch.inference_mode():
+        condition = base.encode_condition([f"prompt {i}" for i in range(batch)])
+        caches = {w: m.new_cache(condition, 1024) for w, m in models.items()}
+    times = {key: [] for w in WEIGHTS for key in (w, f"floor_{w}")}
+    position = [0]
+
+    def run():
+        with torch.inference_mode():
+            for w, model in models.items():
+                step = position[0]
+                _best_seconds(lambda: [model.decode_step(tokens, step + i, caches[w]) for i in range(FLOOR_STEPS)],
+                              times[w])  # fmt: skip
+                _best_seconds(lambda: [buffers[w].sum() for _ in range(FLOOR_STEPS)], times[f"floor_{w}"])
+            position[0] += FLOOR_STEPS
+
+    benchmark.pedantic(run, rounds=ROUNDS + 2, warmup_rounds=1)
+    best = {key: min(values[1:]) / FLOOR_STEPS for key, values in times.items()}  # the first entry: warm-up
+    info = {}
+    for w in WEIGHTS:
+        info |= {
+            f"{w}_ms_per_step": 1e3 * best[w],
+            f"{w}_floor_ms": 1e3 * best[f"floor_{w}"],
+            f"{w}_weight_mib": weight_bytes[w] / 2**20,
+            f"{w}_vs_floor": best[w] / best[f"floor_{w}"],
+            f"{w}_floor_gb_per_s": weight_bytes[w] / best[f"floor_{w}"] / 1e9,
+        }
+        if w != "fp32" and "fp32" in WEIGHTS:
+            info[f"{w}_vs_fp32"] = best[w] / best["fp32"]
+    _info(benchmark, case=case, batch=batch, **info)

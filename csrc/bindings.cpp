@@ -57,12 +57,15 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def("small_batch_linear_quantized(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, bool gelu) -> Tensor");
   // One KV-cached decode step through a stack of decoder layers (CPU; spec: mmdkernels/decode/reference.py,
   // decode_layers_ref). x float32 [B, D] (the step's embeddings, B <= 16); weights: 12 tensors per layer in the order
-  // of DecoderLayerWeights; self_k/self_v [L, B, H, S_max, Dh] written at `step`; cross_k/cross_v [L, B, H, Tc, Dh];
-  // cross_lengths int64 [B]; torch_linear: project through at::linear instead of small_batch_linear (the dispatcher's
-  // rule, mmdkernels/_dispatch.py). Returns the residual stream after the last layer, float32 [B, D].
+  // of DecoderLayerWeights, the projections float32, bfloat16 or int8 (the norms float32); scales: empty, or one entry
+  // per weight: the float32 [N] scale of an int8 projection, None elsewhere; self_k/self_v [L, B, H, S_max, Dh]
+  // written at `step`; cross_k/cross_v [L, B, H, Tc, Dh]; cross_lengths int64 [B]; torch_linear: project float32
+  // weights through at::linear instead of small_batch_linear (the dispatcher's rule, mmdkernels/_dispatch.py; bf16
+  // and int8 weights always take small_batch_linear_quantized). Returns the residual stream, float32 [B, D].
   m.def(
-      "lm_decode_layers(Tensor x, Tensor[] weights, Tensor(a!) self_k, Tensor(b!) self_v, Tensor cross_k, "
-      "Tensor cross_v, Tensor cross_lengths, int step, int num_heads, float eps, bool torch_linear) -> Tensor");
+      "lm_decode_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor(a!) self_k, Tensor(b!) self_v, "
+      "Tensor cross_k, Tensor cross_v, Tensor cross_lengths, int step, int num_heads, float eps, bool torch_linear) "
+      "-> Tensor");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
 }

@@ -15,6 +15,7 @@ token/step buffers, the whole cache under a length mask) and replayed at every s
 Profiling (per-step latency, ms per audio second, optional torch.profiler trace):
 
     python -m models.generate profile --pattern delay --batch 1 --seconds 5 --preset small --device cpu --trace DIR
+    python -m models.generate profile --preset musicgen-small --batch 1 --weights int8   # bf16 / int8 weights
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import torch
 from tqdm import tqdm
 
 from mmdkernels import check_sample_args, sample
+from mmdkernels.linear import PRECISIONS
 from mmdkernels.patterns import PATTERNS, frames_done, num_steps, revert_frames, revert_pattern, valid_mask
-from models.lm import KVCache, LMConfig, MusicLM
+from models.lm import KVCache, LMConfig, MusicLM, decode_weight_bytes, quantize_for_decode
 
 CUDA_GRAPH = ("auto", True, False)
 
@@ -193,7 +195,7 @@ def profile(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     config = LMConfig.preset(args.preset, pattern=args.pattern)
-    model = MusicLM(config).to(device).eval()
+    model = quantize_for_decode(MusicLM(config).to(device).eval(), args.weights)
     prompts = [f"prompt {i}" for i in range(args.batch)]
     kwargs = dict(seconds=args.seconds, top_k=250, cfg_coef=args.cfg_coef, cuda_graph="auto")
     generate(model, prompts, **(kwargs | {"seconds": min(args.seconds, 0.2)}))  # warm-up
@@ -221,6 +223,8 @@ def profile(args) -> dict:
         "preset": args.preset,
         "batch": args.batch,
         "device": str(device),
+        "weights": args.weights,
+        "weight_mib_per_step": decode_weight_bytes(model) / 2**20,
         "steps": len(marks),
         "step_ms_mean": statistics.fmean(step_ms),
         "step_ms_p50": step_ms[len(step_ms) // 2],
@@ -242,6 +246,12 @@ def main(argv=None) -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--preset", choices=("small", "musicgen-small"), default="small")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--weights",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the decode weights' stored precision (models.lm.quantize_for_decode; activations stay float32)",
+    )
     p.add_argument("--cfg-coef", type=float, default=None, help="classifier-free guidance (2B rows); off by default")
     p.add_argument(
         "--attention",

@@ -18,6 +18,10 @@ dispatcher (mmdkernels/_dispatch.py; force one with MMDKERNELS_BACKEND_<OP>, e.g
 DECODE_LAYERS=reference to run the layers one op at a time): on CPU the layers run as one `mmdkernels.decode_layers`
 call. Its one variant is the CUDA-graph step: the step is a device tensor and attention runs over the whole cache
 under a length mask (fixed shapes, no host read of a length).
+
+`quantize_for_decode(model, "bf16" | "int8")` stores a copy of every decoder projection and the heads in that
+precision (mmdkernels.pack_decode_weight), which inference (model.eval()) then uses: decode steps, prefill and
+teacher-forced scoring. Training mode uses the float32 parameters, which stay the master copy.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmdkernels
-from mmdkernels import decode_layers_backend, decode_linear
+from mmdkernels import QuantizedLinearWeight, decode_layers_backend, decode_linear, pack_decode_weight
+from mmdkernels.linear import PRECISIONS
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
 from models.depth_head import DepthHead
 from models.text_encoder import Condition, TextEncoder
@@ -120,14 +125,40 @@ class KVCache:
     cross_lengths: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class DecodeWeight:
+    """A parameter's copy in a decode precision (quantize_for_decode), with the parameter's version when packed: an
+    in-place change of the parameter since (an optimizer step, load_state_dict) makes the copy stale."""
+
+    packed: QuantizedLinearWeight
+    version: int
+
+    def get(self, parameter: torch.Tensor, name: str) -> QuantizedLinearWeight:
+        if parameter._version != self.version:
+            raise RuntimeError(
+                f"{name} changed since quantize_for_decode packed it: call quantize_for_decode(model, "
+                f"{self.packed.precision!r}) again (or model.train() to use the float32 weights)"
+            )
+        return self.packed
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) whose few-row inference calls on CPU (a decode step) go through
     mmdkernels.decode_linear, which streams the weights once instead of packing them for a GEMM; training and
-    larger batches take F.linear as before."""
+    larger batches take F.linear as before. After quantize_for_decode, inference uses the packed copy."""
+
+    decode_weight: DecodeWeight | None = None
+
+    def inference_weight(self) -> torch.Tensor | QuantizedLinearWeight:
+        """The weight this layer computes with: its packed copy in eval mode after quantize_for_decode, else the
+        float32 parameter."""
+        if self.training or self.decode_weight is None:
+            return self.weight
+        return self.decode_weight.get(self.weight, "a Linear weight")
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         """x [..., in] -> activation(x W^T + b) [..., out]; activation None or "gelu" (fused in the decode kernel)."""
-        return decode_linear(x, self.weight, self.bias, activation=activation)
+        return decode_linear(x, self.inference_weight(), self.bias, activation=activation)
 
 
 class SelfAttention(nn.Module):
@@ -219,16 +250,16 @@ def decode_layer_weights(layers) -> list[mmdkernels.DecoderLayerWeights]:
         mmdkernels.DecoderLayerWeights(
             layer.self_norm.weight,
             layer.self_norm.bias,
-            layer.self_attn.qkv.weight,
-            layer.self_attn.out.weight,
+            layer.self_attn.qkv.inference_weight(),
+            layer.self_attn.out.inference_weight(),
             layer.cross_norm.weight,
             layer.cross_norm.bias,
-            layer.cross_attn.q.weight,
-            layer.cross_attn.out.weight,
+            layer.cross_attn.q.inference_weight(),
+            layer.cross_attn.out.inference_weight(),
             layer.mlp_norm.weight,
             layer.mlp_norm.bias,
-            layer.fc1.weight,
-            layer.fc2.weight,
+            layer.fc1.inference_weight(),
+            layer.fc2.inference_weight(),
         )
         for layer in layers
     ]
@@ -254,12 +285,33 @@ class MusicLM(nn.Module):
         self.depth_head = DepthHead(k, c, d, config.depth_hidden or 2 * d) if config.head == "depth" else None
         self.apply(self._init_weights)
         nn.init.normal_(self.heads, std=config.init_std)
+        self.decode_precision = "fp32"  # set by quantize_for_decode
+        self.decode_heads: DecodeWeight | None = None  # the heads [K * C, D], packed by quantize_for_decode
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def head_weight(self, codebook: int | None = None) -> torch.Tensor | QuantizedLinearWeight:
+        """The heads inference computes with, as a decode_linear weight: all K stacked [K * C, D], or one codebook's
+        [C, D]; the packed copy in eval mode after quantize_for_decode, else the float32 parameter."""
+        c, d = self.config.codebook_size, self.config.dim
+        if self.training or self.decode_heads is None:
+            return self.heads.view(-1, d) if codebook is None else self.heads[codebook]
+        packed = self.decode_heads.get(self.heads, "heads")
+        if codebook is None:
+            return packed
+        rows = slice(codebook * c, (codebook + 1) * c)
+        return QuantizedLinearWeight(packed.data[rows], None if packed.scale is None else packed.scale[rows])
+
+    def _dense_heads(self) -> torch.Tensor:
+        """The heads [K, C, D] as a float tensor (dequantised after quantize_for_decode, in eval mode)."""
+        weight = self.head_weight()
+        if isinstance(weight, QuantizedLinearWeight):
+            weight = weight.dequantize(self.heads.dtype)
+        return weight.view(self.heads.shape)
 
     @property
     def streams(self) -> int:
@@ -308,19 +360,20 @@ class MusicLM(nn.Module):
         if self.depth_head is not None:
             if step_codes is None:
                 raise ValueError("a depth-head model scores a step given its codes: pass step_codes (or decode_hidden)")
-            return torch.einsum("bksd,kcd->bksc", self.depth_head.hidden(h, step_codes), self.heads)
+            return torch.einsum("bksd,kcd->bksc", self.depth_head.hidden(h, step_codes), self._dense_heads())
         if self.target_embedding is None:
             if h.shape[1] == 1:  # decode: one GEMM over the stacked heads
-                return decode_linear(h[:, 0], self.heads.view(-1, h.shape[2])).view(h.shape[0], k, 1, -1)
-            return torch.einsum("bsd,kcd->bksc", h, self.heads)
+                return decode_linear(h[:, 0], self.head_weight()).view(h.shape[0], k, 1, -1)
+            return torch.einsum("bsd,kcd->bksc", h, self._dense_heads())
         if isinstance(step, int):
-            return decode_linear(h, self.heads[step % k])[:, None]
+            return decode_linear(h, self.head_weight(step % k))[:, None]
+        heads = self._dense_heads()
         if h.shape[1] == 1:  # fixed-shape step: the head is picked on the device
-            return (h @ self.heads.index_select(0, positions % k)[0].t())[:, None]
+            return (h @ heads.index_select(0, positions % k)[0].t())[:, None]
         logits = h.new_empty(h.shape[0], 1, h.shape[1], self.config.codebook_size)
         for codebook in range(k):  # flatten: step s belongs to codebook s mod K; positions are consecutive
             first = (codebook - int(positions[0])) % k
-            logits[:, 0, first::k] = h[:, first::k] @ self.heads[codebook].t()
+            logits[:, 0, first::k] = h[:, first::k] @ heads[codebook].t()
         return logits
 
     def forward(
@@ -363,7 +416,7 @@ class MusicLM(nn.Module):
     def depth_logits(self, h: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
         """A depth-head model's logits [B, C] for codebook k of a step, given h [B, D] and the step's codes [B, K]
         whose columns < k are drawn."""
-        return self.depth_head.step_hidden(h, codes, k) @ self.heads[k].t()
+        return decode_linear(self.depth_head.step_hidden(h, codes, k), self.head_weight(k))
 
     def _decode_backbone(self, tokens, step, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, R] at step (int or int64 tensor [1]) -> (final-normed h [B, 1, D], positions [1])."""
@@ -407,6 +460,57 @@ class MusicLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cross[i], (cache.self_k[i], cache.self_v[i]) if cache is not None else None, start)
         return self.final_norm(x)
+
+
+def quantize_for_decode(model: MusicLM, precision: str) -> MusicLM:
+    """Store the model's decode weights in `precision` for inference; returns the model (changed in place).
+
+    Packs (mmdkernels.pack_decode_weight) every decoder-layer projection (models.lm.Linear) and the output heads
+    once. In eval mode every inference pass then computes with the packed copies: decode_step (the fused CPU step
+    included), prefill and teacher-forced scoring (nll_per_frame). Training mode keeps using the float32
+    parameters, which stay the master copy (the state dict is unchanged); a packed copy whose parameter changed in
+    place since (an optimizer step, load_state_dict) raises at its next inference use: quantize again. Embeddings,
+    norms, the text encoder and a depth head's MLP stay float32 (a step reads only a few rows of them, or they run
+    once per generation). Move the model to its device first: the packed copies are not buffers.
+
+    Args:
+        model: a MusicLM.
+        precision: "fp32" (drop the packed copies: back to the float32 parameters), "bf16" or "int8" (per output
+            channel scales; mmdkernels/linear/quantize.py).
+
+    Example:
+        >>> model = quantize_for_decode(MusicLM(LMConfig()).eval(), "int8")
+        >>> logits = model.decode_step(tokens, 0, model.new_cache(condition, 100))
+    """
+    if not isinstance(model, MusicLM):
+        raise TypeError(f"model must be a MusicLM, got {type(model).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+    def pack(parameter: torch.Tensor) -> DecodeWeight | None:
+        if precision == "fp32":
+            return None
+        return DecodeWeight(pack_decode_weight(parameter.view(-1, parameter.shape[-1]), precision), parameter._version)
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.decode_weight = pack(module.weight)
+    model.decode_heads = pack(model.heads)
+    model.decode_precision = precision
+    return model
+
+
+def decode_weight_bytes(model: MusicLM) -> int:
+    """Bytes of weights one decode step streams: every decoder-layer projection but the cross-attention K/V (run once
+    per generation) and all heads, in the model's decode precision (norms and embedding rows are negligible)."""
+    total = 0
+    for layer in model.layers:
+        for linear in (layer.self_attn.qkv, layer.self_attn.out, layer.cross_attn.q, layer.cross_attn.out, layer.fc1,
+                       layer.fc2):  # fmt: skip
+            weight = linear.weight if linear.decode_weight is None else linear.decode_weight.packed
+            total += weight.nbytes if isinstance(weight, QuantizedLinearWeight) else weight.numel() * 4
+    heads = model.heads if model.decode_heads is None else model.decode_heads.packed
+    return total + (heads.nbytes if isinstance(heads, QuantizedLinearWeight) else heads.numel() * 4)
 
 
 def teacher_forcing(codes: torch.Tensor, pattern: str, special: int):

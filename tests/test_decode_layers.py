@@ -8,6 +8,8 @@ import mmdkernels
 from mmdkernels import _ext
 from mmdkernels.decode import DecoderLayerWeights, decode_layers, decode_layers_backend, decode_layers_ref
 from mmdkernels.decode import ops as decode_ops
+from mmdkernels.decode.reference import PROJECTIONS
+from mmdkernels.linear import QuantizedLinearWeight, pack_decode_weight
 from tolerances import assert_close_to_reference
 
 needs_cpu_kernels = pytest.mark.skipif(not _ext.available("cpu"), reason="no compiled CPU library")
@@ -35,11 +37,19 @@ def make_problem(batch, dim=32, heads=4, layers=2, ffn=48, s_max=9, cross=5, ste
     return rand(batch, dim), weights, [self_k, self_v, cross_k, cross_v, cross_lengths], step, heads
 
 
+def packed(problem, precision):
+    """The problem with every projection stored in `precision` (the norms stay float32)."""
+    x, weights, caches, step, heads = problem
+    weights = [w._replace(**{n: pack_decode_weight(getattr(w, n), precision) for n in PROJECTIONS}) for w in weights]
+    return x, weights, caches, step, heads
+
+
 def as64(problem):
+    """The problem in float64; packed projections stay packed (the reference dequantises them exactly)."""
     x, weights, caches, step, heads = problem
     return (
         x.double(),
-        [DecoderLayerWeights(*(t.double() for t in w)) for w in weights],
+        [DecoderLayerWeights(*(t if isinstance(t, QuantizedLinearWeight) else t.double() for t in w)) for w in weights],
         [c.double() if c.is_floating_point() else c for c in caches],
         step,
         heads,
@@ -80,6 +90,21 @@ def test_compiled_step_matches_the_spec(batch, step):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_compiled_step_with_packed_weights_matches_the_spec(precision, batch):
+    """bf16 / int8 projections: the spec is the reference on the same dequantised weights in float64 (the rule of
+    tests/tolerances.py), the baseline the same reference in float32."""
+    problem = packed(make_problem(batch, step=3, seed=batch + 100), precision)
+    ref_out, ref_k, ref_v = run(as64(problem), "reference")
+    base_out, base_k, base_v = run(problem, "reference")
+    out, k, v = run(problem, "cpp")
+    assert_close_to_reference(out, ref_out, base_out, name=f"decode_layers {precision} output")
+    assert_close_to_reference(k, ref_k, base_k, name=f"decode_layers {precision} K cache")
+    assert_close_to_reference(v, ref_v, base_v, name=f"decode_layers {precision} V cache")
+
+
+@needs_cpu_kernels
 def test_automatic_choice():
     x, weights, *_ = make_problem(3)
     with torch.no_grad():
@@ -97,7 +122,15 @@ def test_automatic_choice():
 def test_opcheck(torch_linear):
     x, weights, caches, step, heads = make_problem(3)
     flat = [t for w in weights for t in w]
-    torch.library.opcheck(decode_ops.decode_layers_op(), (x, flat, *caches, step, heads, 1e-5, torch_linear))
+    torch.library.opcheck(decode_ops.decode_layers_op(), (x, flat, [], *caches, step, heads, 1e-5, torch_linear))
+
+
+@needs_cpu_kernels
+def test_opcheck_packed():
+    x, weights, caches, step, heads = packed(make_problem(3), "int8")
+    pairs = [(t.data, t.scale) if isinstance(t, QuantizedLinearWeight) else (t, None) for w in weights for t in w]
+    args = (x, [t for t, _ in pairs], [s for _, s in pairs], *caches, step, heads, 1e-5, False)
+    torch.library.opcheck(decode_ops.decode_layers_op(), args)
 
 
 @needs_cpu_kernels
@@ -107,13 +140,17 @@ def test_compiled_op_checks_its_arguments():
     op = decode_ops.decode_layers_op()
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="weights must hold 12 tensors per layer"):
-            op(x, flat[:-1], *caches, 0, heads, 1e-5, False)
+            op(x, flat[:-1], [], *caches, 0, heads, 1e-5, False)
         with pytest.raises(RuntimeError, match=r"step must be in \[0, S_max = 4\)"):
-            op(x, flat, *caches, 4, heads, 1e-5, False)
+            op(x, flat, [], *caches, 4, heads, 1e-5, False)
         with pytest.raises(RuntimeError, match="caches must have shape"):
-            op(torch.zeros(2, 32), flat, *caches, 0, heads, 1e-5, False)
+            op(torch.zeros(2, 32), flat, [], *caches, 0, heads, 1e-5, False)
         with pytest.raises(RuntimeError, match="num_heads must divide"):
-            op(x, flat, *caches, 0, 5, 1e-5, False)
+            op(x, flat, [], *caches, 0, 5, 1e-5, False)
+        with pytest.raises(RuntimeError, match="scales must be empty or hold one entry per weight"):
+            op(x, flat, [None], *caches, 0, heads, 1e-5, False)
+        with pytest.raises(RuntimeError, match="a scale belongs to int8 weights only"):
+            op(x, flat, [torch.ones(96) if i == 2 else None for i in range(len(flat))], *caches, 0, heads, 1e-5, False)
 
 
 def test_wrapper_errors_name_the_argument():
@@ -129,6 +166,9 @@ def test_wrapper_errors_name_the_argument():
         decode_layers(x, weights, *caches[:4], caches[4].int(), step, num_heads=heads)
     with pytest.raises(ValueError, match="self_k must have shape"):
         decode_layers(x, weights, caches[0][:, :1], *caches[1:], step, num_heads=heads)
+    with pytest.raises(TypeError, match=r"layers\[0\].self_norm_weight must be a tensor of x's dtype and device"):
+        bad = weights[0]._replace(self_norm_weight=pack_decode_weight(weights[0].qkv, "bf16"))
+        decode_layers(x, [bad, weights[1]], *caches, step, num_heads=heads)
     with pytest.raises(ValueError, match="backend must be one of"):
         decode_layers(x, weights, *caches, step, num_heads=heads, backend="sdpa")
 

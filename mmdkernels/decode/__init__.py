@@ -13,7 +13,8 @@ import torch
 
 from mmdkernels._dispatch import LINEAR_MAX_ROWS, choose_backend, linear_rows_prefer_torch
 from mmdkernels.decode import ops
-from mmdkernels.decode.reference import DecoderLayerWeights, decode_layers_ref
+from mmdkernels.decode.reference import PROJECTIONS, DecoderLayerWeights, decode_layers_ref
+from mmdkernels.linear.quantize import QuantizedLinearWeight
 
 __all__ = ["DecoderLayerWeights", "decode_layers", "decode_layers_backend", "decode_layers_ref"]
 
@@ -33,9 +34,13 @@ def _check_inputs(x, layers, self_k, self_v, cross_k, cross_v, cross_lengths, st
         raise TypeError("layers must be a non-empty list of DecoderLayerWeights")
     for index, w in enumerate(layers):
         for name, tensor in w._asdict().items():
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != x.dtype or tensor.device != x.device:
+            if name in PROJECTIONS and isinstance(tensor, QuantizedLinearWeight):
+                if tensor.device != x.device:
+                    raise TypeError(f"layers[{index}].{name} must be on x's device {x.device}, got {tensor.device}")
+            elif not isinstance(tensor, torch.Tensor) or tensor.dtype != x.dtype or tensor.device != x.device:
                 raise TypeError(
                     f"layers[{index}].{name} must be a tensor of x's dtype and device ({x.dtype}, {x.device})"
+                    + (" or a QuantizedLinearWeight" if name in PROJECTIONS else "")
                 )
         expected = {"qkv": (3 * dim, dim), "self_out": (dim, dim), "cross_q": (dim, dim), "cross_out": (dim, dim)}
         expected.update({n: (dim,) for n in w._fields if n.endswith(("_weight", "_bias"))})
@@ -64,6 +69,11 @@ def _check_inputs(x, layers, self_k, self_v, cross_k, cross_v, cross_lengths, st
         raise ValueError(f"step must be an int in [0, S_max = {self_k.shape[3]}), got {step!r}")
 
 
+def _flat(w: DecoderLayerWeights) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(stored tensor, int8 scale or None) per field, in the op's order."""
+    return [(t.data, t.scale) if isinstance(t, QuantizedLinearWeight) else (t, None) for t in w]
+
+
 def _kernel_reasons(x, layers, backend: str) -> list[str]:
     if backend != "cpp":
         return []
@@ -72,7 +82,7 @@ def _kernel_reasons(x, layers, backend: str) -> list[str]:
         reasons.append(f"dtype {x.dtype}: the fused step takes float32")
     if x.shape[0] > LINEAR_MAX_ROWS:
         reasons.append(f"{x.shape[0]} rows: the fused step takes at most {LINEAR_MAX_ROWS}")
-    tensors = [x] + [t for w in layers for t in w]
+    tensors = [x] + [t for w in layers for t, _ in _flat(w)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         reasons.append("autograd is recording: the fused step has no backward (use it under torch.no_grad)")
     if not all(t.is_contiguous() for t in tensors[1:]):
@@ -104,7 +114,8 @@ def decode_layers(
 
     Args:
         x: [B, D] the step's input embeddings; the C++ op serves float32 CPU inputs of at most 16 rows.
-        layers: L DecoderLayerWeights (x's dtype and device).
+        layers: L DecoderLayerWeights (x's dtype and device); projections may be QuantizedLinearWeight (bf16, or int8
+            with per-output-channel scales: mmdkernels.linear.pack_decode_weight), streamed as stored by the C++ op.
         self_k, self_v: [L, B, H, S_max, Dh] self-attention caches, written at `step` (in place).
         cross_k, cross_v: [L, B, H, Tc, Dh] the condition's keys/values; cross_lengths: int64 [B] valid entries.
         step: this step's position (a Python int), 0 <= step < S_max.
@@ -121,10 +132,12 @@ def decode_layers(
     backend = choose_backend(x, backend, "decode_layers", op_reasons=lambda name: _kernel_reasons(x, layers, name))
     if backend == "reference":
         return decode_layers_ref(x, list(layers), self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads, eps)
-    weights = [t for w in layers for t in w]
+    flat = [pair for w in layers for pair in _flat(w)]
+    scales = [scale for _, scale in flat]
     return ops.decode_layers_op()(
         x,
-        weights,
+        [t for t, _ in flat],
+        scales if any(scale is not None for scale in scales) else [],
         self_k,
         self_v,
         cross_k,

@@ -6,7 +6,7 @@ from mmdkernels import _ext
 
 
 def _decode_layers_fake(
-    x, weights, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads, eps, torch_linear
+    x, weights, scales, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads, eps, torch_linear
 ):
     return x.new_empty(x.shape)
 

@@ -1,6 +1,7 @@
 """decode_layers_ref: the spec of one KV-cached decode step through a stack of pre-LN decoder layers (MusicGen's
 layout: self-attention with a fused QKV projection, cross-attention over a prefix-masked condition, a GELU MLP; no
-projection biases, LayerNorms with bias). Plain PyTorch, float64-capable."""
+projection biases, LayerNorms with bias). Plain PyTorch, float64-capable. Projections may be stored in bf16 or int8
+(QuantizedLinearWeight): their meaning is their dequantized weight, exact in float64."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mmdkernels.linear.quantize import QuantizedLinearWeight
+
 
 class DecoderLayerWeights(NamedTuple):
     """One decoder layer's tensors, in the order the compiled op takes them (csrc/decode/decode_layers_cpu.cpp).
 
-    D = model dim, F = MLP dim; projections are [out, in] (nn.Linear's layout), none has a bias.
+    D = model dim, F = MLP dim; projections are [out, in] (nn.Linear's layout), none has a bias. A projection is a
+    tensor (x's dtype) or a QuantizedLinearWeight (mmdkernels.linear.pack_decode_weight: bf16, or int8 + scales);
+    the norms are tensors of x's dtype.
     """
 
     self_norm_weight: torch.Tensor  # [D]
@@ -29,6 +34,15 @@ class DecoderLayerWeights(NamedTuple):
     mlp_norm_bias: torch.Tensor  # [D]
     fc1: torch.Tensor  # [F, D], GELU after it
     fc2: torch.Tensor  # [D, F]
+
+
+PROJECTIONS = ("qkv", "self_out", "cross_q", "cross_out", "fc1", "fc2")
+
+
+def _project(h: torch.Tensor, weight) -> torch.Tensor:
+    if isinstance(weight, QuantizedLinearWeight):
+        weight = weight.dequantize(h.dtype)
+    return F.linear(h, weight)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -69,13 +83,13 @@ def decode_layers_ref(
     self_lengths = torch.full((batch,), step + 1, dtype=torch.long, device=x.device)
     for index, w in enumerate(layers):
         h = F.layer_norm(x, (dim,), w.self_norm_weight, w.self_norm_bias, eps)
-        q, k, v = F.linear(h, w.qkv).view(batch, 3, num_heads, head_dim).unbind(1)
+        q, k, v = _project(h, w.qkv).view(batch, 3, num_heads, head_dim).unbind(1)
         self_k[index, :, :, step] = k
         self_v[index, :, :, step] = v
-        x = x + F.linear(_attend(q, self_k[index], self_v[index], self_lengths).reshape(batch, dim), w.self_out)
+        x = x + _project(_attend(q, self_k[index], self_v[index], self_lengths).reshape(batch, dim), w.self_out)
         h = F.layer_norm(x, (dim,), w.cross_norm_weight, w.cross_norm_bias, eps)
-        q = F.linear(h, w.cross_q).view(batch, num_heads, head_dim)
-        x = x + F.linear(_attend(q, cross_k[index], cross_v[index], cross_lengths).reshape(batch, dim), w.cross_out)
+        q = _project(h, w.cross_q).view(batch, num_heads, head_dim)
+        x = x + _project(_attend(q, cross_k[index], cross_v[index], cross_lengths).reshape(batch, dim), w.cross_out)
         h = F.layer_norm(x, (dim,), w.mlp_norm_weight, w.mlp_norm_bias, eps)
-        x = x + F.linear(F.gelu(F.linear(h, w.fc1)), w.fc2)
+        x = x + _project(F.gelu(_project(h, w.fc1)), w.fc2)
     return x
