@@ -134,3 +134,19 @@ def test_onednn_provider_runs_onednn_matmul():
         logs[provider] = result.stdout
     assert any(",exec," in line and ",matmul," in line for line in logs["onednn"].splitlines()), logs["onednn"]
     assert ",matmul," not in logs["mkl"]
+
+
+def test_auto_inside_the_rvq_parallel_region_gives_the_forced_paths_codes():
+    """The encoder calls the GEMM from every thread of its parallel region: the measurement there (one thread
+    measures, the others wait) picks a provider for the single-threaded context and the codes stay exact."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 5, (1, 24, 1500), generator=g).float()  # three row blocks of 512: two threads share them
+    books = torch.randint(-2, 3, (3, 300, 24), generator=g).float()
+    codes = {}
+    for path in ["auto", *providers()]:
+        with forced_gemm_path(path):
+            codes[path] = mmdkernels.rvq_encode(x, books, backend="cpp")
+    for path in providers():
+        assert torch.equal(codes["auto"], codes[path]), path
+    inner = [c for c in gemm_path()["choices"] if c["layout"] == "nt" and c["k"] == 24 and c["n"] == 300]
+    assert any(c["threads"] == 1 for c in inner), gemm_path()
