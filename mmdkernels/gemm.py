@@ -3,7 +3,8 @@
 The CPU kernels (RVQ encode score tiles, MMD distance and gradient tiles) do their float32 products through one
 chooser: "mkl" (the BLAS torch's CPU library ships) or "onednn" (torch's bundled oneDNN). In "auto" mode (default)
 the first call of each shape class (M, N, K bucketed to powers of two, operand layouts, threads available) times
-both on that shape and keeps the faster for the process; ``MMDKERNELS_GEMM=mkl|onednn|auto`` (read at the first
+both on that shape and keeps the faster for the process (oneDNN only when more than 10 % ahead: on a busy machine
+where the two are level, noise would otherwise flip the choice); ``MMDKERNELS_GEMM=mkl|onednn|auto`` (read at the first
 product) or :func:`set_gemm_path` forces one.
 
     import mmdkernels

@@ -1,8 +1,9 @@
 // Which GEMM provider runs (gemm.h): the mode (MMDKERNELS_GEMM, read once, or set_mode) and, in "auto", a short
 // measurement per shape class cached for the process. The measurement runs on the first call's own shape (M shrunk
 // to ~1 GFLOP), with the same operand layouts, in the caller's context (inside a parallel region both providers run
-// single-threaded, as they will there), both providers interleaved over a few rounds, fastest round each. It holds
-// one mutex, so the other threads of a parallel region wait for it instead of disturbing it.
+// single-threaded, as they will there), both providers interleaved over a few rounds, fastest round each, MKL kept
+// unless oneDNN is clearly ahead. It holds one mutex, so the other threads of a parallel region wait for it instead
+// of disturbing it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -24,7 +25,10 @@ namespace {
 constexpr const char* kEnv = "MMDKERNELS_GEMM";
 constexpr const char* kAllowed = "auto, mkl, onednn";
 constexpr double kMeasureFlops = 1e9;  // largest product timed per round; bigger calls are timed with fewer rows
-constexpr int kRounds = 3;
+constexpr int kRounds = 5;
+// oneDNN must beat MKL (torch's own float32 path) by this factor to be chosen: where the two are level (Intel), noise
+// from a busy machine would otherwise flip the choice at random; where oneDNN is ahead (AMD: 1.6-2x), it still wins.
+constexpr double kOnednnMargin = 1.1;
 
 enum class Mode { kAuto, kMkl, kOnednn };
 
@@ -109,7 +113,7 @@ Choice measure(const at::Tensor& a, const at::Tensor& b) {
   }
   const double flops = 2.0 * m * n * k;
   Choice choice{m, n, k, Provider::kMkl, flops / best_mkl / 1e9, onednn ? flops / best_onednn / 1e9 : 0.0};
-  if (choice.gflops_onednn > choice.gflops_mkl) choice.chosen = Provider::kOnednn;
+  if (choice.gflops_onednn > kOnednnMargin * choice.gflops_mkl) choice.chosen = Provider::kOnednn;
   return choice;
 }
 

@@ -2,8 +2,9 @@
 // measured fastest on the running machine: "mkl" (the BLAS sgemm torch's CPU library exports, at::mm without it) or
 // "onednn" (torch's bundled oneDNN through at::native::mkldnn_matmul). The first call of a shape class (M, N, K
 // bucketed to powers of two, operand layout, threads available: 1 inside at::parallel_for, else torch's count)
-// times both providers on that shape in that context and caches the faster for the process. MMDKERNELS_GEMM=
-// mkl|onednn|auto (read at the first call) or set_mode() forces one. Thread-safe; callable inside parallel regions.
+// times both providers on that shape in that context and caches the faster (oneDNN only when >10% ahead) for the
+// process. MMDKERNELS_GEMM=mkl|onednn|auto (read at the first call) or set_mode() forces one. Thread-safe; callable
+// inside parallel regions.
 #pragma once
 
 #include <ATen/ATen.h>
