@@ -12,6 +12,7 @@ import torch
 
 import mmdkernels
 from benchmarks.conftest import FULL
+from benchmarks.machine import time_vs_bare_products
 from benchmarks.memory import measure_in_subprocess
 
 NUM_CODEBOOKS, DIM, BATCH = 4, 128, 8
@@ -40,6 +41,10 @@ def _info(benchmark, provider: str, num_samples: int, memory_call: str | None):
         threads=torch.get_num_threads(),
         torch=torch.__version__,
     )
+    # against the published forward's three N x N x (K*D) products on this machine's fastest GEMM
+    flops = 3 * 2.0 * num_samples**2 * NUM_CODEBOOKS * DIM
+    shape = (min(num_samples, 8192), min(num_samples, 8192), NUM_CODEBOOKS * DIM)
+    benchmark.extra_info.update(time_vs_bare_products(benchmark.stats.stats.min, flops, shape))
     if memory_call is not None:
         setup = f"from benchmarks.bench_mmd import make_input, forward_backward\nx = make_input({num_samples})"
         warmup = memory_call.replace("(x,", "(make_input(64),")

@@ -1,5 +1,6 @@
 // Every schema of the mmdkernels op library, in one place: MMD (shuffle, dHSIC and their row-range forms), RVQ
-// encode/decode, sampling, decode attention, the few-row linear, the fused CPU decode step and one test hook.
+// encode/decode, sampling, decode attention, the few-row linear, the fused CPU decode step, the GEMM choice and one
+// test hook.
 // Implementations register per dispatch key: CPU in csrc/<op>/<op>_cpu.cpp (this library, built once per x86 ISA as
 // mmdkernels._C_<isa>, see setup.py), CUDA in csrc/<op>/<op>_cuda.cu (mmdkernels._C_cuda, loaded lazily after it).
 // Triton ops are Python custom ops (mmdkernels/<op>/ops.py). Backend choice: mmdkernels/_dispatch.py only.
@@ -66,6 +67,15 @@ TORCH_LIBRARY(mmdkernels, m) {
       "lm_decode_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor(a!) self_k, Tensor(b!) self_v, "
       "Tensor cross_k, Tensor cross_v, Tensor cross_lengths, int step, int num_heads, float eps, bool torch_linear) "
       "-> Tensor");
+  // The GEMM inside the CPU kernels (csrc/gemm/gemm.h, mmdkernels/gemm.py). gemm_mm: float32 a [M, K] @ b [K, N]
+  // (each row-major or a transposed view) -> [M, N] on provider "mkl" / "onednn", or "" for the current choice.
+  // gemm_set_mode / gemm_mode: "auto" | "mkl" | "onednn" (MMDKERNELS_GEMM); gemm_choices: the measured shape
+  // classes as JSON.
+  m.def("gemm_mm(Tensor a, Tensor b, str provider) -> Tensor");
+  m.def("gemm_set_mode(str mode) -> ()");
+  m.def("gemm_mode() -> str");
+  m.def("gemm_choices() -> str");
+  m.def("gemm_onednn_available() -> bool");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
 }

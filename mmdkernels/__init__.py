@@ -11,6 +11,7 @@ from mmdkernels import metrics, patterns
 from mmdkernels._ext import cpu_capability
 from mmdkernels.attention import decode_attention, decode_attention_ref
 from mmdkernels.decode import DecoderLayerWeights, decode_layers, decode_layers_backend, decode_layers_ref
+from mmdkernels.gemm import gemm_path, set_gemm_path
 from mmdkernels.linear import decode_linear, decode_linear_ref
 from mmdkernels.linear.quantize import QuantizedLinearWeight, pack_decode_weight
 from mmdkernels.mmd import DEFAULT_BANDWIDTHS, mmd_loss, mmd_loss_ref
@@ -21,6 +22,8 @@ from mmdkernels.sampling import check_sample_args, sample, sample_ref
 __version__ = "0.1.0"
 __all__ = [
     "cpu_capability",
+    "gemm_path",
+    "set_gemm_path",
     "decode_layers",
     "decode_layers_backend",
     "decode_layers_ref",

@@ -33,3 +33,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=["mkl", "onednn"])
+def each_gemm_path(request):
+    """Runs a module's tests once per GEMM provider of the C++ CPU kernels (mmdkernels.gemm), forced. Without the C++
+    library the module runs once ("mkl", nothing to force) and "onednn" skips, as it does on a torch without it."""
+    from mmdkernels import _ext
+
+    if not _ext.available("cpu"):
+        if request.param != "mkl":
+            pytest.skip(reason="the C++ CPU library is not built: no GEMM path to force")
+        yield None
+        return
+    from mmdkernels.gemm import forced_gemm_path, gemm_path
+
+    if request.param == "onednn" and not gemm_path()["onednn_available"]:
+        pytest.skip(reason="this torch has no oneDNN matmul")
+    with forced_gemm_path(request.param):
+        yield request.param

@@ -24,6 +24,9 @@ import mmdkernels
 from mmdkernels import _dispatch
 from mmdkernels.mmd import reference as ref
 
+# every test once per GEMM provider of the C++ kernels (tests/conftest.py), forced
+pytestmark = pytest.mark.usefixtures("each_gemm_path")
+
 
 def cpu_backends(max_n: int) -> list[str]:
     """Backends that can run on CPU tensors here; Triton (interpreted) only for small N."""

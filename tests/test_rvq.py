@@ -9,6 +9,9 @@ from mmdkernels import _dispatch
 from mmdkernels.rvq import ops
 from mmdkernels.rvq.reference import codebook_sqnorms
 
+# every test once per GEMM provider of the C++ kernels (tests/conftest.py), forced
+pytestmark = pytest.mark.usefixtures("each_gemm_path")
+
 
 def cpu_backends(num_rows: int) -> list[str]:
     backends = ["cpp"]

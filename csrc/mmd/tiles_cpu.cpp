@@ -5,6 +5,8 @@
 
 #include <algorithm>
 
+#include "gemm/gemm.h"
+
 namespace mmdkernels {
 namespace mmd {
 namespace {
@@ -117,8 +119,8 @@ void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layo
                const TilePlane& plane) {
   for (int64_t s = 0; s < layout.num_slices; ++s) {
     auto out = plane.slice(s, tile);
-    at::mm_out(out, slice_of(a, layout, s).narrow(0, tile.row0, tile.rows),
-               slice_of(b, layout, s).narrow(0, tile.col0, tile.cols).t());
+    gemm::multiply_into(out, slice_of(a, layout, s).narrow(0, tile.row0, tile.rows),
+                        slice_of(b, layout, s).narrow(0, tile.col0, tile.cols).t());
   }
 }
 
@@ -143,7 +145,7 @@ void add_row_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor
                       const SliceLayout& layout, double scale, const GradientSink& sink_a) {
   for (int64_t s = 0; s < layout.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
-    auto update = at::mm(weights, slice_of(b, layout, s).narrow(0, tile.col0, tile.cols));
+    auto update = gemm::product(weights, slice_of(b, layout, s).narrow(0, tile.col0, tile.cols));
     update.mul_(-scale).addcmul_(weights.sum(1, true), slice_of(a, layout, s).narrow(0, tile.row0, tile.rows), scale);
     sink_a.add(layout, s, tile.row0, update);
   }
@@ -159,7 +161,7 @@ void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Ten
     for (int64_t c0 = 0; c0 < tile.cols; c0 += cols_per_chunk) {
       const int64_t cols = std::min(cols_per_chunk, tile.cols - c0);
       const auto w = weights.narrow(1, c0, cols);
-      auto update = at::mm(w.t(), a_rows);
+      auto update = gemm::product(w.t(), a_rows);
       update.mul_(-scale).addcmul_(w.sum(0).unsqueeze(1), slice_of(b, layout, s).narrow(0, tile.col0 + c0, cols),
                                    scale);
       sink_b.add(layout, s, tile.col0 + c0, update);

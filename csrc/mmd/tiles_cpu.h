@@ -1,5 +1,5 @@
 // CPU tile machinery shared by the shuffle (mmd_cpu.cpp) and dHSIC (dhsic_cpu.cpp) kernels: the feature-slice
-// layout, distance tiles by BLAS GEMM, vectorised chain evaluation, gradient GEMMs. (Argument checks and the
+// layout, distance tiles by GEMM (gemm.h), vectorised chain evaluation, gradient GEMMs. (Argument checks and the
 // bandwidth plan: mmd_args.h, shared with CUDA.)
 #pragma once
 

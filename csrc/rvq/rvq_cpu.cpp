@@ -1,8 +1,9 @@
 // Fused residual VQ on the CPU: all K stages of nearest-neighbour encoding in one pass over blocks of rows, and the
 // decode gather-sum. Each thread owns blocks of kRowsPerBlock frames whose residuals stay in its cache through all K
-// stages; per stage, the score tile (rows x a chunk of entries) comes from one single-threaded BLAS GEMM, a
-// vectorised scan turns it into a running (min score, lowest index) per row, and the chosen entries are subtracted
-// from the residuals before the next stage. Nothing of size N x C is ever allocated. float32 throughout.
+// stages; per stage, the score tile (rows x a chunk of entries) comes from one single-threaded GEMM (gemm.h: MKL or
+// oneDNN, whichever measured faster here), a vectorised scan turns it into a running (min score, lowest index) per
+// row, and the chosen entries are subtracted from the residuals before the next stage. Nothing of size N x C is ever
+// allocated. float32 throughout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,33 +16,12 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "gemm/gemm.h"
 #include "rvq/rvq_tile.h"
-
-// The Fortran BLAS sgemm that torch's CPU library exports (MKL on x86 wheels). Weak, so a torch build without it
-// still loads this extension and falls back to at::mm. Inside at::parallel_for it runs single-threaded, which is
-// what a thread owning its own row block wants (at::mm there would start a nested thread team per call).
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace mmdkernels {
 namespace rvq {
 namespace {
-
-// dots [rows, len] (row-major) = residual [rows, dim] @ entries [len, dim]^T. In BLAS's column-major terms that is
-// dots^T [len, rows] = entries^T' x residual^T, where both operands are read in place with leading dimension dim.
-void score_tile(const float* entries, int64_t len, const float* residual, int64_t rows, int64_t dim, float* dots) {
-  if (sgemm_ != nullptr) {
-    const int m = static_cast<int>(len), n = static_cast<int>(rows), k = static_cast<int>(dim);
-    const float one = 1.0f, zero = 0.0f;
-    sgemm_("T", "N", &m, &n, &k, &one, entries, &k, residual, &k, &zero, dots, &m);
-    return;
-  }
-  const auto options = at::TensorOptions().dtype(at::kFloat);
-  auto out = at::from_blob(dots, {rows, len}, options);
-  at::mm_out(out, at::from_blob(const_cast<float*>(residual), {rows, dim}, options),
-             at::from_blob(const_cast<float*>(entries), {len, dim}, options).t());
-}
 
 constexpr int64_t kRowsPerBlock = 512;
 constexpr int32_t kLanes = 16;  // running minima kept per SIMD lane in the argmin scan
@@ -135,7 +115,9 @@ std::tuple<at::Tensor, at::Tensor> rvq_encode_cpu(const at::Tensor& x, const at:
         std::fill(best.begin(), best.end(), no_candidate());
         for (int64_t c0 = 0; c0 < num_entries; c0 += chunk) {
           const int64_t len = std::min(chunk, num_entries - c0);
-          score_tile(book_data + entry_offset(k, c0, num_entries, dim), len, residual.data(), rows, dim, dots.data());
+          // dots [rows, len] = residual [rows, dim] @ entries [len, dim]^T
+          const float* entries = book_data + entry_offset(k, c0, num_entries, dim);
+          gemm::matmul_nt(dots.data(), len, residual.data(), dim, entries, dim, rows, len, dim);
           for (int64_t i = 0; i < rows; ++i) {
             best[i] = better_of(best[i], best_in_chunk(norm_data + k * num_entries + c0, dots.data() + i * len, len, c0));
           }

@@ -1,0 +1,152 @@
+"""The CPU kernels' GEMM (csrc/gemm, mmdkernels/gemm.py): every provider against float64 on odd shapes, layouts and
+strided operands; the auto choice and its report; MMDKERNELS_GEMM errors; oneDNN really running oneDNN.
+(tests/test_rvq.py and tests/test_mmd.py run their kernels with each provider forced: the each_gemm_path fixture.)"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from subprocess_util import run
+from tolerances import assert_close_to_reference
+
+import mmdkernels
+from mmdkernels import _ext
+from mmdkernels.gemm import GEMM_ENV, forced_gemm_path, gemm_mm, gemm_path, set_gemm_path
+
+pytestmark = pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ CPU library is not built")
+
+
+def providers() -> list[str]:
+    """The providers this torch has (oneDNN is absent from some builds)."""
+    if not _ext.available("cpu"):
+        return ["mkl"]
+    return ["mkl", "onednn"] if gemm_path()["onednn_available"] else ["mkl"]
+
+
+def operand(rows, cols, layout, g):
+    """A float32 [rows, cols] operand: "n" row-major, "t" a transposed view, "s" rows strided inside a wider one."""
+    if layout == "t":
+        return torch.randn(cols, rows, generator=g).t()
+    if layout == "s":
+        return torch.randn(rows, cols + 5, generator=g)[:, 2 : 2 + cols]
+    return torch.randn(rows, cols, generator=g)
+
+
+SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 2), (3, 4, 1), (17, 31, 13), (64, 97, 128), (257, 130, 67)]
+
+
+@pytest.mark.parametrize("provider", ["mkl", "onednn"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layouts", ["nn", "nt", "tn", "tt", "sn", "st", "ns"])
+def test_provider_matches_float64(provider, shape, layouts, seeded):
+    if provider not in providers():
+        pytest.skip(reason="this torch has no oneDNN matmul")
+    m, n, k = shape
+    a, b = operand(m, k, layouts[0], seeded), operand(k, n, layouts[1], seeded)
+    out = gemm_mm(a, b, provider)
+    ref64 = a.double() @ b.double()
+    assert_close_to_reference(out, ref64, a @ b, name=f"{provider} {layouts} {shape}", scale=(a.abs() @ b.abs()).max())
+
+
+def test_empty_and_zero_depth_products():
+    for provider in providers():
+        assert gemm_mm(torch.randn(0, 3), torch.randn(3, 4), provider).shape == (0, 4)
+        assert torch.equal(gemm_mm(torch.randn(2, 0), torch.randn(0, 4), provider), torch.zeros(2, 4))
+
+
+def same_class(choice) -> bool:
+    """Whether a reported choice is the shape class of a [300, 64] @ [64, 200]^T product at top level."""
+    m, n, k = choice["m"], choice["n"], choice["k"]
+    top_level = choice["threads"] == torch.get_num_threads()
+    return choice["layout"] == "nt" and 256 < m <= 512 and 128 < n <= 256 and 32 < k <= 64 and top_level
+
+
+def test_auto_measures_once_per_shape_class_and_reports(seeded):
+    with forced_gemm_path("auto"):
+        a, b = torch.randn(300, 64, generator=seeded), torch.randn(200, 64, generator=seeded)
+        out = gemm_mm(a, b.t())
+        assert_close_to_reference(out, a.double() @ b.double().t(), a @ b.t(), name="auto")
+        choices = [c for c in gemm_path()["choices"] if same_class(c)]
+        assert len(choices) == 1, gemm_path()
+        assert (choices[0]["m"], choices[0]["n"], choices[0]["k"]) == (300, 200, 64)
+        gemm_mm(a[:290], b[:190].t())  # same shape class: no new measurement
+        assert len([c for c in gemm_path()["choices"] if same_class(c)]) == 1
+    choice = choices[0]
+    assert choice["gflops"]["mkl"] > 0
+    assert (choice["gflops"]["onednn"] > 0) == ("onednn" in providers())
+    margin = 1.1  # csrc/gemm/choice_cpu.cpp: oneDNN must beat MKL by 10 %
+    assert choice["chosen"] == ("onednn" if choice["gflops"]["onednn"] > margin * choice["gflops"]["mkl"] else "mkl")
+
+
+def test_forced_path_is_reported_and_restored():
+    before = gemm_path()["mode"]
+    with forced_gemm_path("mkl"):
+        assert gemm_path()["mode"] == "mkl"
+    assert gemm_path()["mode"] == before
+    assert mmdkernels.gemm_path()["mode"] == before
+
+
+def test_bad_path_names_the_allowed_values():
+    with pytest.raises(ValueError, match="auto, mkl, onednn"):
+        set_gemm_path("openblas")
+    with pytest.raises(ValueError, match="provider must be one of"):
+        gemm_mm(torch.randn(2, 2), torch.randn(2, 2), "auto")
+
+
+def test_bad_operands_are_named():
+    with pytest.raises(RuntimeError, match="a must have dtype Float"):
+        gemm_mm(torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 2), "mkl")
+    with pytest.raises(RuntimeError, match="must share K"):
+        gemm_mm(torch.randn(2, 3), torch.randn(4, 2), "mkl")
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-c", code], timeout=120, env={**os.environ, **env})
+
+
+def test_invalid_env_value_is_a_clear_error_in_the_kernels():
+    code = "import torch, mmdkernels; mmdkernels.rvq_encode(torch.randn(1, 4, 3), torch.randn(1, 5, 4))"
+    result = _python(code, **{GEMM_ENV: "fastest"})
+    assert result.returncode != 0
+    assert f"{GEMM_ENV}: unknown GEMM path 'fastest'; expected one of auto, mkl, onednn" in result.stderr
+
+
+def test_env_value_forces_the_path():
+    code = "import mmdkernels; print(mmdkernels.gemm_path()['mode'])"
+    assert _python(code, **{GEMM_ENV: "mkl"}).stdout.strip() == "mkl"
+
+
+def test_onednn_provider_runs_onednn_matmul():
+    """Not MKL under another name: oneDNN's verbose log shows a matmul primitive executing, and none for mkl."""
+    if "onednn" not in providers():
+        pytest.skip(reason="this torch has no oneDNN matmul")
+    code = (
+        "import torch; from mmdkernels.gemm import gemm_mm; import sys\n"
+        "a, b = torch.randn(64, 32), torch.randn(32, 48)\n"
+        "gemm_mm(a, b, sys.argv[1] if len(sys.argv) > 1 else 'mkl')\n"
+    )
+    logs = {}
+    for provider in ("onednn", "mkl"):
+        result = run([sys.executable, "-c", code, provider], timeout=120, env={**os.environ, "ONEDNN_VERBOSE": "1"})
+        assert result.returncode == 0, result.stderr
+        logs[provider] = result.stdout
+    assert any(",exec," in line and ",matmul," in line for line in logs["onednn"].splitlines()), logs["onednn"]
+    assert ",matmul," not in logs["mkl"]
+
+
+def test_auto_inside_the_rvq_parallel_region_gives_the_forced_paths_codes():
+    """The encoder calls the GEMM from every thread of its parallel region: the measurement there (one thread
+    measures, the others wait) picks a provider for the single-threaded context and the codes stay exact."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 5, (1, 24, 1500), generator=g).float()  # three row blocks of 512: two threads share them
+    books = torch.randint(-2, 3, (3, 300, 24), generator=g).float()
+    codes = {}
+    for path in ["auto", *providers()]:
+        with forced_gemm_path(path):
+            codes[path] = mmdkernels.rvq_encode(x, books, backend="cpp")
+    for path in providers():
+        assert torch.equal(codes["auto"], codes[path]), path
+    inner = [c for c in gemm_path()["choices"] if c["layout"] == "nt" and c["k"] == 24 and c["n"] == 300]
+    assert any(c["threads"] == 1 for c in inner), gemm_path()
