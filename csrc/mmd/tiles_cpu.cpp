@@ -9,11 +9,22 @@ namespace mmdkernels {
 namespace mmd {
 namespace {
 
-// out[m] = base[m]^P by int_power (mmd_tile.h) with a compile-time P: unrolled, one vectorised pass over the chunk.
+// result * base^P with int_power's multiplications (mmd_tile.h) in its order, unrolled at compile time (the
+// compiler does not unroll int_power's shift loop, which would keep the chunk loop below from vectorising).
+template <int P>
+inline float unrolled_power(float result, float base) {
+  if constexpr (P == 0) {
+    return result;
+  } else {
+    return unrolled_power<(P >> 1)>((P & 1) ? result * base : result, base * base);
+  }
+}
+
+// out[m] = base[m]^P for a compile-time P: one vectorised pass over the chunk.
 template <int P>
 void power_chunk_fixed(const float* base, float* out, int64_t len) {
 #pragma omp simd
-  for (int64_t m = 0; m < len; ++m) out[m] = int_power(base[m], P);
+  for (int64_t m = 0; m < len; ++m) out[m] = unrolled_power<P>(1.0f, base[m]);
 }
 
 // out[m] = base[m]^step: the multiplications of int_power in the same order, vectorised over m. Steps up to 16 (the
