@@ -146,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
   const auto norms = slice_norms(z, layout);
   const float* norm_data = norms.data_ptr<float>();
   const TilePlane plane(n, num_codebooks, z.options());
-  GradientSide side(z, layout, at::zeros_like(z));
+  auto grad = at::zeros_like(z);
+  GradientSide side(z, layout, grad, at::Tensor());
   for (const Tile& tile : plane.symmetric_tiles(row_begin, row_end)) {
     dot_tiles(z, z, layout, tile, plane);
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
@@ -195,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
     side.add_rows(plane, tile, z, 2.0);
     if (tile.mirrored) side.add_columns(plane, tile, z, 2.0);
   }
-  return {stats.loss, side.finish()};
+  side.finish();
+  return {stats.loss, grad};
 }
 
 // The checked arguments and the slice layout (one slice per codebook) of the rows [row_begin, row_end).

@@ -141,9 +141,10 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_rows_cpu(const at::Tensor& z, con
   for (int64_t k = 0; k < num_codebooks; ++k) {
     y.select(1, k).copy_(z.select(1, k).index_select(0, perms[k]));
   }
-  // the gradients of x = z and of y, the latter scattered into z's through perms at the end
-  GradientSide side_x(z, layout, compute_grad ? at::zeros_like(z) : at::Tensor());
-  GradientSide side_y(y, layout, compute_grad ? at::zeros_like(z) : at::Tensor());
+  // the gradient of x = z in place, that of y through perms into it
+  auto grad = compute_grad ? at::zeros_like(z) : at::empty({0}, z.options());
+  GradientSide side_x(z, layout, grad, at::Tensor());
+  GradientSide side_y(y, layout, grad, perms);
   const float w_xx = static_cast<float>(term_weights[0]);
   const float w_yy = static_cast<float>(term_weights[1]);
   const float w_xy = static_cast<float>(term_weights[2]);
@@ -151,10 +152,10 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_rows_cpu(const at::Tensor& z, con
   loss += shuffle_term(y, y, true, layout, plan, w_yy, compute_grad, &side_y, &side_y, row_begin, row_end);
   loss += shuffle_term(z, y, false, layout, plan, w_xy, compute_grad, &side_x, &side_y, row_begin, row_end);
   const auto loss_tensor = at::scalar_tensor(loss, z.options().dtype(at::kDouble));
-  if (!compute_grad) return {loss_tensor, at::empty({0}, z.options())};
-  auto grad = side_x.finish();
-  const auto grad_y = side_y.finish();
-  for (int64_t k = 0; k < num_codebooks; ++k) grad.select(1, k).index_add_(0, perms[k], grad_y.select(1, k));
+  if (compute_grad) {
+    side_x.finish();
+    side_y.finish();
+  }
   return {loss_tensor, grad};
 }
 

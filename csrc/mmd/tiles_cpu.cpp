@@ -199,19 +199,46 @@ void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layo
   }
 }
 
-GradientSide::GradientSide(const at::Tensor& samples, const SliceLayout& layout, at::Tensor grad)
+GradientSide::GradientSide(const at::Tensor& samples, const SliceLayout& layout, at::Tensor grad, at::Tensor perms)
     : samples_(samples),
       layout_(layout),
       grad_(std::move(grad)),
-      weight_sums_(at::zeros({layout.num_slices, samples.size(0)}, samples.options().dtype(at::kDouble))) {}
+      perms_(std::move(perms)),
+      weight_sums_(at::zeros({layout.num_slices, samples.size(0)}, samples.options().dtype(at::kDouble))),
+      chunk_rows_(std::max<int64_t>(1, kTileBudgetFloats / 4 / layout.width)) {}
+
+void GradientSide::scatter(int64_t s, int64_t row0, const at::Tensor& update) {
+  const int64_t rows = update.size(0);
+  if (layout_.num_slices == 1) {  // one slice spans every codebook, each permuted on its own
+    const int64_t num_codebooks = grad_.size(1);
+    const auto per_codebook = update.view({rows, num_codebooks, grad_.size(2)});
+    for (int64_t k = 0; k < num_codebooks; ++k) {
+      grad_.select(1, k).index_add_(0, perms_[k].narrow(0, row0, rows), per_codebook.select(1, k));
+    }
+  } else {
+    grad_.select(1, s).index_add_(0, perms_[s].narrow(0, row0, rows), update);
+  }
+}
+
+void GradientSide::add_product(int64_t s, int64_t row0, const at::Tensor& a, const at::Tensor& b, float alpha) {
+  if (!perms_.defined()) {
+    tile_product(slice_of(grad_, layout_, s).narrow(0, row0, a.size(0)), a, b, alpha, /*accumulate=*/true);
+    return;
+  }
+  for (int64_t r0 = 0; r0 < a.size(0); r0 += chunk_rows_) {
+    const int64_t rows = std::min(chunk_rows_, a.size(0) - r0);
+    const auto update = at::empty({rows, b.size(1)}, grad_.options());
+    tile_product(update, a.narrow(0, r0, rows), b, alpha, /*accumulate=*/false);
+    scatter(s, row0 + r0, update);
+  }
+}
 
 void GradientSide::add_rows(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale) {
   for (int64_t s = 0; s < layout_.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
     weight_sums_[s].narrow(0, tile.row0, tile.rows).add_(weights.sum(1, false, at::kDouble), scale);
-    tile_product(slice_of(grad_, layout_, s).narrow(0, tile.row0, tile.rows), weights,
-                 slice_of(other, layout_, s).narrow(0, tile.col0, tile.cols), static_cast<float>(-scale),
-                 /*accumulate=*/true);
+    add_product(s, tile.row0, weights, slice_of(other, layout_, s).narrow(0, tile.col0, tile.cols),
+                static_cast<float>(-scale));
   }
 }
 
@@ -219,17 +246,24 @@ void GradientSide::add_columns(const TilePlane& plane, const Tile& tile, const a
   for (int64_t s = 0; s < layout_.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
     weight_sums_[s].narrow(0, tile.col0, tile.cols).add_(weights.sum(0, false, at::kDouble), scale);
-    tile_product(slice_of(grad_, layout_, s).narrow(0, tile.col0, tile.cols), weights.t(),
-                 slice_of(other, layout_, s).narrow(0, tile.row0, tile.rows), static_cast<float>(-scale),
-                 /*accumulate=*/true);
+    add_product(s, tile.col0, weights.t(), slice_of(other, layout_, s).narrow(0, tile.row0, tile.rows),
+                static_cast<float>(-scale));
   }
 }
 
-at::Tensor GradientSide::finish() {
+void GradientSide::finish() {
+  const int64_t n = samples_.size(0);
   for (int64_t s = 0; s < layout_.num_slices; ++s) {
-    slice_of(grad_, layout_, s).addcmul_(weight_sums_[s].to(at::kFloat).unsqueeze(1), slice_of(samples_, layout_, s));
+    const auto sums = weight_sums_[s].to(at::kFloat).unsqueeze(1);
+    if (!perms_.defined()) {
+      slice_of(grad_, layout_, s).addcmul_(sums, slice_of(samples_, layout_, s));
+      continue;
+    }
+    for (int64_t r0 = 0; r0 < n; r0 += chunk_rows_) {
+      const int64_t rows = std::min(chunk_rows_, n - r0);
+      scatter(s, r0, slice_of(samples_, layout_, s).narrow(0, r0, rows) * sums.narrow(0, r0, rows));
+    }
   }
-  return grad_;
 }
 
 }  // namespace mmd

@@ -120,22 +120,31 @@ void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layo
 // The gradient of one side (the samples x = z, or the shuffled samples y) in GEMM form: for the weights W of a tile,
 // its rows n get scale * (sum_m W(n, m) a_n - sum_m W(n, m) b_m) (b: the other side's samples of the columns), and,
 // for a term's column side, its columns m get scale * (sum_n W(n, m) a_m - sum_n W(n, m) b_n). The products
-// accumulate tile by tile into `grad`; the weight sums into `weight_sums`, applied once by finish().
+// accumulate tile by tile; the weight sums into `weight_sums`, applied once by finish(). With `perms` (the side of
+// y[m, k] = z[perms[k, m], k]) every update goes through the permutations into z's gradient in chunks of bounded
+// size, so y's gradient is never stored (the memory target counts it); without, in place into grad's rows.
 class GradientSide {
  public:
-  GradientSide(const at::Tensor& samples, const SliceLayout& layout, at::Tensor grad);
+  GradientSide(const at::Tensor& samples, const SliceLayout& layout, at::Tensor grad, at::Tensor perms);
   // rows of the tile: += scale * (rowsum(W) * samples[rows] - W @ other[cols]), W = the tile (slice by slice)
   void add_rows(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale);
   // columns of the tile: += scale * (colsum(W) * samples[cols] - W^T @ other[rows])
   void add_columns(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale);
-  // grad += weight_sums * samples; returns grad
-  at::Tensor finish();
+  // adds weight_sums * samples
+  void finish();
 
  private:
+  // rows [row0, row0 + a.size(0)) of slice s += alpha * a @ b
+  void add_product(int64_t s, int64_t row0, const at::Tensor& a, const at::Tensor& b, float alpha);
+  // rows [row0, row0 + update.size(0)) of slice s += update, through perms
+  void scatter(int64_t s, int64_t row0, const at::Tensor& update);
+
   at::Tensor samples_;
   const SliceLayout& layout_;
-  at::Tensor grad_;         // [N, K, D] float32
+  at::Tensor grad_;         // [N, K, D] float32: the gradient of z
+  at::Tensor perms_;        // [K, N] int64, or undefined
   at::Tensor weight_sums_;  // [S, N] float64
+  int64_t chunk_rows_;      // rows per update through perms
 };
 
 }  // namespace mmd
