@@ -1,9 +1,10 @@
 // dHSIC V-statistic of codebook groups on the CPU: the shuffle-free estimator of the same MMD, loss and gradient.
-// Two passes over tiles of per-codebook distances (one BLAS GEMM per codebook and tile, 4 MiB tile budget):
+// Two passes over tiles of per-codebook distances (one GEMM per codebook and tile, 4 MiB tile budget; the Grams are
+// symmetric, so each pair of row blocks is visited once and a mirrored tile also feeds its columns):
 // pass 1 reduces each Gram matrix E_{k,j} to row sums and each group's product of Grams to a sum; the loss follows
 // from those O(K A N) numbers (dhsic_statistics in dhsic_stats.h, shared with CUDA). Pass 2 (only for the gradient)
 // recomputes the tiles, overwrites them with the symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h) and adds
-// 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook.
+// 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook (and the transposed column side of a mirrored tile).
 // Nothing N x N is stored; sums accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

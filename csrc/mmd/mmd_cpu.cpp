@@ -1,9 +1,10 @@
 // Fused multi-kernel MMD loss on the CPU: shuffle estimator and dHSIC, loss and gradient in one pass over tiles.
 // Tiling: (row block x column block) tiles sized to a 4 MiB budget (TilePlane); the distance tile of each
-// feature slice comes from one BLAS GEMM (at::mm, the machine's fastest float32 product), then a vectorised pass
-// per row (at::parallel_for) turns dot products into distances, applies every bandwidth through the plan's chain
-// (one exp per entry), and overwrites the tile in place with the gradient weights W. A second GEMM per slice
-// (W @ B) turns the weights into the row gradient. The N x N matrices are never stored; sums accumulate in double.
+// feature slice comes from one GEMM (tile_product), then a vectorised pass per row (at::parallel_for) turns dot
+// products into distances, applies every bandwidth through the plan's chain (one exp per entry), and overwrites the
+// tile in place with the gradient weights W. A second GEMM per slice (W @ B, and W^T @ A for a column side)
+// accumulates the weights into the gradient. The symmetric xx and yy terms visit each pair of row blocks once.
+// The N x N matrices are never stored; sums accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
