@@ -61,6 +61,17 @@ def test_larger_shapes_match_reference(shape, options):
     assert_close_to_reference(x, "cpp", delay=True, **options)
 
 
+@pytest.mark.parametrize("seed", [2, 7, 9])
+@pytest.mark.parametrize("options", OPTIONS[:4], ids=option_id)
+def test_duplicate_frames_under_delay_match_reference(seed, options):
+    """K = 2, D = 128, duplicate frames, delay alignment: x and y (and, per codebook, x and x) samples that are exact
+    duplicates. The expanded distance |a|^2 + |b|^2 - 2ab gives them d ~ 1e-4 instead of 0 and a large kernel weight
+    on a - b = 0, which the GEMM form of the gradient cancels only to float32 rounding of that weight: the shuffle
+    gradient was off by 7e-4..1.5e-3 of max |grad| (PyTorch float32: 1.5e-6), over the rule's bound."""
+    x = make_input((3, 2, 128, 50), seed=seed)
+    assert_close_to_reference(x, "cpp", delay=True, **options)
+
+
 def test_many_row_blocks_match_reference(monkeypatch):
     """N = 2052: the CPU kernel's tile budget splits the rows into several blocks (the last one partial)."""
     x = make_input((4, 2, 4, 513), seed=3)

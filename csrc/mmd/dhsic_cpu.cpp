@@ -1,15 +1,17 @@
 // dHSIC V-statistic of codebook groups on the CPU: the shuffle-free estimator of the same MMD, loss and gradient.
-// Two passes over tiles of per-codebook distances (one BLAS GEMM per codebook and tile, 4 MiB tile budget):
+// Two passes over tiles of per-codebook distances (one GEMM per codebook and tile, 4 MiB tile budget; the Grams are
+// symmetric, so each pair of row blocks is visited once and a mirrored tile also feeds its columns):
 // pass 1 reduces each Gram matrix E_{k,j} to row sums and each group's product of Grams to a sum; the loss follows
 // from those O(K A N) numbers (dhsic_statistics in dhsic_stats.h, shared with CUDA). Pass 2 (only for the gradient)
 // recomputes the tiles, overwrites them with the symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h) and adds
-// 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook.
+// 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook (and the transposed column side of a mirrored tile).
 // Nothing N x N is stored; sums accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
 
 #include "mmd/dhsic_stats.h"
@@ -31,8 +33,10 @@ struct DhsicChunk {
 
   // Distances of the tile's row i (global `row`) against columns [col0, col0 + len) (c0 within the tile),
   // diagonal exactly 0, and the Grams E_{k,j} of every codebook and bandwidth.
-  void load(const TilePlane& plane, const Tile& tile, const float* norms, int64_t n, int64_t i, int64_t row,
-            int64_t c0, int64_t col0, int64_t len, const BandwidthPlan& plan) {
+  void load(const TilePlane& plane, const Tile& tile, const at::Tensor& z, const float* norms, int64_t n, int64_t i,
+            int64_t row, int64_t c0, int64_t col0, int64_t len, const BandwidthPlan& plan) {
+    const float* z_data = z.data_ptr<float>();
+    const int64_t width = z.size(2), stride = num_codebooks * width;
     for (int64_t k = 0; k < num_codebooks; ++k) {
       const float* dots = plane.row(k, tile, i) + c0;
       const float norm_row = norms[k * n + row];
@@ -40,6 +44,8 @@ struct DhsicChunk {
       float* d = dist.data() + k * kChunk;
 #pragma omp simd
       for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(norm_row, norm_cols[m], dots[m]);
+      refine_near_duplicates(d, z_data + row * stride + k * width, norm_row, z_data + col0 * stride + k * width,
+                             norm_cols, stride, width, len);
       if (row >= col0 && row < col0 + len) d[row - col0] = 0.0f;
       bandwidths_chunk(d, plan, reinterpret_cast<float(*)[kChunk]>(gram(k, 0)), len);
     }
@@ -56,34 +62,47 @@ struct DhsicChunk {
   }
 };
 
-// Pass 1 over the rows [row_begin, row_end): float64 [K*A + 1, N], row k*A + j = sum_m E_{k,j}(n, m) of each
-// row n in range, last row = sum over groups, bandwidths and columns of the joint Gram (0 outside the range).
+// Pass 1 over the pairs owned by the rows [row_begin, row_end) (TilePlane::symmetric_tiles: every E_{k,j} is
+// symmetric): float64 [K*A + 1, N], row k*A + j = sum_m E_{k,j}(n, m) over those pairs, added to the row n and, for a
+// mirrored tile, to the column m too; the last row's total = sum over groups, bandwidths and those pairs (mirrored
+// ones twice) of the joint Gram. Summed over a partition of the rows into ranges: the full sums.
 at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const BandwidthPlan& plan, int64_t row_begin,
                       int64_t row_end) {
   const int64_t n = z.size(0), num_codebooks = z.size(1);
   const int num_bw = plan.count;
+  const int64_t num_kj = num_codebooks * num_bw;
   const auto norms = slice_norms(z, layout);
   const float* norm_data = norms.data_ptr<float>();
   const TilePlane plane(n, num_codebooks, z.options());
-  auto sums = at::zeros({num_codebooks * num_bw + 1, n}, z.options().dtype(at::kDouble));
+  auto sums = at::zeros({num_kj + 1, n}, z.options().dtype(at::kDouble));
   double* row_sums = sums.data_ptr<double>();
-  double* joint_row_sums = row_sums + num_codebooks * num_bw * n;
-  for (const Tile& tile : plane.tiles(row_begin, row_end)) {
+  double* joint_row_sums = row_sums + num_kj * n;
+  std::mutex column_mutex;
+  for (const Tile& tile : plane.symmetric_tiles(row_begin, row_end)) {
     dot_tiles(z, z, layout, tile, plane);
+    const double multiplicity = tile.mirrored ? 2.0 : 1.0;
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
       DhsicChunk chunk(num_codebooks);
-      std::vector<double> gram_sums(num_codebooks * num_bw);
+      std::vector<double> gram_sums(num_kj);
+      // a mirrored tile's column sums over this thread's rows, [K*A][cols]
+      std::vector<double> column_sums(tile.mirrored ? num_kj * tile.cols : 0, 0.0);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t row = tile.row0 + i;
         std::fill(gram_sums.begin(), gram_sums.end(), 0.0);
         double joint_sum = 0.0;
         for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
           const int64_t len = std::min(kChunk, tile.cols - c0);
-          chunk.load(plane, tile, norm_data, n, i, row, c0, tile.col0 + c0, len, plan);
+          chunk.load(plane, tile, z, norm_data, n, i, row, c0, tile.col0 + c0, len, plan);
           for (int64_t k = 0; k < num_codebooks; ++k) {
             for (int j = 0; j < num_bw; ++j) {
-              gram_sums[k * num_bw + j] += sum_chunk(chunk.gram(k, j), len);
+              const float* g = chunk.gram(k, j);
+              gram_sums[k * num_bw + j] += sum_chunk(g, len);
+              if (tile.mirrored) {
+                double* col = column_sums.data() + (k * num_bw + j) * tile.cols + c0;
+#pragma omp simd
+                for (int64_t m = 0; m < len; ++m) col[m] += g[m];
+              }
             }
           }
           for (const auto& members : layout.group_members) {
@@ -93,16 +112,25 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
             }
           }
         }
-        for (int64_t kj = 0; kj < num_codebooks * num_bw; ++kj) row_sums[kj * n + row] += gram_sums[kj];
-        joint_row_sums[row] += joint_sum;
+        for (int64_t kj = 0; kj < num_kj; ++kj) row_sums[kj * n + row] += gram_sums[kj];
+        joint_row_sums[row] += multiplicity * joint_sum;
+      }
+      if (tile.mirrored) {
+        const std::lock_guard<std::mutex> lock(column_mutex);
+        for (int64_t kj = 0; kj < num_kj; ++kj) {
+          double* out = row_sums + kj * n + tile.col0;
+          const double* col = column_sums.data() + kj * tile.cols;
+          for (int64_t m = 0; m < tile.cols; ++m) out[m] += col[m];
+        }
       }
     });
   }
   return sums;
 }
 
-// The loss from the sums of ALL rows, and (compute_grad) pass 2 over the rows [row_begin, row_end): the gradient
-// of those rows (the weights W_k are symmetrised, so the row side over every column is their whole gradient).
+// The loss from the sums of ALL rows, and (compute_grad) pass 2 over the pairs owned by the rows [row_begin, row_end)
+// (as in pass 1): their gradient. The weights W_k are symmetrised, so a diagonal tile's row side is its whole
+// gradient and a mirrored tile's gradient is its row side plus its column side.
 std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z, const at::Tensor& groups,
                                                             const SliceLayout& layout, const BandwidthPlan& plan,
                                                             const at::Tensor& sums, int64_t row_begin,
@@ -120,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
   const float* norm_data = norms.data_ptr<float>();
   const TilePlane plane(n, num_codebooks, z.options());
   auto grad = at::zeros_like(z);
-  const GradientSink sink{grad, at::Tensor()};
-  for (const Tile& tile : plane.tiles(row_begin, row_end)) {
+  GradientSide side(z, layout, grad, at::Tensor());
+  for (const Tile& tile : plane.symmetric_tiles(row_begin, row_end)) {
     dot_tiles(z, z, layout, tile, plane);
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
@@ -132,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
         for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
           const int64_t len = std::min(kChunk, tile.cols - c0);
           const int64_t col0 = tile.col0 + c0;
-          chunk.load(plane, tile, norm_data, n, i, row, c0, col0, len, plan);
+          chunk.load(plane, tile, z, norm_data, n, i, row, c0, col0, len, plan);
           std::fill(joint.begin(), joint.end(), 0.0f);
           for (const auto& members : layout.group_members) {
             for (int j = 0; j < num_bw; ++j) {
@@ -147,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
           for (int64_t k = 0; k < num_codebooks; ++k) {
             float* weights = plane.row(k, tile, i) + c0;
             std::fill(weights, weights + len, 0.0f);
+            const float* d = chunk.dist.data() + k * kChunk;
             for (int j = 0; j < num_bw; ++j) {
               const float coef = plan.coef[j];
               const float gamma_kj = gamma[k * num_bw + j];
@@ -159,12 +188,16 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
                 weights[m] += dhsic_entry_weight(coef, inv_n2, jk[m], g[m], gamma_kj, beta_row, beta_kj[col0 + m]);
               }
             }
+#pragma omp simd
+            for (int64_t m = 0; m < len; ++m) weights[m] = d[m] == 0.0f ? 0.0f : weights[m];  // duplicates: a - b = 0
           }
         }
       }
     });
-    add_row_gradient(plane, tile, z, z, layout, 2.0, sink);
+    side.add_rows(plane, tile, z, 2.0);
+    if (tile.mirrored) side.add_columns(plane, tile, z, 2.0);
   }
+  side.finish();
   return {stats.loss, grad};
 }
 

@@ -1,9 +1,10 @@
 // Fused multi-kernel MMD loss on the CPU: shuffle estimator and dHSIC, loss and gradient in one pass over tiles.
 // Tiling: (row block x column block) tiles sized to a 4 MiB budget (TilePlane); the distance tile of each
-// feature slice comes from one BLAS GEMM (at::mm, the machine's fastest float32 product), then a vectorised pass
-// per row (at::parallel_for) turns dot products into distances, applies every bandwidth through the plan's chain
-// (one exp per entry), and overwrites the tile in place with the gradient weights W. A second GEMM per slice
-// (W @ B) turns the weights into the row gradient. The N x N matrices are never stored; sums accumulate in double.
+// feature slice comes from one GEMM (tile_product), then a vectorised pass per row (at::parallel_for) turns dot
+// products into distances, applies every bandwidth through the plan's chain (one exp per entry), and overwrites the
+// tile in place with the gradient weights W. A second GEMM per slice (W @ B, and W^T @ A for a column side)
+// accumulates the weights into the gradient. The symmetric xx and yy terms visit each pair of row blocks once.
+// The N x N matrices are never stored; sums accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,14 +18,15 @@ namespace mmdkernels {
 namespace mmd {
 namespace {
 
-// One term (xx, yy or xy) of the shuffle estimator over the rows [row_begin, row_end) of a and every column of b:
-// returns its weighted sum; adds its gradient to the sinks. A symmetric term's row side (factor 4) is the whole
-// gradient of those rows, so a row range needs no column side there; the xy term adds its column side for all b.
-// (Computing a symmetric term on its upper triangle only, with both gradient sides, was measured no faster with the
-// gradient: the column side re-adds to all N columns for every row block.)
+// One term (xx, yy or xy) of the shuffle estimator over the rows [row_begin, row_end) of a and the columns of b:
+// returns its weighted sum; adds its gradient to the sides. A symmetric term (b = a) computes each pair of row
+// blocks once (TilePlane::symmetric_tiles): a mirrored tile's entries count twice and its gradient goes to its rows
+// and its columns (factor 4 each: both orders of the pair, d(d(a, b))/da = 2 (a - b)); a diagonal tile holds both
+// triangles, so its row side (factor 4) is its whole gradient. The xy term takes full rows, its row side to a and
+// its column side to b (factor 2 each).
 double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, const SliceLayout& layout,
-                    const BandwidthPlan& plan, float weight, bool compute_grad, const GradientSink& sink_a,
-                    const GradientSink& sink_b, int64_t row_begin, int64_t row_end) {
+                    const BandwidthPlan& plan, float weight, bool compute_grad, GradientSide* side_a,
+                    GradientSide* side_b, int64_t row_begin, int64_t row_end) {
   const int64_t n = a.size(0);
   const int64_t num_slices = layout.num_slices;
   const auto norms_a = slice_norms(a, layout);
@@ -33,9 +35,13 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
   const float* nb = norms_b.data_ptr<float>();
   const TilePlane plane(n, num_slices, a.options());
   std::vector<double> row_sums(n, 0.0);
+  const float* a_data = a.data_ptr<float>();
+  const float* b_data = b.data_ptr<float>();
+  const int64_t width = layout.width, stride = num_slices * width;
 
-  for (const Tile& tile : plane.tiles(row_begin, row_end)) {
+  for (const Tile& tile : symmetric ? plane.symmetric_tiles(row_begin, row_end) : plane.tiles(row_begin, row_end)) {
     dot_tiles(a, b, layout, tile, plane);
+    const double multiplicity = tile.mirrored ? 2.0 : 1.0;
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
       std::vector<float> scratch((2 * num_slices + 2 + kMaxBandwidths) * kChunk);
@@ -57,6 +63,8 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
             float* d = dist + s * kChunk;
 #pragma omp simd
             for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(na_s, nb_s[m], dots[m]);
+            refine_near_duplicates(d, a_data + row * stride + s * width, na_s, b_data + col0 * stride + s * width,
+                                   nb_s, stride, width, len);
           }
           std::fill(slice_weights, slice_weights + num_slices * kChunk, 0.0f);
           float chunk_value[kChunk] = {};
@@ -84,27 +92,28 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
             }
           }
           const int64_t diagonal = row - col0;
-          if (symmetric && diagonal >= 0 && diagonal < len) {  // n == m: excluded from the xx and yy sums
+          if (tile.diagonal && diagonal >= 0 && diagonal < len) {  // n == m: excluded from the xx and yy sums
             chunk_value[diagonal] = 0.0f;
             for (int64_t s = 0; s < num_slices; ++s) slice_weights[s * kChunk + diagonal] = 0.0f;
           }
           row_sum += sum_chunk(chunk_value, len);
           if (compute_grad) {
             for (int64_t s = 0; s < num_slices; ++s) {
-              std::copy(slice_weights + s * kChunk, slice_weights + s * kChunk + len, plane.row(s, tile, i) + c0);
+              const float* d = dist + s * kChunk;
+              const float* w = slice_weights + s * kChunk;
+              float* out = plane.row(s, tile, i) + c0;
+#pragma omp simd
+              for (int64_t m = 0; m < len; ++m) out[m] = d[m] == 0.0f ? 0.0f : w[m];  // duplicates: a - b = 0
             }
           }
         }
-        row_sums[row] += row_sum;
+        row_sums[row] += multiplicity * row_sum;
       }
     });
     if (compute_grad) {
-      if (symmetric) {
-        add_row_gradient(plane, tile, a, a, layout, 4.0, sink_a);
-      } else {
-        add_row_gradient(plane, tile, a, b, layout, 2.0, sink_a);
-        add_column_gradient(plane, tile, a, b, layout, 2.0, sink_b);
-      }
+      const double scale = symmetric ? 4.0 : 2.0;
+      side_a->add_rows(plane, tile, b, scale);
+      if (!symmetric || tile.mirrored) side_b->add_columns(plane, tile, a, scale);
     }
   }
   double total = 0.0;
@@ -133,16 +142,22 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_rows_cpu(const at::Tensor& z, con
   for (int64_t k = 0; k < num_codebooks; ++k) {
     y.select(1, k).copy_(z.select(1, k).index_select(0, perms[k]));
   }
+  // the gradient of x = z in place, that of y through perms into it
   auto grad = compute_grad ? at::zeros_like(z) : at::empty({0}, z.options());
-  const GradientSink sink_x{grad, at::Tensor()};
-  const GradientSink sink_y{grad, perms};
+  GradientSide side_x(z, layout, grad, at::Tensor());
+  GradientSide side_y(y, layout, grad, perms);
   const float w_xx = static_cast<float>(term_weights[0]);
   const float w_yy = static_cast<float>(term_weights[1]);
   const float w_xy = static_cast<float>(term_weights[2]);
-  double loss = shuffle_term(z, z, true, layout, plan, w_xx, compute_grad, sink_x, sink_x, row_begin, row_end);
-  loss += shuffle_term(y, y, true, layout, plan, w_yy, compute_grad, sink_y, sink_y, row_begin, row_end);
-  loss += shuffle_term(z, y, false, layout, plan, w_xy, compute_grad, sink_x, sink_y, row_begin, row_end);
-  return {at::scalar_tensor(loss, z.options().dtype(at::kDouble)), grad};
+  double loss = shuffle_term(z, z, true, layout, plan, w_xx, compute_grad, &side_x, &side_x, row_begin, row_end);
+  loss += shuffle_term(y, y, true, layout, plan, w_yy, compute_grad, &side_y, &side_y, row_begin, row_end);
+  loss += shuffle_term(z, y, false, layout, plan, w_xy, compute_grad, &side_x, &side_y, row_begin, row_end);
+  const auto loss_tensor = at::scalar_tensor(loss, z.options().dtype(at::kDouble));
+  if (compute_grad) {
+    side_x.finish();
+    side_y.finish();
+  }
+  return {loss_tensor, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cpu(const at::Tensor& z, const at::Tensor& perms,

@@ -11,8 +11,35 @@ namespace mmdkernels {
 namespace mmd {
 namespace {
 
-// out[m] = base[m]^step: the multiplications of int_power (mmd_tile.h) in the same order, vectorised over m.
+// result * base^P with int_power's multiplications (mmd_tile.h) in its order, unrolled at compile time (the
+// compiler does not unroll int_power's shift loop, which would keep the chunk loop below from vectorising).
+template <int P>
+inline float unrolled_power(float result, float base) {
+  if constexpr (P == 0) {
+    return result;
+  } else {
+    return unrolled_power<(P >> 1)>((P & 1) ? result * base : result, base * base);
+  }
+}
+
+// out[m] = base[m]^P for a compile-time P: one vectorised pass over the chunk.
+template <int P>
+void power_chunk_fixed(const float* base, float* out, int64_t len) {
+#pragma omp simd
+  for (int64_t m = 0; m < len; ++m) out[m] = unrolled_power<P>(1.0f, base[m]);
+}
+
+// out[m] = base[m]^step: the multiplications of int_power in the same order, vectorised over m. Steps up to 16 (the
+// default plan's are 2, 5 and 10) take one pass; larger ones go bit by bit.
 void power_chunk(const float* base, int step, float* out, int64_t len) {
+  using Power = void (*)(const float*, float*, int64_t);
+  static constexpr Power kFixed[] = {
+      nullptr,                  power_chunk_fixed<1>,  power_chunk_fixed<2>,  power_chunk_fixed<3>,
+      power_chunk_fixed<4>,     power_chunk_fixed<5>,  power_chunk_fixed<6>,  power_chunk_fixed<7>,
+      power_chunk_fixed<8>,     power_chunk_fixed<9>,  power_chunk_fixed<10>, power_chunk_fixed<11>,
+      power_chunk_fixed<12>,    power_chunk_fixed<13>, power_chunk_fixed<14>, power_chunk_fixed<15>,
+      power_chunk_fixed<16>};
+  if (step < static_cast<int>(sizeof(kFixed) / sizeof(kFixed[0]))) return kFixed[step](base, out, len);
   float square[kChunk];
   for (int64_t m = 0; m < len; ++m) {
     square[m] = base[m];
@@ -45,6 +72,25 @@ void bandwidths_chunk(const float* dist, const BandwidthPlan& plan, float (*e)[k
     } else {
       power_chunk(plan.src[j] == kFromBase ? base : e[plan.src[j]], plan.step[j], e[j], len);
     }
+  }
+}
+
+void refine_near_duplicates(float* dist, const float* row_a, float norm_a, const float* rows_b, const float* norms_b,
+                            int64_t stride, int64_t width, int64_t len) {
+  int flagged = 0;
+#pragma omp simd reduction(+ : flagged)
+  for (int64_t m = 0; m < len; ++m) flagged += dist[m] <= kNearDuplicate * (norm_a + norms_b[m]) ? 1 : 0;
+  if (flagged == 0) return;
+  for (int64_t m = 0; m < len; ++m) {
+    if (dist[m] > kNearDuplicate * (norm_a + norms_b[m])) continue;
+    const float* row_b = rows_b + m * stride;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < width; ++i) {
+      const float diff = row_a[i] - row_b[i];
+      sum += diff * diff;
+    }
+    dist[m] = sum;
   }
 }
 
@@ -111,60 +157,117 @@ std::vector<Tile> TilePlane::tiles(int64_t row_begin, int64_t row_end) const {
   return out;
 }
 
+std::vector<Tile> TilePlane::symmetric_tiles(int64_t row_begin, int64_t row_end) const {
+  if (row_end < 0) row_end = n_;
+  const int64_t block = row_block_, num_blocks = (n_ + block - 1) / block;
+  std::vector<Tile> out;
+  for (int64_t r = row_begin / block; r * block < row_end; ++r) {
+    const int64_t row0 = std::max(row_begin, r * block), rows = std::min({row_end, (r + 1) * block, n_}) - row0;
+    if (rows <= 0) continue;
+    out.push_back({row0, rows, r * block, std::min((r + 1) * block, n_) - r * block, true, false});
+    const int64_t owned = (num_blocks - 1) / 2 + (num_blocks % 2 == 0 && r < num_blocks / 2 ? 1 : 0);
+    // the owned column blocks r+1 .. r+owned as at most two contiguous column ranges (the second wraps to 0)
+    const int64_t first_end = std::min(r + 1 + owned, num_blocks);
+    const int64_t ranges[2][2] = {{r + 1, first_end}, {0, r + 1 + owned - first_end}};
+    for (const auto& range : ranges) {
+      const int64_t col_begin = range[0] * block, col_end = std::min(range[1] * block, n_);
+      for (int64_t col0 = col_begin; col0 < col_end; col0 += col_block_) {
+        out.push_back({row0, rows, col0, std::min(col_block_, col_end - col0), false, true});
+      }
+    }
+  }
+  return out;
+}
+
 at::Tensor TilePlane::slice(int64_t s, const Tile& tile) const {
   return buffer_.narrow(0, s * tile_floats_, tile.rows * tile.cols).view({tile.rows, tile.cols});
+}
+
+void tile_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float alpha, bool accumulate) {
+  if (!accumulate) {
+    gemm::multiply_into(out, a, b);
+    if (alpha != 1.0f) out.mul_(alpha);
+    return;
+  }
+  // MKL's GEMM accumulates in place (beta = 1); oneDNN's matmul here has no beta, so its product is added
+  if (gemm::choose(out, a, b) == gemm::Provider::kMkl) {
+    out.addmm_(a, b, /*beta=*/1.0, /*alpha=*/alpha);
+  } else {
+    out.add_(gemm::product(a, b), alpha);
+  }
 }
 
 void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, const Tile& tile,
                const TilePlane& plane) {
   for (int64_t s = 0; s < layout.num_slices; ++s) {
-    auto out = plane.slice(s, tile);
-    gemm::multiply_into(out, slice_of(a, layout, s).narrow(0, tile.row0, tile.rows),
-                        slice_of(b, layout, s).narrow(0, tile.col0, tile.cols).t());
+    tile_product(plane.slice(s, tile), slice_of(a, layout, s).narrow(0, tile.row0, tile.rows),
+                 slice_of(b, layout, s).narrow(0, tile.col0, tile.cols).t(), 1.0f, /*accumulate=*/false);
   }
 }
 
-void GradientSink::add(const SliceLayout& layout, int64_t s, int64_t row0, const at::Tensor& update) const {
+GradientSide::GradientSide(const at::Tensor& samples, const SliceLayout& layout, at::Tensor grad, at::Tensor perms)
+    : samples_(samples),
+      layout_(layout),
+      grad_(std::move(grad)),
+      perms_(std::move(perms)),
+      weight_sums_(at::zeros({layout.num_slices, samples.size(0)}, samples.options().dtype(at::kDouble))),
+      chunk_rows_(std::max<int64_t>(1, kTileBudgetFloats / 4 / layout.width)) {}
+
+void GradientSide::scatter(int64_t s, int64_t row0, const at::Tensor& update) {
   const int64_t rows = update.size(0);
-  if (!perms.defined()) {
-    slice_of(grad, layout, s).narrow(0, row0, rows).add_(update);
-    return;
-  }
-  if (layout.num_slices == 1) {  // one slice spans every codebook, each permuted on its own
-    const int64_t num_codebooks = grad.size(1);
-    const auto per_codebook = update.view({rows, num_codebooks, grad.size(2)});
+  if (layout_.num_slices == 1) {  // one slice spans every codebook, each permuted on its own
+    const int64_t num_codebooks = grad_.size(1);
+    const auto per_codebook = update.view({rows, num_codebooks, grad_.size(2)});
     for (int64_t k = 0; k < num_codebooks; ++k) {
-      grad.select(1, k).index_add_(0, perms[k].narrow(0, row0, rows), per_codebook.select(1, k));
+      grad_.select(1, k).index_add_(0, perms_[k].narrow(0, row0, rows), per_codebook.select(1, k));
     }
   } else {
-    grad.select(1, s).index_add_(0, perms[s].narrow(0, row0, rows), update);
+    grad_.select(1, s).index_add_(0, perms_[s].narrow(0, row0, rows), update);
   }
 }
 
-void add_row_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
-                      const SliceLayout& layout, double scale, const GradientSink& sink_a) {
-  for (int64_t s = 0; s < layout.num_slices; ++s) {
-    const auto weights = plane.slice(s, tile);
-    auto update = gemm::product(weights, slice_of(b, layout, s).narrow(0, tile.col0, tile.cols));
-    update.mul_(-scale).addcmul_(weights.sum(1, true), slice_of(a, layout, s).narrow(0, tile.row0, tile.rows), scale);
-    sink_a.add(layout, s, tile.row0, update);
+void GradientSide::add_product(int64_t s, int64_t row0, const at::Tensor& a, const at::Tensor& b, float alpha) {
+  if (!perms_.defined()) {
+    tile_product(slice_of(grad_, layout_, s).narrow(0, row0, a.size(0)), a, b, alpha, /*accumulate=*/true);
+    return;
+  }
+  for (int64_t r0 = 0; r0 < a.size(0); r0 += chunk_rows_) {
+    const int64_t rows = std::min(chunk_rows_, a.size(0) - r0);
+    const auto update = at::empty({rows, b.size(1)}, grad_.options());
+    tile_product(update, a.narrow(0, r0, rows), b, alpha, /*accumulate=*/false);
+    scatter(s, row0 + r0, update);
   }
 }
 
-void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
-                         const SliceLayout& layout, double scale, const GradientSink& sink_b) {
-  // in column chunks, so the [cols, width] update stays small (the memory target counts it)
-  const int64_t cols_per_chunk = std::max<int64_t>(1, kTileBudgetFloats / 4 / layout.width);
-  for (int64_t s = 0; s < layout.num_slices; ++s) {
+void GradientSide::add_rows(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale) {
+  for (int64_t s = 0; s < layout_.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
-    const auto a_rows = slice_of(a, layout, s).narrow(0, tile.row0, tile.rows);
-    for (int64_t c0 = 0; c0 < tile.cols; c0 += cols_per_chunk) {
-      const int64_t cols = std::min(cols_per_chunk, tile.cols - c0);
-      const auto w = weights.narrow(1, c0, cols);
-      auto update = gemm::product(w.t(), a_rows);
-      update.mul_(-scale).addcmul_(w.sum(0).unsqueeze(1), slice_of(b, layout, s).narrow(0, tile.col0 + c0, cols),
-                                   scale);
-      sink_b.add(layout, s, tile.col0 + c0, update);
+    weight_sums_[s].narrow(0, tile.row0, tile.rows).add_(weights.sum(1, false, at::kDouble), scale);
+    add_product(s, tile.row0, weights, slice_of(other, layout_, s).narrow(0, tile.col0, tile.cols),
+                static_cast<float>(-scale));
+  }
+}
+
+void GradientSide::add_columns(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale) {
+  for (int64_t s = 0; s < layout_.num_slices; ++s) {
+    const auto weights = plane.slice(s, tile);
+    weight_sums_[s].narrow(0, tile.col0, tile.cols).add_(weights.sum(0, false, at::kDouble), scale);
+    add_product(s, tile.col0, weights.t(), slice_of(other, layout_, s).narrow(0, tile.row0, tile.rows),
+                static_cast<float>(-scale));
+  }
+}
+
+void GradientSide::finish() {
+  const int64_t n = samples_.size(0);
+  for (int64_t s = 0; s < layout_.num_slices; ++s) {
+    const auto sums = weight_sums_[s].to(at::kFloat).unsqueeze(1);
+    if (!perms_.defined()) {
+      slice_of(grad_, layout_, s).addcmul_(sums, slice_of(samples_, layout_, s));
+      continue;
+    }
+    for (int64_t r0 = 0; r0 < n; r0 += chunk_rows_) {
+      const int64_t rows = std::min(chunk_rows_, n - r0);
+      scatter(s, r0, slice_of(samples_, layout_, s).narrow(0, r0, rows) * sums.narrow(0, r0, rows));
     }
   }
 }

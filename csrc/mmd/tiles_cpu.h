@@ -44,6 +44,18 @@ inline double sum_chunk(const float* v, int64_t len) {
   return s;
 }
 
+// The distance |a|^2 + |b|^2 - 2 a.b from a GEMM carries a rounding error of a few eps (|a|^2 + |b|^2) (more with a
+// long dot product), which is all of it for (near-)duplicate samples: a duplicate gets d ~ 1e-4 instead of 0 and a
+// kernel weight ~sum(coefs) on an a - b that is 0, which the GEMM form rowsum(W) a - W b cancels only to float32
+// rounding of the largest weights. Entries with d <= kNearDuplicate (|a|^2 + |b|^2) are recomputed from a - b:
+// exact duplicates get d = 0 exactly, and their gradient weight is then set to 0 (the exact W (a - b) = 0).
+constexpr float kNearDuplicate = 1.0f / 1024.0f;
+
+// dist[m] (the expanded distance of row_a and row m of rows_b, `stride` floats apart, `width` features) recomputed
+// as sum_i (a_i - b_i)^2 where dist[m] <= kNearDuplicate (norm_a + norms_b[m]).
+void refine_near_duplicates(float* dist, const float* row_a, float norm_a, const float* rows_b, const float* norms_b,
+                            int64_t stride, int64_t width, int64_t len);
+
 // e[j][m] = exp(-coef_j * dist[m]) for every bandwidth, by the plan's chain (eval_bandwidths, vectorised).
 void bandwidths_chunk(const float* dist, const BandwidthPlan& plan, float (*e)[kChunk], int64_t len);
 
@@ -64,9 +76,14 @@ at::Tensor slice_of(const at::Tensor& samples, const SliceLayout& layout, int64_
 // Squared norms per slice: [S, N].
 at::Tensor slice_norms(const at::Tensor& samples, const SliceLayout& layout);
 
-// One (row block x column block) tile of the N x N plane.
+// One (row block x column block) tile of the N x N plane. For a symmetric term (xx, yy, dHSIC's Grams) the plane is
+// covered by the pairs of row blocks only once: `diagonal` marks a row block against its own columns (both
+// triangles computed, row side only), `mirrored` an off-diagonal tile whose transpose is never computed (its
+// entries count twice; its gradient goes to its rows and, transposed, to its columns).
 struct Tile {
   int64_t row0, rows, col0, cols;
+  bool diagonal = false;
+  bool mirrored = false;
 };
 
 // A buffer for `slices` distance tiles and the blocking of the N x N plane into tiles that fit it: row blocks of up
@@ -77,6 +94,11 @@ class TilePlane {
   TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& options);
   // The tiles of rows [row_begin, row_end) against every column (the whole plane by default).
   std::vector<Tile> tiles(int64_t row_begin = 0, int64_t row_end = -1) const;
+  // The tiles of a symmetric term owned by the rows [row_begin, row_end): on the fixed grid of row blocks, block r
+  // owns its diagonal block and the column blocks r+1 .. r+(nb-1)/2 (cyclically; with an even count nb, block
+  // r+nb/2 too when r < nb/2), so every unordered pair of blocks is computed once, every row block does the same
+  // work, and any partition of the rows into ranges covers the plane exactly once (the row-range ops).
+  std::vector<Tile> symmetric_tiles(int64_t row_begin = 0, int64_t row_end = -1) const;
   // slice s of a tile as a contiguous [rows, cols] tensor, and the start of its row i
   at::Tensor slice(int64_t s, const Tile& tile) const;
   float* row(int64_t s, const Tile& tile, int64_t i) const { return data_ + s * tile_floats_ + i * tile.cols; }
@@ -87,26 +109,43 @@ class TilePlane {
   float* data_;
 };
 
+// out = alpha * a @ b, or out += alpha * a @ b (accumulate): every matrix product of the CPU MMD kernels goes
+// through here (a and b may be transposed views; out may be a strided row block of a gradient).
+void tile_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float alpha, bool accumulate);
+
 // Fills the tile's slices with the dot products of a's rows against b's columns.
 void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, const Tile& tile,
                const TilePlane& plane);
 
-// Where gradient rows go: into grad's rows directly, or, for the shuffled samples y[m, k] = z[perms[k, m], k],
-// through the permutations into the gradient of z (so y's gradient is never stored).
-struct GradientSink {
-  at::Tensor grad;   // [N, K, D] float32
-  at::Tensor perms;  // [K, N] int64, or undefined for direct rows
-  // rows [row0, row0 + update.size(0)) of slice s += update
-  void add(const SliceLayout& layout, int64_t s, int64_t row0, const at::Tensor& update) const;
+// The gradient of one side (the samples x = z, or the shuffled samples y) in GEMM form: for the weights W of a tile,
+// its rows n get scale * (sum_m W(n, m) a_n - sum_m W(n, m) b_m) (b: the other side's samples of the columns), and,
+// for a term's column side, its columns m get scale * (sum_n W(n, m) a_m - sum_n W(n, m) b_n). The products
+// accumulate tile by tile; the weight sums into `weight_sums`, applied once by finish(). With `perms` (the side of
+// y[m, k] = z[perms[k, m], k]) every update goes through the permutations into z's gradient in chunks of bounded
+// size, so y's gradient is never stored (the memory target counts it); without, in place into grad's rows.
+class GradientSide {
+ public:
+  GradientSide(const at::Tensor& samples, const SliceLayout& layout, at::Tensor grad, at::Tensor perms);
+  // rows of the tile: += scale * (rowsum(W) * samples[rows] - W @ other[cols]), W = the tile (slice by slice)
+  void add_rows(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale);
+  // columns of the tile: += scale * (colsum(W) * samples[cols] - W^T @ other[rows])
+  void add_columns(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale);
+  // adds weight_sums * samples
+  void finish();
+
+ private:
+  // rows [row0, row0 + a.size(0)) of slice s += alpha * a @ b
+  void add_product(int64_t s, int64_t row0, const at::Tensor& a, const at::Tensor& b, float alpha);
+  // rows [row0, row0 + update.size(0)) of slice s += update, through perms
+  void scatter(int64_t s, int64_t row0, const at::Tensor& update);
+
+  at::Tensor samples_;
+  const SliceLayout& layout_;
+  at::Tensor grad_;         // [N, K, D] float32: the gradient of z
+  at::Tensor perms_;        // [K, N] int64, or undefined
+  at::Tensor weight_sums_;  // [S, N] float64
+  int64_t chunk_rows_;      // rows per update through perms
 };
-
-// sink_a[tile rows] += scale * (rowsum(W) * a[rows] - W @ b[cols]), slice by slice; W = the tile (weights in place).
-void add_row_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
-                      const SliceLayout& layout, double scale, const GradientSink& sink_a);
-
-// sink_b[tile cols] += scale * (colsum(W) * b[cols] - W^T @ a[rows]): the column side of the xy term.
-void add_column_gradient(const TilePlane& plane, const Tile& tile, const at::Tensor& a, const at::Tensor& b,
-                         const SliceLayout& layout, double scale, const GradientSink& sink_b);
 
 }  // namespace mmd
 }  // namespace mmdkernels

@@ -6,9 +6,10 @@ Every rank runs the same collectives in the same order:
     could wait on it forever.
  2. gather: all_gather of the samples [N_r, K, D] (padded to the largest rank) into s [N, K, D], the ranks'
     samples in rank order, standardised over all N exactly as the single-process loss does.
- 3. share: rank r takes the rows [N r / P, N (r + 1) / P) of the (n, m) plane against every column. The kernels
-    compute both triangles of a symmetric term, so equal row blocks are equal work. It gets a partial loss and a
-    partial gradient for all N samples; all_reduce(SUM) adds them up. dHSIC all-reduces its pass-1 row sums first.
+ 3. share: rank r takes the rows [N r / P, N (r + 1) / P) of the (n, m) plane. Every row has the same work (full
+    rows, or on C++ a symmetric term's cyclic half: docs/mmd_kernels.md), so equal row blocks are equal work. It
+    gets a partial loss and a partial gradient for all N samples; all_reduce(SUM) adds them up. dHSIC all-reduces
+    its pass-1 row sums first.
  4. the standardisation's backward on the full gradient (identical on every rank); each rank keeps its own rows.
 Like the single-process fused loss, the gradient is computed in the forward pass: backward runs no collective.
 """
@@ -58,7 +59,8 @@ class _PrecomputedGrad(torch.autograd.Function):
 
 def row_share(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """Rows [begin, end) of the N x N plane that `rank` computes: contiguous blocks of equal size (+-1). Every
-    backend computes full rows (both triangles of the symmetric terms), so equal blocks are equal work."""
+    backend gives every row the same work (full rows, or the cyclic half of a symmetric term), so equal blocks are
+    equal work."""
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
 
 
