@@ -35,7 +35,7 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["mkl", "onednn"])
+@pytest.fixture(params=["mkl", "onednn"])
 def each_gemm_path(request):
     """Runs a module's tests once per GEMM provider of the C++ CPU kernels (mmdkernels.gemm), forced. Without the C++
     library the module runs once ("mkl", nothing to force) and "onednn" skips, as it does on a torch without it."""

@@ -150,3 +150,20 @@ def test_auto_inside_the_rvq_parallel_region_gives_the_forced_paths_codes():
         assert torch.equal(codes["auto"], codes[path]), path
     inner = [c for c in gemm_path()["choices"] if c["layout"] == "nt" and c["k"] == 24 and c["n"] == 300]
     assert any(c["threads"] == 1 for c in inner), gemm_path()
+
+
+@pytest.mark.parametrize("provider", ["mkl", "onednn", ""])
+def test_opcheck_gemm_ops(provider):
+    """The GEMM's registered ops (test and report hooks): schema and autograd registration; the tensor-free control
+    ops (mode, choices, availability) their schema."""
+    if provider == "onednn" and "onednn" not in providers():
+        pytest.skip(reason="this torch has no oneDNN matmul")
+    g = torch.Generator().manual_seed(0)
+    args = (operand(5, 7, "n", g), operand(7, 3, "t", g), provider)
+    torch.library.opcheck(
+        torch.ops.mmdkernels.gemm_mm.default, args, test_utils=("test_schema", "test_autograd_registration")
+    )
+    for op, op_args in (("gemm_mode", ()), ("gemm_choices", ()), ("gemm_onednn_available", ())):
+        torch.library.opcheck(getattr(torch.ops.mmdkernels, op).default, op_args, test_utils=("test_schema",))
+    mode = torch.ops.mmdkernels.gemm_mode()
+    torch.library.opcheck(torch.ops.mmdkernels.gemm_set_mode.default, (mode,), test_utils=("test_schema",))
