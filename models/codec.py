@@ -51,7 +51,9 @@ class CodecConfig:
     mmd_input: str = "pre_quantization"  # or "quantized"
     mel_scales: tuple[int, ...] = (512, 1024, 2048)
     mel_bins: int = 64
-    loss_weights: dict = field(default_factory=lambda: {"l1": 1.0, "mel": 1.0, "commitment": 1.0})
+    # l1 10: the waveform L1 is the only phase-sensitive loss without a discriminator; at weight 1 the phase-blind mel
+    # loss dominates, the encoder's latents shrink and the codebooks collapse (README, main job)
+    loss_weights: dict = field(default_factory=lambda: {"l1": 10.0, "mel": 1.0, "commitment": 1.0})
 
     @property
     def hop_length(self) -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from models import data, stats, train_codec
+from models.codec import CodecConfig
 
 
 @dataclasses.dataclass
@@ -41,7 +42,7 @@ class Sizes:
 
     pieces: int = 60
     piece_seconds: float = 20.0
-    codec_steps: int = 250
+    codec_steps: int = 500
     codec_batch: int = 8
     codec_segment_seconds: float = 0.5  # training clip length; the MMD macro-batch holds mmd_every x codec_batch clips
     codec_channels: int = 8
@@ -138,7 +139,7 @@ def _read_json(path: Path):
 def codec_key(args, sizes: Sizes, lambda_mmd: float, seed: int) -> dict:
     """Everything a codec run (and its tokens and MI) depends on."""
     key = {"seed": seed, "data_seed": args.data_seed, "lambda_mmd": lambda_mmd, "codec_lr": args.codec_lr}
-    key |= {"audio_dir": args.audio_dir, "mmd_input": args.mmd_input}
+    key |= {"audio_dir": args.audio_dir, "mmd_input": args.mmd_input, "loss_weights": CodecConfig().loss_weights}
     return key | {field: getattr(sizes, field) for field in CODEC_FIELDS}
 
 

@@ -16,7 +16,9 @@ The MMD loss follows the published recipe by default (models/codec.py): every --
 batches are re-encoded, encoder checkpointed, and lambda x MMDLoss of their per-stage pre-quantization streams (the
 published normalisation by the macro-batch size; the published weight is 1000) is back-propagated and applied as an
 update of its own; the run prints that update's share of the training time and eval.json records it. The macro-batch
-is the batches seen since the last MMD update, so a resumed run's first one may hold fewer. log.jsonl's "mmd" is
+is the batches seen since the last MMD update, so a resumed run's first one may hold fewer. The MMD update has an
+Adam optimizer (moments) of its own over the encoder: sharing the reconstruction's would let its gradients, ~1e4 times
+larger, swamp the encoder's second moments and stall its reconstruction updates. log.jsonl's "mmd" is
 then a monitor (the term on the logged step's batch, no gradient); mmd_log.jsonl holds the macro-batch values.
 --mmd-every 0 puts the term into every step's loss instead, on the batch alone.
 
@@ -304,12 +306,19 @@ def _train(args, world: World) -> dict | None:
     codec_generator = generator if world.device.type == "cpu" else torch.Generator(world.device).manual_seed(args.seed)
     codec = (GlobalBatchCodec if world.size > 1 else Codec)(_config(args), generator=codec_generator)
     optimizer = torch.optim.Adam(codec.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    macro = args.lambda_mmd > 0 and args.mmd_every > 0 and args.codebooks >= 2
+    # the MMD update keeps Adam moments of its own: its gradients (lambda 1000 x MMD) are ~1e4 times the
+    # reconstruction's, and shared second moments would shrink the encoder's reconstruction steps as much for
+    # ~100 steps after every MMD update (README, main job)
+    mmd_optimizer = torch.optim.Adam(codec.encoder.parameters(), lr=args.lr, betas=(0.5, 0.9)) if macro else None
     step, epoch = 0, 0
     last = out / "last.pt"
     if last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
         codec.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if mmd_optimizer is not None and "mmd_optimizer" in state:
+            mmd_optimizer.load_state_dict(state["mmd_optimizer"])
         step, epoch = state["step"], state["epoch"]
         torch.set_rng_state(state["torch_rng"])
         generator.set_state(state["generator"])
@@ -335,7 +344,6 @@ def _train(args, world: World) -> dict | None:
     batches = _batches(train_clips, args.batch_size, generator, epoch, world.rank, world.size)
     codec.train()
     show = not args.quiet and world.is_main
-    macro = args.lambda_mmd > 0 and args.mmd_every > 0 and args.codebooks >= 2
     recent = collections.deque(maxlen=max(1, args.mmd_every))  # the macro-batch: the last mmd_every batches
     mmd_seconds, started = 0.0, time.perf_counter()
     with tqdm(total=args.steps, initial=step, desc=f"codec lambda_mmd={args.lambda_mmd}", disable=not show) as bar:
@@ -358,7 +366,7 @@ def _train(args, world: World) -> dict | None:
             if macro:
                 recent.append(waveform)
                 if step % args.mmd_every == 0:
-                    seconds, value = _macro_mmd_step(codec, list(recent), optimizer, args.lambda_mmd, world)
+                    seconds, value = _macro_mmd_step(codec, list(recent), mmd_optimizer, args.lambda_mmd, world)
                     mmd_seconds += seconds
                     if world.is_main:
                         clips = sum(w.shape[0] for w in recent) * world.size
@@ -376,9 +384,9 @@ def _train(args, world: World) -> dict | None:
                     log.write(record)
                 bar.set_postfix(total=record["total"], mel=record["mel"])
             if world.is_main and (step % args.checkpoint_every == 0 or step == args.steps):
-                extra = None
+                extra = {"mmd_optimizer": mmd_optimizer.state_dict()} if mmd_optimizer is not None else {}
                 if discriminator is not None:
-                    extra = {
+                    extra |= {
                         "discriminator": discriminator.state_dict(),
                         "discriminator_optimizer": discriminator_optimizer.state_dict(),
                     }
@@ -420,8 +428,9 @@ def _adversarial_losses(discriminator, discriminator_optimizer, waveform: torch.
 
 def _macro_mmd_step(codec: Codec, waveforms: list, optimizer, lambda_mmd: float, world: World) -> tuple[float, float]:
     """The published recipe's MMD update: lambda_mmd x MMD of the re-encoded macro-batch, back-propagated and applied
-    on its own (outside the reconstruction losses). Over several processes the loss is global (every rank's batches)
-    and each rank's gradient is its own rows' share, so the ranks' gradients are summed. Returns (seconds, loss)."""
+    on its own (outside the reconstruction losses) by `optimizer`, the encoder's Adam of the MMD updates alone. Over
+    several processes the loss is global (every rank's batches) and each rank's gradient is its own rows' share, so
+    the ranks' gradients are summed. Returns (seconds, loss)."""
     started = time.perf_counter()
     group = dist.group.WORLD if world.size > 1 else None
     loss = codec.macro_batch_mmd(waveforms, process_group=group)

@@ -115,6 +115,13 @@ def test_published_recipe_runs_a_macro_batch_update_every_n_steps(tmp_path, caps
     assert "MMD steps (macro-batch of 2 batches every 2 steps)" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all("mmd" in r for r in records)  # the per-batch monitor
+    # the MMD update has Adam moments of its own, over the encoder only; the reconstruction's are not touched by it
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    codec = train_codec.load_codec(out / "last.pt")
+    encoder_params = len(list(codec.encoder.parameters()))
+    assert len(state["mmd_optimizer"]["state"]) == encoder_params
+    assert all(entry["step"] == 2 for entry in state["mmd_optimizer"]["state"].values())
+    assert all(entry["step"] == 5 for entry in state["optimizer"]["state"].values())
 
 
 def test_published_recipe_under_torchrun_takes_the_macro_batch_of_every_rank(tmp_path):
