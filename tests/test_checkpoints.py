@@ -95,7 +95,7 @@ def audiocraft_modules():
     """audiocraft.models.lm, .modules.conditioners and .modules.codebooks_patterns, imported without the package's
     __init__ (it imports every model and dataset)."""
     if importlib.util.find_spec("audiocraft") is None:
-        pytest.skip("audiocraft is not installed (scripts/setup_env.sh installs audiocraft==1.3.0 --no-deps)")
+        pytest.skip(reason="audiocraft is not installed (scripts/setup_env.sh installs audiocraft==1.3.0 --no-deps)")
     try:
         import transformers  # noqa: F401  (the real one, if present: its import probes packages a stub would fake)
     except ImportError:

@@ -61,7 +61,7 @@ def test_cpu_without_avx2_gets_a_reason_not_a_crash(simulated):
 
 def test_capability_names_the_loaded_library():
     if _ext.cpu_extension() is None:
-        pytest.skip(f"no compiled CPU library: {_ext.load_error('cpu')}")
+        pytest.skip(reason=f"no compiled CPU library: {_ext.load_error('cpu')}")
     capability = mmdkernels.cpu_capability()
     assert capability in _ext.built_cpu_variants()
     assert _ext._cpu_supports(capability)
@@ -83,9 +83,9 @@ assert abs(out.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item())), (out, r
 @pytest.mark.parametrize("variant", ["avx512", "avx2"])
 def test_each_built_library_loads_and_computes(variant):
     if variant not in _ext.built_cpu_variants():
-        pytest.skip(f"the {variant} library is not built here")
+        pytest.skip(reason=f"the {variant} library is not built here")
     if not _ext._cpu_supports(variant):
-        pytest.skip(f"this CPU cannot run the {variant} library")
+        pytest.skip(reason=f"this CPU cannot run the {variant} library")
     env = dict(os.environ, **{_ext.CAPABILITY_ENV: variant})
     result = subprocess.run([sys.executable, "-c", SUBPROCESS], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -95,7 +95,7 @@ def test_each_built_library_loads_and_computes(variant):
 def test_unusable_forced_library_falls_back_with_one_warning():
     env = dict(os.environ, **{_ext.CAPABILITY_ENV: "native"})
     if "native" in _ext.built_cpu_variants():
-        pytest.skip("a native library is built here")
+        pytest.skip(reason="a native library is built here")
     code = SUBPROCESS.replace("print(mmdkernels.cpu_capability())", "assert mmdkernels.cpu_capability() == 'reference'")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
