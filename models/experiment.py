@@ -52,7 +52,7 @@ class Sizes:
     lm_dim: int = 128
     lm_layers: int = 2
     lm_heads: int = 4
-    lm_steps: int = 400
+    lm_steps: int = 1000
     lm_batch: int = 16
     lm_frames: int = 25  # training context in frames (0.5 s at 50 Hz); flatten sees K times as many tokens
     lm_lr: float = 3e-3  # peak learning rate, after lm_warmup steps of linear warm-up, then cosine decay
