@@ -1,6 +1,8 @@
 """RVQ encode benchmarks, side by side in one group: the fused C++ CPU kernel, the reference (a matmul + argmin
 loop per stage, like a torch.cdist loop), FAISS IndexFlatL2 searched stage by stage, and vector-quantize-pytorch's
-ResidualVQ in eval mode, all on the same codebooks. Each provider's codes are checked against the fused kernel's."""
+ResidualVQ in eval mode, all on the same codebooks. Each provider's codes are checked against the fused kernel's.
+"cpp" is the kernel as shipped (its tile kernel chosen by measurement); "cpp-gemm-tile" / "cpp-fused-tile" force
+the score tile on the GEMM or on the micro-kernel with the argmin fused (MMDKERNELS_RVQ_TILE), side by side."""
 
 from __future__ import annotations
 
@@ -48,17 +50,20 @@ def vqp_model(codebooks: torch.Tensor):
     return model
 
 
-PROVIDERS = ["cpp", "reference", "faiss", "vector-quantize-pytorch"]
+PROVIDERS = ["cpp", "cpp-gemm-tile", "cpp-fused-tile", "reference", "faiss", "vector-quantize-pytorch"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_rvq_encode(benchmark, provider):
+def test_rvq_encode(benchmark, provider, monkeypatch):
     benchmark.group = f"rvq-encode-N{NUM_FRAMES}-D{DIM}-C{NUM_ENTRIES}-K{NUM_CODEBOOKS}"
     latents, codebooks = make_problem()
-    if provider in ("cpp", "reference"):
+    if provider.startswith("cpp-"):
+        monkeypatch.setenv("MMDKERNELS_RVQ_TILE", provider.split("-")[1])
+    if provider.startswith("cpp") or provider == "reference":
+        backend = "cpp" if provider.startswith("cpp") else provider
 
         def encode():
-            return mmdkernels.rvq_encode(latents, codebooks, backend=provider)
+            return mmdkernels.rvq_encode(latents, codebooks, backend=backend)
     elif provider == "faiss":
         if importlib.util.find_spec("faiss") is None:
             pytest.skip(reason="faiss-cpu is not installed")
@@ -82,6 +87,7 @@ def test_rvq_encode(benchmark, provider):
                 return model(latents.transpose(1, 2))[1].transpose(1, 2)
 
     codes = benchmark.pedantic(encode, rounds=5, warmup_rounds=1)
+    monkeypatch.delenv("MMDKERNELS_RVQ_TILE", raising=False)
     fused = mmdkernels.rvq_encode(latents, codebooks, backend="cpp")
     agreement = (codes.long() == fused).float().mean().item()
     benchmark.extra_info.update(provider=provider, frames=NUM_FRAMES, agreement_with_fused=agreement)

@@ -52,3 +52,24 @@ def each_gemm_path(request):
         pytest.skip(reason="this torch has no oneDNN matmul")
     with forced_gemm_path(request.param):
         yield request.param
+
+
+@pytest.fixture(params=["gemm-mkl", "gemm-onednn", "fused"])
+def each_rvq_path(request, monkeypatch):
+    """Runs a module's tests once per tile kernel of the C++ RVQ encoder (MMDKERNELS_RVQ_TILE), forced: the score
+    tile on each GEMM provider, and the micro-kernel with the argmin fused (csrc/rvq/rvq_fused.h)."""
+    from mmdkernels import _ext
+
+    kernel, _, gemm = request.param.partition("-")
+    if not _ext.available("cpu") and request.param != "gemm-mkl":
+        pytest.skip(reason="the C++ CPU library is not built: no tile kernel to force")
+    monkeypatch.setenv("MMDKERNELS_RVQ_TILE", kernel)
+    if not gemm or not _ext.available("cpu"):
+        yield request.param
+        return
+    from mmdkernels.gemm import forced_gemm_path, gemm_path
+
+    if gemm == "onednn" and not gemm_path()["onednn_available"]:
+        pytest.skip(reason="this torch has no oneDNN matmul")
+    with forced_gemm_path(gemm):
+        yield request.param

@@ -136,9 +136,10 @@ def test_onednn_provider_runs_onednn_matmul():
     assert ",matmul," not in logs["mkl"]
 
 
-def test_auto_inside_the_rvq_parallel_region_gives_the_forced_paths_codes():
+def test_auto_inside_the_rvq_parallel_region_gives_the_forced_paths_codes(monkeypatch):
     """The encoder calls the GEMM from every thread of its parallel region: the measurement there (one thread
     measures, the others wait) picks a provider for the single-threaded context and the codes stay exact."""
+    monkeypatch.setenv("MMDKERNELS_RVQ_TILE", "gemm")  # the encoder's GEMM tile kernel, not its fused one
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-4, 5, (1, 24, 1500), generator=g).float()  # three row blocks of 512: two threads share them
     books = torch.randint(-2, 3, (3, 300, 24), generator=g).float()
@@ -167,3 +168,18 @@ def test_opcheck_gemm_ops(provider):
         torch.library.opcheck(getattr(torch.ops.mmdkernels, op).default, op_args, test_utils=("test_schema",))
     mode = torch.ops.mmdkernels.gemm_mode()
     torch.library.opcheck(torch.ops.mmdkernels.gemm_set_mode.default, (mode,), test_utils=("test_schema",))
+
+
+def test_rvq_tile_kernel_choice_is_measured_and_printed():
+    """The RVQ encoder's tile kernel (GEMM + scan, or the fused micro-kernel) is chosen by timing both on the first
+    call of a shape class, and MMDKERNELS_GEMM_VERBOSE=1 prints the times and the choice."""
+    code = (
+        "import torch, mmdkernels\n"
+        "x, books = torch.randn(2, 64, 300), torch.randn(2, 512, 64)\n"
+        "mmdkernels.rvq_encode(x, books, backend='cpp')\n"
+    )
+    result = _python(code, MMDKERNELS_GEMM_VERBOSE="1", MMDKERNELS_RVQ_TILE="auto")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mmdkernels rvq tile:")]
+    assert len(lines) == 1 and "rows 512 entries 512 dim 64" in lines[0], result.stderr
+    assert lines[0].endswith(("-> gemm", "-> fused")), lines[0]

@@ -9,8 +9,9 @@ from mmdkernels import _dispatch
 from mmdkernels.rvq import ops
 from mmdkernels.rvq.reference import codebook_sqnorms
 
-# every test once per GEMM provider of the C++ kernels (tests/conftest.py), forced
-pytestmark = pytest.mark.usefixtures("each_gemm_path")
+# every test once per tile kernel of the C++ encoder: the GEMM on each provider, and the fused micro-kernel
+# (tests/conftest.py), forced
+pytestmark = pytest.mark.usefixtures("each_rvq_path")
 
 
 def cpu_backends(num_rows: int) -> list[str]:
@@ -143,3 +144,21 @@ def test_compiled_op_rejects_out_of_range_codes():
     """The C++ op repeats the range check for callers that bypass the Python layer."""
     with pytest.raises(RuntimeError, match=r"codes must be in \[0, 16\)"):
         ops.decode_op("cpp")(torch.full((4, 3), 99), GOOD_BOOKS)
+
+
+def test_tile_kernel_env_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MMDKERNELS_RVQ_TILE", "blas")
+    with pytest.raises(RuntimeError, match="MMDKERNELS_RVQ_TILE must be one of auto, gemm, fused; got 'blas'"):
+        mmdkernels.rvq_encode(GOOD_X, GOOD_BOOKS, backend="cpp")
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 13, 3, 33), (2, 130, 301, 2, 100)])
+def test_auto_tile_kernel_agrees_with_both_forced_kernels(shape, monkeypatch):
+    """auto (a measured choice) encodes exactly like the forced kernels; odd row and entry counts exercise every
+    tail of the micro-kernel's tiles and panels."""
+    batch, dim, frames, num_codebooks, num_entries = shape
+    x, books = integer_problem(batch, dim, frames, num_codebooks, num_entries, seed=7)
+    expected = mmdkernels.rvq_encode(x, books, backend="reference")
+    for kernel in ("auto", "gemm", "fused"):
+        monkeypatch.setenv("MMDKERNELS_RVQ_TILE", kernel)
+        assert torch.equal(mmdkernels.rvq_encode(x, books, backend="cpp"), expected), kernel

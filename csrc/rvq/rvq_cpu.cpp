@@ -1,14 +1,22 @@
 // Fused residual VQ on the CPU: all K stages of nearest-neighbour encoding in one pass over blocks of rows, and the
 // decode gather-sum. Each thread owns blocks of kRowsPerBlock frames whose residuals stay in its cache through all K
-// stages; per stage, the score tile (rows x a chunk of entries) comes from one single-threaded GEMM (gemm.h: MKL or
-// oneDNN, whichever measured faster here), a vectorised scan turns it into a running (min score, lowest index) per
-// row, and the chosen entries are subtracted from the residuals before the next stage. Nothing of size N x C is ever
-// allocated. float32 throughout.
+// stages; per stage, each row's nearest entry comes from one of two tile kernels, chosen by measurement (below):
+// "gemm": the score tile (rows x a chunk of entries) from one single-threaded GEMM (gemm.h: MKL or oneDNN,
+// whichever measured faster here), then a vectorised scan into a running (min score, lowest index) per row;
+// "fused": our micro-kernel with the argmin in its epilogue (rvq_fused.h: no score tile is written). The chosen
+// entries are subtracted from the residuals before the next stage. Nothing of size N x C is ever allocated. float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -17,6 +25,7 @@
 
 #include "common/checks.h"
 #include "gemm/gemm.h"
+#include "rvq/rvq_fused.h"
 #include "rvq/rvq_tile.h"
 
 namespace mmdkernels {
@@ -90,6 +99,101 @@ void check_encode_inputs(const at::Tensor& x, const at::Tensor& codebooks, const
   MMD_CHECK_CONTIGUOUS(sqnorms);
 }
 
+// The nearest entry of each of `rows` residuals (row stride dim) in entries [c0, c0 + chunk) of one stage, via the
+// GEMM: one score tile per chunk of entries. best must hold `rows` candidates (reset by the caller).
+void best_by_gemm(const float* residual, int64_t rows, int64_t dim, const float* book, const float* norms,
+                  int64_t num_entries, int64_t chunk, float* dots, ScoredIndex* best) {
+  for (int64_t c0 = 0; c0 < num_entries; c0 += chunk) {
+    const int64_t len = std::min(chunk, num_entries - c0);
+    // dots [rows, len] = residual [rows, dim] @ entries [len, dim]^T
+    gemm::matmul_nt(dots, len, residual, dim, book + c0 * dim, dim, rows, len, dim);
+    for (int64_t i = 0; i < rows; ++i) {
+      best[i] = better_of(best[i], best_in_chunk(norms + c0, dots + i * len, len, c0));
+    }
+  }
+}
+
+void best_by_fused(const float* residual, int64_t rows, int64_t dim, const fused::PackedStage& packed,
+                   fused::LaneBest& lanes, ScoredIndex* best) {
+  lanes.reset(rows);
+  fused::score_rows(residual, dim, rows, packed, lanes);
+  for (int64_t i = 0; i < rows; ++i) best[i] = lanes.merged(i);
+}
+
+// Which tile kernel encodes: MMDKERNELS_RVQ_TILE=gemm|fused forces one (read at every call, so tests can switch);
+// auto (the default) measures both on the first call of a shape class (rows per block, entries and dim bucketed to
+// powers of two, threads) and keeps the faster for the process, as the GEMM choice does (gemm.h).
+enum class TileKernel { kGemm, kFused };
+constexpr const char* kTileEnv = "MMDKERNELS_RVQ_TILE";
+
+int64_t bucket(int64_t v) {
+  int64_t b = 1;
+  while (b < v) b <<= 1;
+  return b;
+}
+
+// Seconds of the best of `rounds` calls of fn.
+template <typename Fn>
+double best_seconds(int rounds, Fn&& fn) {
+  double best = std::numeric_limits<double>::infinity();
+  for (int r = 0; r < rounds; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+// Times one block of rows of stage 0 both ways (inside a parallel region, so the GEMM runs as it will: 1 thread),
+// alternating rounds; the fused kernel is charged its share of the per-call packing (rows / n of one stage's pack).
+TileKernel measure_tile_kernel(const float* x, int64_t n, int64_t dim, const float* book, const float* norms,
+                               int64_t num_entries, int64_t chunk) {
+  const int64_t rows = std::min(n, kRowsPerBlock);
+  std::vector<float> dots(rows * chunk);
+  std::vector<ScoredIndex> best(rows);
+  fused::LaneBest lanes;
+  double gemm_s = std::numeric_limits<double>::infinity(), fused_s = gemm_s, pack_s = gemm_s;
+  at::parallel_for(0, 1, 1, [&](int64_t, int64_t) {
+    fused::PackedStage packed;
+    pack_s = best_seconds(2, [&] { packed = fused::pack_stage(book, norms, num_entries, dim); });
+    for (int round = 0; round < 3; ++round) {
+      gemm_s = std::min(gemm_s, best_seconds(1, [&] {
+                          std::fill(best.begin(), best.end(), no_candidate());
+                          best_by_gemm(x, rows, dim, book, norms, num_entries, chunk, dots.data(), best.data());
+                        }));
+      fused_s = std::min(fused_s, best_seconds(1, [&] { best_by_fused(x, rows, dim, packed, lanes, best.data()); }));
+    }
+  });
+  fused_s += pack_s * static_cast<double>(rows) / static_cast<double>(n);
+  const TileKernel chosen = fused_s < gemm_s ? TileKernel::kFused : TileKernel::kGemm;
+  const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
+  if (verbose != nullptr && std::string(verbose) == "1") {
+    std::fprintf(stderr, "mmdkernels rvq tile: rows %lld entries %lld dim %lld: gemm %.3g s, fused %.3g s -> %s\n",
+                 static_cast<long long>(rows), static_cast<long long>(num_entries), static_cast<long long>(dim),
+                 gemm_s, fused_s, chosen == TileKernel::kFused ? "fused" : "gemm");
+  }
+  return chosen;
+}
+
+TileKernel choose_tile_kernel(const float* x, int64_t n, int64_t dim, const float* book, const float* norms,
+                              int64_t num_entries, int64_t chunk) {
+  const char* env = std::getenv(kTileEnv);
+  const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
+  if (mode == "gemm") return TileKernel::kGemm;
+  if (mode == "fused") return TileKernel::kFused;
+  TORCH_CHECK(mode == "auto", kTileEnv, " must be one of auto, gemm, fused; got '", mode, "'");
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int>, TileKernel> chosen;
+  const auto key = std::make_tuple(bucket(std::min(n, kRowsPerBlock)), bucket(num_entries), bucket(dim),
+                                   at::get_num_threads());
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = chosen.find(key);
+  if (it == chosen.end()) {
+    it = chosen.emplace(key, measure_tile_kernel(x, n, dim, book, norms, num_entries, chunk)).first;
+  }
+  return it->second;
+}
+
 std::tuple<at::Tensor, at::Tensor> rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks,
                                                   const at::Tensor& sqnorms, bool return_quantized) {
   check_encode_inputs(x, codebooks, sqnorms);
@@ -97,30 +201,38 @@ std::tuple<at::Tensor, at::Tensor> rvq_encode_cpu(const at::Tensor& x, const at:
   const int64_t num_codebooks = codebooks.size(0), num_entries = codebooks.size(1);
   auto codes = at::empty({n, num_codebooks}, x.options().dtype(at::kLong));
   auto quantized = return_quantized ? at::empty({n, num_codebooks, dim}, x.options()) : at::empty({0}, x.options());
+  if (n == 0) return {codes, quantized};
   const float* book_data = codebooks.data_ptr<float>();
   const float* norm_data = sqnorms.data_ptr<float>();
   int64_t* code_data = codes.data_ptr<int64_t>();
   float* quantized_data = return_quantized ? quantized.data_ptr<float>() : nullptr;
   const int64_t chunk = std::min(num_entries, kEntriesPerChunk);
-
   const float* x_data = x.data_ptr<float>();
+
+  const TileKernel kernel = choose_tile_kernel(x_data, n, dim, book_data, norm_data, num_entries, chunk);
+  std::vector<fused::PackedStage> packed(kernel == TileKernel::kFused ? num_codebooks : 0);
+  at::parallel_for(0, static_cast<int64_t>(packed.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      packed[k] = fused::pack_stage(book_data + entry_offset(k, 0, num_entries, dim), norm_data + k * num_entries,
+                                    num_entries, dim);
+    }
+  });
+
   at::parallel_for(0, n, kRowsPerBlock, [&](int64_t begin, int64_t end) {
     std::vector<float> residual(kRowsPerBlock * dim);
-    std::vector<float> dots(kRowsPerBlock * chunk);
+    std::vector<float> dots(kernel == TileKernel::kGemm ? kRowsPerBlock * chunk : 0);
     std::vector<ScoredIndex> best(kRowsPerBlock);
+    fused::LaneBest lanes;
     for (int64_t row0 = begin; row0 < end; row0 += kRowsPerBlock) {
       const int64_t rows = std::min(kRowsPerBlock, end - row0);
       std::copy(x_data + row0 * dim, x_data + (row0 + rows) * dim, residual.begin());
       for (int64_t k = 0; k < num_codebooks; ++k) {
-        std::fill(best.begin(), best.end(), no_candidate());
-        for (int64_t c0 = 0; c0 < num_entries; c0 += chunk) {
-          const int64_t len = std::min(chunk, num_entries - c0);
-          // dots [rows, len] = residual [rows, dim] @ entries [len, dim]^T
-          const float* entries = book_data + entry_offset(k, c0, num_entries, dim);
-          gemm::matmul_nt(dots.data(), len, residual.data(), dim, entries, dim, rows, len, dim);
-          for (int64_t i = 0; i < rows; ++i) {
-            best[i] = better_of(best[i], best_in_chunk(norm_data + k * num_entries + c0, dots.data() + i * len, len, c0));
-          }
+        if (kernel == TileKernel::kFused) {
+          best_by_fused(residual.data(), rows, dim, packed[k], lanes, best.data());
+        } else {
+          std::fill(best.begin(), best.end(), no_candidate());
+          best_by_gemm(residual.data(), rows, dim, book_data + entry_offset(k, 0, num_entries, dim),
+                       norm_data + k * num_entries, num_entries, chunk, dots.data(), best.data());
         }
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t code = best[i].index == no_candidate().index ? 0 : best[i].index;  // an all-NaN row
