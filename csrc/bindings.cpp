@@ -1,6 +1,6 @@
 // Every schema of the mmdkernels op library, in one place: MMD (shuffle, dHSIC and their row-range forms), RVQ
-// encode/decode, sampling, decode attention, the few-row linear, the fused CPU decode step, the GEMM choice and one
-// test hook.
+// encode/decode, sampling, decode attention, the few-row linear, the fused CPU decode step, the GEMM choice and two
+// test hooks.
 // Implementations register per dispatch key: CPU in csrc/<op>/<op>_cpu.cpp (this library, built once per x86 ISA as
 // mmdkernels._C_<isa>, see setup.py), CUDA in csrc/<op>/<op>_cuda.cu (mmdkernels._C_cuda, loaded lazily after it).
 // Triton ops are Python custom ops (mmdkernels/<op>/ops.py). Backend choice: mmdkernels/_dispatch.py only.
@@ -78,6 +78,10 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def("gemm_onednn_available() -> bool");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
+  // Test hook: the symmetric planes' block-pair mapping of csrc/mmd/block_pairs.h (what the CUDA kernels run) on CPU.
+  // row_blocks: int64 [R] -> int64 [R, 1 + num_blocks / 2], the column block of each step (0: diagonal), -1 past
+  // the row block's owned blocks.
+  m.def("symmetric_block_pairs(Tensor row_blocks, int num_blocks) -> Tensor");
 }
 
 // A Python module per CPU library, _C_<variant> (TORCH_EXTENSION_NAME, set by the build), so that importing it loads
