@@ -19,11 +19,12 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def(
       "mmd_dhsic(Tensor z, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, float chain_base, "
       "bool compute_grad) -> (Tensor, Tensor)");
-  // Row-range forms for the distributed loss (mmdkernels/mmd/distributed.py): only the entries (n, m) with
-  // row_begin <= n < row_end, every column m. mmd_shuffle_rows returns (partial loss float64 [], partial grad
-  // float32 [N, K, D] for all N samples). mmd_dhsic_sums returns float64 [K*A + 1, N]: row k*A + j holds the Gram
-  // row sums sum_m E_{k,j}(n, m) of the rows in range (0 elsewhere), the last row the joint sums (only its total is
-  // used). mmd_dhsic_rows takes the sums of ALL rows and returns (loss float32 [], partial grad [N, K, D] or [0]).
+  // Row-range forms for the distributed loss (mmdkernels/mmd/distributed.py): only the entries (n, m) that the rows
+  // row_begin <= n < row_end own (every column m; a symmetric plane's pairs of blocks once, docs/mmd_kernels.md).
+  // mmd_shuffle_rows returns (partial loss float64 [], partial grad float32 [N, K, D] for all N samples).
+  // mmd_dhsic_sums returns float64 [K*A + 1, N]: row k*A + j holds the sums of E_{k,j} over the owned pairs (summed
+  // over a partition of the rows: the Gram row sums), the last row the joint sums (only its total is used).
+  // mmd_dhsic_rows takes the sums of ALL rows and returns (loss float32 [], partial grad [N, K, D] or [0]).
   m.def(
       "mmd_shuffle_rows(Tensor z, Tensor perms, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, "
       "float chain_base, float[] term_weights, int row_begin, int row_end, bool compute_grad) -> (Tensor, Tensor)");
