@@ -1,5 +1,11 @@
 """GPU benchmarks of the MMD loss (CUDA kernel, Triton, eager reference), forward + backward, side by side.
-Only on a CUDA machine (benchmarks/gpu_check.sh); timed functions end with torch.cuda.synchronize()."""
+Only on a CUDA machine (benchmarks/gpu_check.sh); timed functions end with torch.cuda.synchronize().
+
+`triton-full-plane` is the Triton kernels under torch.use_deterministic_algorithms(True): every tile of the symmetric
+planes (xx, yy, dHSIC's Grams), as before they were walked once per block pair; triton / triton-full-plane in one
+group is the saving of the symmetric walk (the shuffle's xy term is not symmetric and costs the same in both)."""
+
+import contextlib
 
 import pytest
 import torch
@@ -11,15 +17,28 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 NUM_CODEBOOKS, DIM, BATCH = 4, 128, 8
 
 
-def _step(x, backend, **kwargs):
+def _step(x, provider, **kwargs):
     x.grad = None
     generator = torch.Generator(device=x.device).manual_seed(0)
-    mmdkernels.mmd_loss(x, generator=generator, backend=backend, **kwargs).backward()
+    full_plane = provider == "triton-full-plane"
+    with _deterministic_algorithms() if full_plane else contextlib.nullcontext():
+        backend = "triton" if full_plane else provider
+        mmdkernels.mmd_loss(x, generator=generator, backend=backend, **kwargs).backward()
     torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 @pytest.mark.parametrize("num_samples", [8192, 32768])
-@pytest.mark.parametrize("provider", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("provider", ["cuda", "triton", "triton-full-plane", "reference"])
 def test_gpu_mmd_forward_backward(benchmark, provider, num_samples):
     benchmark.group = f"gpu-mmd-fwd+bwd-joint-shuffle-N{num_samples}"
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -36,7 +55,7 @@ def test_gpu_mmd_forward_backward(benchmark, provider, num_samples):
 
 
 @pytest.mark.parametrize("estimator,mode", [("dhsic", "joint"), ("shuffle", "pairwise"), ("dhsic", "pairwise")])
-@pytest.mark.parametrize("provider", ["cuda", "triton"])
+@pytest.mark.parametrize("provider", ["cuda", "triton", "triton-full-plane"])
 def test_gpu_mmd_modes(benchmark, provider, estimator, mode):
     benchmark.group = f"gpu-mmd-fwd+bwd-{estimator}-{mode}-N32768"
     x = torch.randn(BATCH, NUM_CODEBOOKS, DIM, 32768 // BATCH, device="cuda").requires_grad_()

@@ -1,6 +1,6 @@
 // Every schema of the mmdkernels op library, in one place: MMD (shuffle, dHSIC and their row-range forms), RVQ
-// encode/decode, sampling, decode attention, the few-row linear, the fused CPU decode step, the GEMM choice and one
-// test hook.
+// encode/decode, sampling, decode attention, the few-row linear, the fused CPU decode step, the GEMM choice and two
+// test hooks.
 // Implementations register per dispatch key: CPU in csrc/<op>/<op>_cpu.cpp (this library, built once per x86 ISA as
 // mmdkernels._C_<isa>, see setup.py), CUDA in csrc/<op>/<op>_cuda.cu (mmdkernels._C_cuda, loaded lazily after it).
 // Triton ops are Python custom ops (mmdkernels/<op>/ops.py). Backend choice: mmdkernels/_dispatch.py only.
@@ -19,11 +19,12 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def(
       "mmd_dhsic(Tensor z, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, float chain_base, "
       "bool compute_grad) -> (Tensor, Tensor)");
-  // Row-range forms for the distributed loss (mmdkernels/mmd/distributed.py): only the entries (n, m) with
-  // row_begin <= n < row_end, every column m. mmd_shuffle_rows returns (partial loss float64 [], partial grad
-  // float32 [N, K, D] for all N samples). mmd_dhsic_sums returns float64 [K*A + 1, N]: row k*A + j holds the Gram
-  // row sums sum_m E_{k,j}(n, m) of the rows in range (0 elsewhere), the last row the joint sums (only its total is
-  // used). mmd_dhsic_rows takes the sums of ALL rows and returns (loss float32 [], partial grad [N, K, D] or [0]).
+  // Row-range forms for the distributed loss (mmdkernels/mmd/distributed.py): only the entries (n, m) that the rows
+  // row_begin <= n < row_end own (every column m; a symmetric plane's pairs of blocks once, docs/mmd_kernels.md).
+  // mmd_shuffle_rows returns (partial loss float64 [], partial grad float32 [N, K, D] for all N samples).
+  // mmd_dhsic_sums returns float64 [K*A + 1, N]: row k*A + j holds the sums of E_{k,j} over the owned pairs (summed
+  // over a partition of the rows: the Gram row sums), the last row the joint sums (only its total is used).
+  // mmd_dhsic_rows takes the sums of ALL rows and returns (loss float32 [], partial grad [N, K, D] or [0]).
   m.def(
       "mmd_shuffle_rows(Tensor z, Tensor perms, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, "
       "float chain_base, float[] term_weights, int row_begin, int row_end, bool compute_grad) -> (Tensor, Tensor)");
@@ -78,6 +79,10 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def("gemm_onednn_available() -> bool");
   // Test hook: the tile header's bandwidth chain on CPU. d: float32 [M] -> [M, A], e[m, j] = exp(-coefs[j] d[m]).
   m.def("bandwidth_chain_eval(Tensor d, float[] coefs, int[] chain_src, int[] chain_step, float chain_base) -> Tensor");
+  // Test hook: the symmetric planes' block-pair mapping of csrc/mmd/block_pairs.h (what the CUDA kernels run) on CPU.
+  // row_blocks: int64 [R] -> int64 [R, 1 + num_blocks / 2], the column block of each step (0: diagonal), -1 past
+  // the row block's owned blocks.
+  m.def("symmetric_block_pairs(Tensor row_blocks, int num_blocks) -> Tensor");
 }
 
 // A Python module per CPU library, _C_<variant> (TORCH_EXTENSION_NAME, set by the build), so that importing it loads

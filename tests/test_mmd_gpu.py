@@ -54,3 +54,26 @@ def test_gpu_default_dispatch_is_cuda_kernel_and_matches_cpu_kernel():
 def test_gpu_generator_must_match_device():
     with pytest.raises(ValueError, match="generator is on cpu but x is on cuda"):
         mmdkernels.mmd_loss(make_input((2, 2, 4, 10), device="cuda"), generator=torch.Generator())
+
+
+def test_gpu_triton_full_plane_walk_is_reproducible():
+    """Under torch.use_deterministic_algorithms(True) the Triton kernels walk every tile of the symmetric planes
+    without atomics, so two runs agree bit for bit (by default mirrored tiles add their column sides by atomics)."""
+    from mmdkernels.mmd import ops
+    from mmdkernels.mmd import reference as ref
+    from mmdkernels.mmd.plan import build_plan
+
+    g = torch.Generator().manual_seed(5)
+    z = ref.standardize(torch.randn(300, 3, 20, generator=g)).contiguous().cuda()
+    perms = torch.stack([torch.randperm(300, generator=g) for _ in range(3)]).cuda()
+    groups = ref.codebook_groups(3, "pairwise", device="cuda")
+    plan = build_plan(ref.DEFAULT_BANDWIDTHS).as_op_args()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for op, args in ((ops.shuffle_op("triton"), (z, perms, groups, *plan, [1e-3, 1e-3, -2e-3], True)),
+                         (ops.dhsic_op("triton"), (z, groups, *plan, True))):
+            (loss_a, grad_a), (loss_b, grad_b) = (op(*args) for _ in range(2))
+            assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -8,6 +8,7 @@ terms before they cancel (Case.loss_scale); the gradient floor, relative to max 
 amplification of exp's rounding (mmd_cases.mmd_grad_floor; 0 for one exp per bandwidth).
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,13 +20,15 @@ from triton_cases import interpreter_marks
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 pytestmark = interpreter_marks("tests/test_mmd_gpu.py")
 
-from mmd_cases import mmd_grad_floor  # noqa: E402
+from mmd_cases import GRAD_FLOOR_CPU, mmd_grad_floor  # noqa: E402
 from tolerances import assert_close_to_reference  # noqa: E402
 
 from mmdkernels.mmd import plan, reference, triton_common, triton_dhsic, triton_shuffle  # noqa: E402
 
 DIRECT_BANDWIDTHS = (0.3, 1.7, 7.1)  # no common base within plan.MAX_CHAIN_POWER: one exp per bandwidth
 # (N, K, D): N = 2 and N not a multiple of the 16-row blocks; K = 1 and 2; D = 1, odd, and 17 (two feature chunks).
+# The symmetric planes are walked once per block pair by default: N <= 16 is one diagonal block, N = 33 three blocks
+# (odd count, the last partial), N = 64 four (even count: the first two own one block more).
 SHAPES = [(2, 1, 1), (2, 2, 5), (7, 3, 5), (7, 2, 17), (33, 1, 16), (33, 3, 16), (64, 2, 5), (64, 3, 1)]
 OPS = ("shuffle", "dhsic")
 
@@ -131,6 +134,66 @@ def test_duplicate_rows_match_reference(mode, op):
     _check_against_reference(case, op, compute_grad=True)
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) inside: the Triton kernels then walk every tile of a symmetric plane."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape, mode", [((50, 2, 3), "pairwise"), ((48, 3, 2), "joint")])
+def test_full_plane_walk_matches_reference_and_is_reproducible(shape, mode, op):
+    """Under torch.use_deterministic_algorithms(True) (every tile, no atomics) the kernels obey the rule too and two
+    runs agree bit for bit; the default walk (each block pair once: 4 blocks, the last partial; 3 full ones) is
+    checked by the other tests."""
+    assert triton_common.mirrored_tiles()
+    case = Case(_samples(shape, seed=sum(shape)), mode, reference.DEFAULT_BANDWIDTHS, seed=9)
+    with _deterministic_algorithms():
+        assert not triton_common.mirrored_tiles()
+        _check_against_reference(case, op, compute_grad=True)
+        (loss_a, grad_a), (loss_b, grad_b) = (case.run_kernel(op, compute_grad=True) for _ in range(2))
+    assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["pairs-once", "full-plane"])
+def test_row_ranges_partition_the_symmetric_planes(deterministic):
+    """Row-range results over a partition that cuts blocks (an empty range included) sum to the full op's: the
+    launches walk the blocks of the global 16-row grid, so the pairs a row owns do not depend on its range.
+    N = 50: 4 blocks, the last partial."""
+    case = Case(_samples((50, 2, 3), seed=21), "pairwise", reference.DEFAULT_BANDWIDTHS, seed=4)
+    plan_args = plan.build_plan(case.bandwidths).as_op_args()
+    num_samples = case.z.shape[0]
+    ranges = [(0, 7), (7, 7), (7, 33), (33, num_samples)]
+    context = _deterministic_algorithms() if deterministic else contextlib.nullcontext()
+    with context:
+        full_loss, full_grad = case.run_kernel("shuffle", compute_grad=True)
+        parts = [
+            triton_shuffle.mmd_shuffle_triton(
+                case.z, case.perms, case.groups, *plan_args, list(case.weights), True, row_range=rows
+            )
+            for rows in ranges
+        ]
+        full_sums = triton_dhsic.mmd_dhsic_sums_triton(case.z, case.groups, *plan_args, 0, num_samples)
+        sums = sum(triton_dhsic.mmd_dhsic_sums_triton(case.z, case.groups, *plan_args, *rows) for rows in ranges)
+        dhsic_loss, dhsic_grad = case.run_kernel("dhsic", compute_grad=True)
+        dhsic_parts = [
+            triton_dhsic.mmd_dhsic_rows_triton(case.z, case.groups, *plan_args, sums, *rows, True) for rows in ranges
+        ]
+    torch.testing.assert_close(sum(loss for loss, _ in parts).float(), full_loss, rtol=1e-5, atol=1e-7)
+    grad_atol = GRAD_FLOOR_CPU * full_grad.abs().max().item()
+    torch.testing.assert_close(sum(grad for _, grad in parts), full_grad, rtol=0, atol=grad_atol)
+    torch.testing.assert_close(sums, full_sums, rtol=1e-6, atol=0)
+    for loss, _ in dhsic_parts:
+        torch.testing.assert_close(loss, dhsic_loss, rtol=1e-5, atol=1e-7)
+    grad_atol = GRAD_FLOOR_CPU * dhsic_grad.abs().max().item()
+    torch.testing.assert_close(sum(grad for _, grad in dhsic_parts), dhsic_grad, rtol=0, atol=grad_atol)
+
+
 def test_chain_sentinels_match_plan():
     assert triton_common.DIRECT_EXP.value == plan.DIRECT_EXP
     assert triton_common.FROM_BASE.value == plan.FROM_BASE
@@ -170,16 +233,18 @@ def _compile_kernels_for_sm90() -> None:
         for bandwidths in (reference.DEFAULT_BANDWIDTHS, DIRECT_BANDWIDTHS)
     )
     shuffle_flags = [
-        dict(SYMMETRIC=True, COMPUTE_GRAD=True, ACCUMULATE_GRAD=False),
-        dict(SYMMETRIC=False, COMPUTE_GRAD=False, ACCUMULATE_GRAD=True),
+        dict(SYMMETRIC=True, MIRRORED=True, COMPUTE_GRAD=True, ACCUMULATE_GRAD=False),
+        dict(SYMMETRIC=False, MIRRORED=False, COMPUTE_GRAD=False, ACCUMULATE_GRAD=True),
+        dict(SYMMETRIC=True, MIRRORED=False, COMPUTE_GRAD=True, ACCUMULATE_GRAD=False),
     ]
     launches = [
         (triton_shuffle._shuffle_term_kernel, {**bandwidths, **shape, **flags})
-        for bandwidths, flags in zip((chained, direct), shuffle_flags)
+        for bandwidths, flags in zip((chained, direct, chained), shuffle_flags)
     ]
     launches += [
-        (triton_dhsic._dhsic_sums_kernel, {**chained, **shape}),
-        (triton_dhsic._dhsic_grad_kernel, {**direct, **shape}),
+        (triton_dhsic._dhsic_sums_kernel, {**chained, **shape, "MIRRORED": True}),
+        (triton_dhsic._dhsic_grad_kernel, {**direct, **shape, "MIRRORED": True}),
+        (triton_dhsic._dhsic_grad_kernel, {**chained, **shape, "MIRRORED": False}),
     ]
     for kernel, constexprs in launches:
         constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}

@@ -1,6 +1,7 @@
 // CUDA backend of the fused MMD ops, host side (contract: docs/mmd_kernels.md): argument checks (mmd_args.h), launch
 // configuration, the shuffle and dHSIC ops over row ranges, the dHSIC statistics between the passes
-// (dhsic_stats.h) and the registration. The tile kernels themselves (device code) are in tiles_cuda.h.
+// (dhsic_stats.h) and the registration. The tile kernels themselves (device code) are in tiles_cuda.h; the symmetric
+// planes (xx, yy, dHSIC's Grams) walk each unordered pair of blocks once (block_pairs.h).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,13 +26,18 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct LaunchConfig {
   int tile;
   size_t shared_bytes;
-  dim3 grid;  // (row blocks, column splits)
+  dim3 grid;  // (row blocks, column-step splits)
   int tiles_per_split;
-  int64_t num_blocks() const { return static_cast<int64_t>(grid.x) * grid.y; }
+  int first_block;  // symmetric: the global row block of blockIdx.x = 0
+  int num_blocks;   // blocks of `tile` samples covering N
+  int64_t num_ctas() const { return static_cast<int64_t>(grid.x) * grid.y; }
 };
 
-// num_rows: how many rows of the plane are computed (all N, or a distributed rank's share).
-LaunchConfig make_launch_config(int64_t num_rows, int64_t num_samples, int64_t num_codebooks, int64_t num_groups) {
+// The rows [row_begin, row_end) of the plane: against every column tile, or (symmetric) the block pairs the global
+// row blocks they touch own (block_pairs.h; rows outside the range are masked, so any partition covers each pair
+// once). Call only for a non-empty range.
+LaunchConfig make_launch_config(int64_t row_begin, int64_t row_end, int64_t num_samples, int64_t num_codebooks,
+                                int64_t num_groups, bool symmetric) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const size_t limit = props->sharedMemPerBlockOptin;
   LaunchConfig config{};
@@ -44,18 +50,26 @@ LaunchConfig make_launch_config(int64_t num_rows, int64_t num_samples, int64_t n
     TORCH_CHECK(config.shared_bytes <= limit, "mmd (CUDA): ", num_codebooks, " codebooks and ", num_groups,
                 " groups need ", config.shared_bytes, " bytes of shared memory per block; this GPU allows ", limit);
   }
-  // Enough CTAs for a few waves: split the column tiles of each row block over several CTAs.
-  const int64_t num_tiles = ceil_div(num_samples, config.tile);
-  const int64_t row_blocks = std::max<int64_t>(1, ceil_div(num_rows, config.tile));
-  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * props->multiProcessorCount, row_blocks), 1, num_tiles);
-  config.tiles_per_split = static_cast<int>(ceil_div(num_tiles, splits));
-  config.grid = dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(ceil_div(num_tiles, config.tiles_per_split)));
+  const int64_t num_blocks = num_sample_blocks(num_samples, config.tile);
+  int64_t row_blocks = ceil_div(row_end - row_begin, config.tile), steps = num_blocks;
+  if (symmetric) {
+    config.first_block = static_cast<int>(row_begin / config.tile);
+    row_blocks = num_sample_blocks(row_end, config.tile) - config.first_block;
+    steps = max_owned_steps(num_blocks);
+  }
+  config.num_blocks = static_cast<int>(num_blocks);
+  // Enough CTAs for a few waves: split the column steps of each row block over several CTAs.
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * props->multiProcessorCount, row_blocks), 1, steps);
+  config.tiles_per_split = static_cast<int>(ceil_div(steps, splits));
+  config.grid = dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(ceil_div(steps, config.tiles_per_split)));
   return config;
 }
 
 template <int T, Pass kPass>
 void launch_tiles_with(const LaunchConfig& config, TileArgs args, const BandwidthPlan& plan) {
   args.tiles_per_split = config.tiles_per_split;
+  args.first_block = config.first_block;
+  args.num_blocks = config.num_blocks;
   auto* kernel = &mmd_tiles_kernel<T, kPass>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(config.shared_bytes)));
@@ -102,13 +116,12 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_rows_cuda(const at::Tensor& z, co
   const c10::cuda::CUDAGuard device_guard(z.device());
 
   const at::Tensor groups_c = groups.contiguous();
-  const LaunchConfig config = make_launch_config(row_end - row_begin, num_samples, num_codebooks, groups_c.size(0));
   // y[m, k, :] = z[perms[k, m], k, :]
   const at::Tensor sample_index = perms.t();
   const at::Tensor y = z.gather(0, sample_index.unsqueeze(-1).expand({num_samples, num_codebooks, dim}));
   const at::Tensor x_norms = z.square().sum(-1);
   const at::Tensor y_norms = x_norms.gather(0, sample_index);
-  at::Tensor loss_partials = at::zeros({3, config.num_blocks()}, z.options().dtype(at::kDouble));
+  at::Tensor loss = at::zeros({}, z.options().dtype(at::kDouble));
   at::Tensor grad_x, grad_y;
   if (compute_grad) {
     grad_x = at::zeros_like(z);
@@ -127,27 +140,31 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_rows_cuda(const at::Tensor& z, co
                          {y, y, y_norms, y_norms, &grad_y, nullptr},
                          {z, y, x_norms, y_norms, &grad_x, &grad_y}};
   for (int t = 0; t < 3; ++t) {
-    if (term_weights[t] == 0.0) continue;
+    if (term_weights[t] == 0.0 || row_end == row_begin) continue;
     const Term& term = terms[t];
+    const bool symmetric = term.grad_cols == nullptr;
+    const LaunchConfig config =
+        make_launch_config(row_begin, row_end, num_samples, num_codebooks, groups_c.size(0), symmetric);
     TileArgs args = base_args(z, groups_c, compute_grad, row_begin, row_end);
     args.rows = term.rows.data_ptr<float>();
     args.cols = term.cols.data_ptr<float>();
     args.row_norms = term.row_norms.data_ptr<float>();
     args.col_norms = term.col_norms.data_ptr<float>();
-    args.same_set = term.grad_cols == nullptr;
+    args.same_set = args.symmetric = symmetric;
     args.term_weight = static_cast<float>(term_weights[t]);
-    // d/da |a - b|^2 = 2 (a - b); a symmetric term counts every pair twice.
-    args.row_factor = args.same_set ? 4.0f : 2.0f;
-    args.col_factor = 2.0f;
+    // d/da |a - b|^2 = 2 (a - b); a symmetric term counts every pair twice (both orders): x4 on both sides of a
+    // mirrored tile, and on the row side of a diagonal one, which holds both triangles.
+    args.row_factor = args.col_factor = symmetric ? 4.0f : 2.0f;
     if (compute_grad) {
       args.grad_rows = term.grad_rows->data_ptr<float>();
       args.grad_cols = term.grad_cols != nullptr ? term.grad_cols->data_ptr<float>() : nullptr;
     }
-    args.loss_partials = loss_partials[t].data_ptr<double>();
+    const at::Tensor loss_partials = at::zeros({config.num_ctas()}, loss.options());
+    args.loss_partials = loss_partials.data_ptr<double>();
     launch_tiles<Pass::kShuffle>(config, args, plan);
+    loss.add_(loss_partials.sum());
   }
 
-  const at::Tensor loss = loss_partials.sum();
   if (!compute_grad) return {loss, at::empty({0}, z.options())};
   // grad[perms[k, m], k, :] += grad_y[m, k, :]
   grad_x.scatter_add_(0, sample_index.unsqueeze(-1).expand({num_samples, num_codebooks, dim}), grad_y);
@@ -164,20 +181,23 @@ std::tuple<at::Tensor, at::Tensor> mmd_shuffle_cuda(const at::Tensor& z, const a
   return {loss.to(at::kFloat), grad};
 }
 
-// dHSIC pass 1 over the rows [row_begin, row_end): float64 [K*A + 1, N], row k*A + j = sum_m E_{k,j}(n, m) of the
-// rows in range (0 elsewhere), the last row = the joint sum of the range in column 0 (only its total is used).
+// dHSIC pass 1 over the rows [row_begin, row_end): float64 [K*A + 1, N], row k*A + j = the sums of E_{k,j}(n, m) over
+// the pairs the rows in range own (block_pairs.h: a mirrored pair adds to row n and to row m), the last row = the
+// joint sum of those pairs in column 0 (only its total is used). Summed over a partition of the rows: the full sums.
 at::Tensor dhsic_sums_cuda(const at::Tensor& z, const at::Tensor& groups_c, const BandwidthPlan& plan, int64_t row_begin,
                            int64_t row_end) {
   const int64_t num_samples = z.size(0), num_codebooks = z.size(1), num_bandwidths = plan.count;
-  const LaunchConfig config = make_launch_config(row_end - row_begin, num_samples, num_codebooks, groups_c.size(0));
-  const at::Tensor norms = z.square().sum(-1);
   const auto double_options = z.options().dtype(at::kDouble);
   at::Tensor sums = at::zeros({num_codebooks * num_bandwidths + 1, num_samples}, double_options);
-  at::Tensor joint_partials = at::zeros({config.num_blocks()}, double_options);
+  if (row_end == row_begin) return sums;
+  const LaunchConfig config =
+      make_launch_config(row_begin, row_end, num_samples, num_codebooks, groups_c.size(0), /*symmetric=*/true);
+  const at::Tensor norms = z.square().sum(-1);
+  at::Tensor joint_partials = at::zeros({config.num_ctas()}, double_options);
   TileArgs args = base_args(z, groups_c, false, row_begin, row_end);
   args.rows = args.cols = z.data_ptr<float>();
   args.row_norms = args.col_norms = norms.data_ptr<float>();
-  args.same_set = true;
+  args.same_set = args.symmetric = true;
   args.row_sums = sums.data_ptr<double>();
   args.loss_partials = joint_partials.data_ptr<double>();
   launch_tiles<Pass::kDhsicSums>(config, args, plan);
@@ -185,8 +205,8 @@ at::Tensor dhsic_sums_cuda(const at::Tensor& z, const at::Tensor& groups_c, cons
   return sums;
 }
 
-// The loss from the pass-1 sums of ALL rows, and (compute_grad) the gradient of the rows [row_begin, row_end)
-// (the weights W_k are symmetrised, so the row side over every column is their whole gradient).
+// The loss from the pass-1 sums of ALL rows, and (compute_grad) the gradient of the pairs the rows [row_begin,
+// row_end) own (the weights W_k are symmetrised: the row side of a diagonal tile, both sides of a mirrored one).
 std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad_cuda(const at::Tensor& z, const at::Tensor& groups_c,
                                                                  const BandwidthPlan& plan, const at::Tensor& sums,
                                                                  int64_t row_begin, int64_t row_end,
@@ -197,18 +217,19 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad_cuda(const at::Tenso
 
   // Pass 2: recompute the tiles with the gradient weights.
   at::Tensor grad = at::zeros_like(z);
+  if (row_end == row_begin) return {stats.loss, grad};
   const LaunchConfig config =
-      make_launch_config(row_end - row_begin, num_samples, num_codebooks, groups_c.size(0));
+      make_launch_config(row_begin, row_end, num_samples, num_codebooks, groups_c.size(0), /*symmetric=*/true);
   const at::Tensor norms = z.square().sum(-1);
   TileArgs args = base_args(z, groups_c, true, row_begin, row_end);
   args.rows = args.cols = z.data_ptr<float>();
   args.row_norms = args.col_norms = norms.data_ptr<float>();
-  args.same_set = true;
+  args.same_set = args.symmetric = true;
   args.gamma = stats.gamma.data_ptr<float>();
   args.beta = stats.beta.data_ptr<float>();
   const double n = static_cast<double>(num_samples);
   args.inv_n2 = static_cast<float>(1.0 / (n * n));
-  args.row_factor = 2.0f;
+  args.row_factor = args.col_factor = 2.0f;
   args.grad_rows = grad.data_ptr<float>();
   launch_tiles<Pass::kDhsicGrad>(config, args, plan);
   return {stats.loss, grad};

@@ -1,10 +1,13 @@
 // Device code of the CUDA MMD ops (host side and registration: mmd_cuda.cu; contract: docs/mmd_kernels.md). One
 // pass per term fuses the per-codebook squared distances, group distances, every bandwidth and the loss/gradient
 // weights; nothing N x N is stored. A CTA owns a block of 64 rows (32 for many codebooks) and walks a range of column
-// tiles, flash-attention style. The K distance tiles of a (row block, column tile) pair come from a shared-memory
-// tiled float32 FMA product over D (no TF32) and stay in shared memory, where the gradient weights W_k overwrite them
-// in place for the W @ B products. Arithmetic is float32 (mmd_tile.h); loss partials are summed in double across
-// tiles, gradients by float32 atomics.
+// tiles, flash-attention style. A symmetric plane (xx, yy, dHSIC's Grams) is walked once per unordered pair of blocks
+// (block_pairs.h): a row block visits its diagonal tile and the column blocks it owns, whose "mirrored" tiles count
+// twice and also deliver their column side (sums, gradient) to the column block's rows. The K distance tiles of a
+// (row block, column tile) pair come from a shared-memory tiled float32 FMA product over D (no TF32) and stay in
+// shared memory, where the gradient weights W_k overwrite them in place for the W @ B products. Arithmetic is float32
+// (mmd_tile.h); loss partials are summed in double across tiles, gradients by float32 atomics (as before the
+// symmetric walk, so the column side's atomics change nothing here: gradients vary in the last bits run to run).
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -13,6 +16,7 @@
 
 #include <cstdint>
 
+#include "mmd/block_pairs.h"
 #include "mmd/mmd_tile.h"
 
 namespace mmdkernels {
@@ -34,19 +38,22 @@ struct TileArgs {
   const float* col_norms;  // [N, K]
   const int32_t* groups;   // [G, K], 0/1
   int num_samples;
-  int row_begin;  // the rows [row_begin, row_end) of the N x N plane are computed, against every column
+  int row_begin;  // the rows [row_begin, row_end) of the N x N plane are computed (symmetric: their owned pairs)
   int row_end;
   int num_codebooks;
   int dim;
   int num_groups;
-  int tiles_per_split;  // column tiles per CTA (blockIdx.y picks the range)
+  int tiles_per_split;  // column steps per CTA (blockIdx.y picks the range)
   bool same_set;        // rows == cols: the diagonal is skipped (shuffle) or has distance exactly 0 (dHSIC)
+  bool symmetric;       // walk the owned block pairs of the plane (block_pairs.h), else every column tile
+  int first_block;      // symmetric: blockIdx.x = 0 is the global row block first_block (row_begin / T)
+  int num_blocks;       // blocks of T samples covering N
   bool compute_grad;
   float term_weight;  // shuffle: w_xx, w_yy or w_xy
   float row_factor;   // gradient of a side = factor * (rowsum(W) * self - W @ other)
-  float col_factor;
-  float* grad_rows;       // [N, K, D], indexed like `rows`
-  float* grad_cols;       // [N, K, D], indexed like `cols`; null when only the row side is needed
+  float col_factor;   // (the column side of a two-sided term or of a mirrored tile)
+  float* grad_rows;       // [N, K, D], indexed like `rows` (a symmetric term's column side too)
+  float* grad_cols;       // [N, K, D], indexed like `cols`; null for a one-set term
   double* loss_partials;  // [gridDim.y * gridDim.x], or null
   double* row_sums;       // dHSIC pass 1: [K, A, N], sum_m E_{k,a}(n, m)
   const float* gamma;     // dHSIC pass 2: [K, A]
@@ -123,7 +130,7 @@ __device__ void distance_tile(const TileArgs& args, int k, int row0, int col0, f
       const int r = ty + kThreadGrid * i, c = tx + kThreadGrid * j;
       const int row = row0 + r, col = col0 + c;
       float d = 0.0f;
-      if (row < args.row_end && col < args.num_samples && !(args.same_set && row == col)) {
+      if (row >= args.row_begin && row < args.row_end && col < args.num_samples && !(args.same_set && row == col)) {
         d = sqdist_from_dot(args.row_norms[static_cast<int64_t>(row) * num_codebooks + k],
                             args.col_norms[static_cast<int64_t>(col) * num_codebooks + k], dot[i][j]);
       }
@@ -137,13 +144,13 @@ template <int T>
 struct TileEntry {
   int r, c, row, col;
   bool in_range;
-  __device__ TileEntry(int index, int row0, int col0, int row_end, int num_samples) {
+  __device__ TileEntry(int index, int row0, int col0, const TileArgs& args) {
     constexpr int P = TileShape<T>::kPerThread;
     r = threadIdx.x / kThreadGrid + kThreadGrid * (index / P);
     c = threadIdx.x % kThreadGrid + kThreadGrid * (index % P);
     row = row0 + r;
     col = col0 + c;
-    in_range = row < row_end && col < num_samples;
+    in_range = row >= args.row_begin && row < args.row_end && col < args.num_samples;
   }
 };
 
@@ -182,7 +189,7 @@ __device__ float shuffle_weights(const TileArgs& args, const BandwidthPlan& plan
   constexpr int P = TileShape<T>::kPerThread;
   float value = 0.0f;
   for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
+    const TileEntry<T> e(index, row0, col0, args);
     float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
     float w[kMaxCodebooks] = {};
     if (e.in_range && !(args.same_set && e.row == e.col)) {
@@ -204,7 +211,7 @@ __device__ float dhsic_joint_sums(const TileArgs& args, const BandwidthPlan& pla
   constexpr int P = TileShape<T>::kPerThread;
   float value = 0.0f;
   for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
+    const TileEntry<T> e(index, row0, col0, args);
     if (!e.in_range) continue;
     const float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
     for (int g = 0; g < args.num_groups; ++g) {
@@ -220,24 +227,37 @@ __device__ float dhsic_joint_sums(const TileArgs& args, const BandwidthPlan& pla
 }
 
 // dHSIC pass 1, marginal part: row_sums[k, a, n] += sum over the tile's columns of E_{k,a}(n, m). The 16 threads
-// sharing a row (one half-warp) reduce by shuffles; one of them adds to global memory.
+// sharing a row (one half-warp) reduce by shuffles; one of them adds to global memory. A mirrored tile also adds its
+// column sums to its columns' rows (E is symmetric): per-thread partials over its rows, reduced through `scratch`
+// (T * kMaxBandwidths floats of shared memory) by shared atomics, then one global atomic per column and bandwidth.
 template <int T>
 __device__ void dhsic_row_sums(const TileArgs& args, const BandwidthPlan& plan, const float* tiles, int row0,
-                               int col0) {
+                               int col0, bool mirrored, float* scratch) {
   constexpr int P = TileShape<T>::kPerThread;
   const int tx = threadIdx.x % kThreadGrid, ty = threadIdx.x / kThreadGrid;
   for (int k = 0; k < args.num_codebooks; ++k) {
+    if (mirrored) {     // uniform across the CTA
+      __syncthreads();  // every thread is done with the stage buffer / the previous codebook's column sums
+      for (int idx = threadIdx.x; idx < T * kMaxBandwidths; idx += kThreads) scratch[idx] = 0.0f;
+      __syncthreads();
+    }
+    float col_sums[P][kMaxBandwidths] = {};
     for (int i = 0; i < P; ++i) {
       const int r = ty + kThreadGrid * i, row = row0 + r;
+      const bool row_in_range = row >= args.row_begin && row < args.row_end;
       float sums[kMaxBandwidths] = {};
+#pragma unroll
       for (int j = 0; j < P; ++j) {
         const int c = tx + kThreadGrid * j;
-        if (row >= args.row_end || col0 + c >= args.num_samples) continue;
+        if (!row_in_range || col0 + c >= args.num_samples) continue;
         float kernel[kMaxBandwidths];
         eval_bandwidths(tiles[k * TileShape<T>::kFloats + r * TileShape<T>::kStride + c], plan, kernel);
 #pragma unroll
         for (int a = 0; a < kMaxBandwidths; ++a) {
-          if (a < plan.count) sums[a] += kernel[a];
+          if (a < plan.count) {
+            sums[a] += kernel[a];
+            col_sums[j][a] += kernel[a];
+          }
         }
       }
 #pragma unroll
@@ -245,11 +265,27 @@ __device__ void dhsic_row_sums(const TileArgs& args, const BandwidthPlan& plan, 
         if (a < plan.count) {  // uniform across the warp, so every lane takes part in the shuffles
           float sum = sums[a];
           for (int offset = kThreadGrid / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-          if (tx == 0 && row < args.row_end) {
+          if (tx == 0 && row_in_range) {
             atomicAdd(&args.row_sums[(static_cast<int64_t>(k) * plan.count + a) * args.num_samples + row],
                       static_cast<double>(sum));
           }
         }
+      }
+    }
+    if (!mirrored) continue;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+#pragma unroll
+      for (int a = 0; a < kMaxBandwidths; ++a) {
+        if (a < plan.count) atomicAdd(&scratch[(tx + kThreadGrid * j) * kMaxBandwidths + a], col_sums[j][a]);
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < T * plan.count; idx += kThreads) {
+      const int c = idx / plan.count, a = idx % plan.count, col = col0 + c;
+      if (col < args.num_samples) {
+        atomicAdd(&args.row_sums[(static_cast<int64_t>(k) * plan.count + a) * args.num_samples + col],
+                  static_cast<double>(scratch[c * kMaxBandwidths + a]));
       }
     }
   }
@@ -264,7 +300,7 @@ __device__ void dhsic_weights(const TileArgs& args, const BandwidthPlan& plan, f
   constexpr int P = TileShape<T>::kPerThread;
   const int64_t n = args.num_samples;
   for (int index = 0; index < P * P; ++index) {
-    const TileEntry<T> e(index, row0, col0, args.row_end, args.num_samples);
+    const TileEntry<T> e(index, row0, col0, args);
     float* entry = tiles + e.r * TileShape<T>::kStride + e.c;
     float w[kMaxCodebooks] = {};
     if (!e.in_range || e.row == e.col) {
@@ -378,7 +414,7 @@ __device__ void accumulate_gradient(const TileArgs& args, int k, int row0, int c
     for (int mi = 0; mi < P; ++mi) {
       const int o = kColumnSide ? P * ty + mi : ty + kThreadGrid * mi;
       const int sample = self0 + o;
-      if (sample >= (kColumnSide ? args.num_samples : args.row_end)) continue;
+      if (kColumnSide ? sample >= args.num_samples : (sample < args.row_begin || sample >= args.row_end)) continue;
 #pragma unroll
       for (int mj = 0; mj < kChunkPerThread; ++mj) {
         const int d = d0 + tx + kThreadGrid * mj;
@@ -424,37 +460,47 @@ __global__ void __launch_bounds__(kThreads) mmd_tiles_kernel(const __grid_consta
   }
   __syncthreads();
 
-  const int num_tiles = (args.num_samples + T - 1) / T;
-  const int row0 = args.row_begin + blockIdx.x * T;
-  const int first_tile = blockIdx.y * args.tiles_per_split;
-  const int end_tile = min(first_tile + args.tiles_per_split, num_tiles);
+  // A row block's steps: every column tile, or (symmetric) its diagonal tile and the column blocks it owns.
+  const int row_block = args.first_block + static_cast<int>(blockIdx.x);
+  const int row0 = args.symmetric ? row_block * T : args.row_begin + static_cast<int>(blockIdx.x) * T;
+  const int num_steps =
+      args.symmetric ? 1 + static_cast<int>(owned_offsets(row_block, args.num_blocks)) : args.num_blocks;
+  const int first_step = blockIdx.y * args.tiles_per_split;
+  const int end_step = min(first_step + args.tiles_per_split, num_steps);
   double thread_total = 0.0;
-  for (int tile = first_tile; tile < end_tile; ++tile) {
-    const int col0 = tile * T;
+  for (int step = first_step; step < end_step; ++step) {
+    // a mirrored tile stands for its transpose too: its entries count twice, its column side gets the gradient
+    const bool mirrored = args.symmetric && step > 0;
+    const int col0 =
+        (args.symmetric ? static_cast<int>(owned_column_block(row_block, step, args.num_blocks)) : step) * T;
     for (int k = 0; k < args.num_codebooks; ++k) {
       distance_tile<T>(args, k, row0, col0, stage_a, stage_b, tiles + k * Shape::kFloats);
     }
     // Each thread reads and rewrites only the entries it wrote above: no barrier until W is shared.
     if constexpr (kPass == Pass::kShuffle) {
-      thread_total += shuffle_weights<T>(args, plan, tiles, group_masks, row0, col0);
+      const float value = shuffle_weights<T>(args, plan, tiles, group_masks, row0, col0);
+      thread_total += mirrored ? 2.0 * value : value;
     } else if constexpr (kPass == Pass::kDhsicSums) {
-      thread_total += dhsic_joint_sums<T>(args, plan, tiles, group_masks, row0, col0);
-      dhsic_row_sums<T>(args, plan, tiles, row0, col0);
+      const float value = dhsic_joint_sums<T>(args, plan, tiles, group_masks, row0, col0);
+      thread_total += mirrored ? 2.0 * value : value;
+      dhsic_row_sums<T>(args, plan, tiles, row0, col0, mirrored, stage_b);
     } else {
       dhsic_weights<T>(args, plan, tiles, group_masks, row0, col0);
     }
     if constexpr (kPass != Pass::kDhsicSums) {
       if (!args.compute_grad) continue;
+      const bool column_side = mirrored || args.grad_cols != nullptr;
+      float* grad_cols = mirrored ? args.grad_rows : args.grad_cols;
       __syncthreads();
-      weight_sums<T>(tiles, args.num_codebooks, args.grad_cols != nullptr, row_wsums, col_wsums);
+      weight_sums<T>(tiles, args.num_codebooks, column_side, row_wsums, col_wsums);
       __syncthreads();
       for (int k = 0; k < args.num_codebooks; ++k) {
         const float* weights = tiles + k * Shape::kFloats;
         accumulate_gradient<T, false>(args, k, row0, col0, weights, row_wsums + k * T, args.row_factor,
                                       args.grad_rows, stage_a);
-        if (args.grad_cols != nullptr) {
-          accumulate_gradient<T, true>(args, k, row0, col0, weights, col_wsums + k * T, args.col_factor,
-                                       args.grad_cols, stage_a);
+        if (column_side) {
+          accumulate_gradient<T, true>(args, k, row0, col0, weights, col_wsums + k * T, args.col_factor, grad_cols,
+                                       stage_a);
         }
       }
     }

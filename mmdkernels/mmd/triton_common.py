@@ -2,7 +2,17 @@
 and bandwidth plan (the contract of csrc/mmd/mmd_args.h, docs/mmd_kernels.md "Inputs"), and the device helpers both
 estimators fuse per tile: per-codebook squared distances (tl.dot over D in CHUNK_D-feature slices, batched over the
 K codebooks), group distances, the bandwidth chain (one exp per entry, the other bandwidths by integer powers, as
-eval_bandwidths in csrc/mmd/mmd_tile.h) and the row block's gradient. Everything is float32, accumulated in float32.
+eval_bandwidths in csrc/mmd/mmd_tile.h), the row block's gradient, and the walk of a symmetric plane once per unordered
+pair of blocks (csrc/mmd/block_pairs.h). Everything is float32, accumulated in float32.
+
+Symmetric planes (the shuffle's xx and yy terms, dHSIC's Grams): by default a row block visits its diagonal block and
+the column blocks it owns; such a "mirrored" tile counts twice and adds its column side (gradient, dHSIC's Gram sums)
+to the column block's rows by float32 atomics, so the row sides are atomic too. A deterministic column side would
+need a [blocks owned, N, K, D] buffer or a wave of launches per block offset: 16 rows of K x D output per 16 x 16
+tile written to DRAM and read back, by estimate about as costly as the tile work the mirroring saves, while the
+atomics add into L2-resident gradients. So gradients (and dHSIC's loss, through its pass-1 sums) vary in the last
+bits from run to run; under torch.use_deterministic_algorithms(True) the kernels walk every tile of the plane, row
+side only, as before: reproducible bit for bit, at the full plane's cost.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import triton.language as tl
 from mmdkernels.mmd.plan import MAX_CHAIN_POWER
 
 BLOCK_N = 16  # rows per program; 16 is tl.dot's smallest tile edge
-BLOCK_M = 16  # columns per inner step
+BLOCK_M = 16  # columns per inner step; = BLOCK_N, as a symmetric plane's column blocks are its row blocks
 CHUNK_D = 16  # features per distance tl.dot step; D is zero-padded to a multiple of it
 # 8 warps halve the per-thread share of the [K, BLOCK_N, D] gradient accumulator and the [K, BLOCK_N, BLOCK_M] tiles;
 # offline ptxas for sm_90 shows (almost) no register spills with them up to K * D = 512.
@@ -74,6 +84,42 @@ def bandwidth_values(dist, COEFS: tl.constexpr, SRC: tl.constexpr, STEP: tl.cons
 
 
 @triton.jit
+def owned_offsets(block, num_blocks):
+    """Off-diagonal column blocks that row block `block` of `num_blocks` owns (csrc/mmd/block_pairs.h): every unordered
+    pair of blocks once, every row block about half."""
+    # tensor operands first: num_blocks may be a compile-time constant (Triton specialises an argument equal to 1)
+    return ((block < num_blocks // 2) & (num_blocks % 2 == 0)).to(tl.int32) + (num_blocks - 1) // 2
+
+
+@triton.jit
+def column_steps(block, num_blocks, MIRRORED: tl.constexpr):
+    """How many column blocks row block `block` visits: all of them, or (MIRRORED) its diagonal and owned blocks."""
+    steps = 0 * block + num_blocks
+    if MIRRORED:
+        steps = 1 + owned_offsets(block, num_blocks)
+    return steps
+
+
+@triton.jit
+def column_block(block, step, num_blocks, MIRRORED: tl.constexpr):
+    """The column block of a row block's step: the step itself, or (MIRRORED) the owned block `step` after the
+    diagonal (step 0), cyclically (owned_column_block in block_pairs.h)."""
+    col = step + 0 * block
+    if MIRRORED:
+        col = (block + step) % num_blocks
+    return col
+
+
+@triton.jit
+def pair_copies(step, MIRRORED: tl.constexpr):
+    """How many entries of the plane a computed entry stands for: 2 on a mirrored tile (its transpose), else 1."""
+    copies = tl.full([], 1.0, tl.float32)
+    if MIRRORED:
+        copies = tl.where(step > 0, 2.0, 1.0)
+    return copies
+
+
+@triton.jit
 def load_samples(
     ptr,
     samples,
@@ -98,18 +144,23 @@ def store_samples(
     ptr,
     samples,
     tile,
-    num_samples,
+    in_range,
     NUM_CODEBOOKS: tl.constexpr,
     DIM: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    """Inverse of load_samples (feature_start 0) for the rows, codebooks and features that exist."""
+    """Inverse of load_samples (feature_start 0) for the rows where in_range holds and the codebooks and features that
+    exist; ATOMIC: adds the tile by float32 atomics instead."""
     codebooks = tl.arange(0, BLOCK_K)[:, None, None]
     features = tl.arange(0, BLOCK_D)[None, None, :]
-    samples = samples[None, :, None]
-    mask = (samples < num_samples) & (codebooks < NUM_CODEBOOKS) & (features < DIM)
-    tl.store(ptr + samples * (NUM_CODEBOOKS * DIM) + codebooks * DIM + features, tile, mask=mask)
+    mask = in_range[None, :, None] & (codebooks < NUM_CODEBOOKS) & (features < DIM)
+    offsets = samples[None, :, None] * (NUM_CODEBOOKS * DIM) + codebooks * DIM + features
+    if ATOMIC:
+        tl.atomic_add(ptr + offsets, tile, mask=mask)
+    else:
+        tl.store(ptr + offsets, tile, mask=mask)
 
 
 @triton.jit
@@ -205,21 +256,46 @@ def row_block_grad(
     grad_ptr,
     rows_ptr,
     row_ids,
+    in_rows,
     weight_rowsums,
     weighted_cols,
     num_samples,
     NUM_CODEBOOKS: tl.constexpr,
     DIM: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """grad rows (+)= rowsum(W) * A - W @ B for the row block, from the accumulated rowsum(W) and W @ B."""
+    """grad rows (+)= rowsum(W) * A - W @ B for the row block's rows in range (in_rows), from the accumulated rowsum(W)
+    and W @ B. ATOMIC: added by float32 atomics, as other programs add mirrored column sides to the same rows."""
     rows = load_samples(rows_ptr, row_ids, 0, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D)
     grad = weight_rowsums[:, :, None] * rows - weighted_cols
     if ACCUMULATE:
         grad += load_samples(grad_ptr, row_ids, 0, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D)
-    store_samples(grad_ptr, row_ids, grad, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D)
+    store_samples(grad_ptr, row_ids, grad, in_rows, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D, ATOMIC)
+
+
+@triton.jit
+def mirrored_column_grad(
+    grad_ptr,
+    rows_ptr,
+    row_ids,
+    weights,
+    cols,
+    col_ids,
+    num_samples,
+    NUM_CODEBOOKS: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """A mirrored tile's column side: grad[col_ids] += colsum(W) * B - W^T @ A by float32 atomics (weights
+    [BK, BN, BM], already scaled and 0 off range; cols = B [BK, BM, BD])."""
+    rows = load_samples(rows_ptr, row_ids, 0, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D)
+    transposed = tl.permute(weights, (0, 2, 1))
+    grad = tl.sum(weights, axis=1)[:, :, None] * cols - tl.dot(transposed, rows, input_precision="ieee")
+    store_samples(grad_ptr, col_ids, grad, col_ids < num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,15 +391,24 @@ def grad_block_d(z: torch.Tensor) -> int:
     return max(CHUNK_D, triton.next_power_of_2(z.shape[2]))
 
 
-def num_row_blocks(num_samples: int) -> int:
-    return triton.cdiv(num_samples, BLOCK_N)
+def num_row_blocks(row_begin: int, row_end: int) -> int:
+    """Programs of a launch over the rows [row_begin, row_end): the blocks of the global BLOCK_N-row grid they touch
+    (program i is block row_begin // BLOCK_N + i), so that the block pairs of a symmetric plane do not depend on the
+    range."""
+    return 0 if row_end == row_begin else triton.cdiv(row_end, BLOCK_N) - row_begin // BLOCK_N
+
+
+def mirrored_tiles() -> bool:
+    """Symmetric planes once per block pair, column sides by atomics (the default), or, under
+    torch.use_deterministic_algorithms(True), every tile (reproducible bit for bit; see the module docstring)."""
+    return not torch.are_deterministic_algorithms_enabled()
 
 
 def nan_filled(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return torch.full(tuple(shape), float("nan"), dtype=torch.float32, device=like.device)
 
 
-def grad_buffer(z: torch.Tensor, full_range: bool) -> torch.Tensor:
+def grad_buffer(z: torch.Tensor, full_range: bool, atomic: bool) -> torch.Tensor:
     """Every row of the gradient is written when the range is all rows (NaN-filled catches a missed one), else the
-    rows outside the range must hold 0."""
-    return nan_filled(z.shape, z) if full_range else torch.zeros_like(z)
+    rows outside the range must hold 0, as must every row when the kernels add to it by atomics."""
+    return nan_filled(z.shape, z) if full_range and not atomic else torch.zeros_like(z)

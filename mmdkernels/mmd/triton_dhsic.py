@@ -3,7 +3,10 @@
 # rows against every column: pass 1 reduces each Gram matrix E_{k,j} to row sums (kept in registers per row block)
 # and each group's product of Grams to a joint sum; the loss and the gradient terms follow from those on the host
 # (dhsic_stats.py, the formula of the C++ ops). Pass 2 recomputes the tiles, turns them into the symmetrised weights
-# W_k and accumulates rowsum(W) and W @ z in registers. Float32 throughout; the pass-1 sums end in float64.
+# W_k and accumulates rowsum(W) and W @ z in registers. The Grams are symmetric: both passes visit each unordered pair
+# of blocks once, a mirrored tile's column sums and column-side gradient added to its columns' rows by atomics (every
+# tile under torch.use_deterministic_algorithms: see triton_common.py). Float32 throughout; the pass-1 sums end in
+# float64.
 
 from __future__ import annotations
 
@@ -21,13 +24,18 @@ from mmdkernels.mmd.triton_common import (
     check_row_range,
     check_samples,
     codebook_sqdists,
+    column_block,
+    column_steps,
     grad_block_d,
     grad_buffer,
     group_kernel_sums,
     group_members,
     load_samples,
     make_plan,
+    mirrored_column_grad,
+    mirrored_tiles,
     num_row_blocks,
+    pair_copies,
     plan_kwargs,
     row_block_grad,
     sample_sqnorms,
@@ -70,39 +78,54 @@ def _dhsic_sums_kernel(
     SRC: tl.constexpr,
     STEP: tl.constexpr,
     BASE_COEF: tl.constexpr,
+    MIRRORED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHUNK_D: tl.constexpr,
 ):
-    """Pass 1: row_sums[j, k, n] = sum_m E_{k,j}(n, m) for the block's rows ([J, K, N], J bandwidths); joint[pid] =
-    sum over the block's rows, all columns, groups and bandwidths of prod_{k in g} E_{k,j}(n, m) = e_j(D_g(n, m)).
-    The blocks cover the rows [row_begin, row_end)."""
-    row_ids = row_begin + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Pass 1 for one row block (block row_begin // BLOCK_N + pid), its rows in [row_begin, row_end), against every
+    column or (MIRRORED) its diagonal and owned blocks (csrc/mmd/block_pairs.h): row_sums[j, k, n] = sum over the
+    visited m of E_{k,j}(n, m) ([J, K, N], J bandwidths; MIRRORED: added by atomics, and a mirrored tile adds its
+    column sums to rows m too); joint[pid] = sum over the visited entries (x2 mirrored), groups and bandwidths of
+    prod_{k in g} E_{k,j}(n, m) = e_j(D_g(n, m))."""
+    block = row_begin // BLOCK_N + tl.program_id(0)
+    row_ids = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows = (row_ids >= row_begin) & (row_ids < row_end)
     row_norms = sample_sqnorms(z_ptr, row_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
+    codebooks = tl.arange(0, BLOCK_K)[:, None]
     joint = tl.zeros([], tl.float32)
     row_sums = ()
     for j in tl.static_range(len(COEFS)):
         row_sums = row_sums + (tl.zeros([BLOCK_K, BLOCK_N], tl.float32),)
-    for start in range(0, num_samples, BLOCK_M):
-        col_ids = start + tl.arange(0, BLOCK_M)
-        valid = (row_ids[:, None] < row_end) & (col_ids[None, :] < num_samples)
+    num_blocks = tl.cdiv(num_samples, BLOCK_M)
+    for step in range(0, column_steps(block, num_blocks, MIRRORED)):
+        col_ids = column_block(block, step, num_blocks, MIRRORED) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = in_rows[:, None] & (col_ids[None, :] < num_samples)
         dists = _dhsic_dists(z_ptr, row_ids, row_norms, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
         grams = bandwidth_values(dists, COEFS, SRC, STEP, BASE_COEF)
         new_row_sums = ()
         for j in tl.static_range(len(COEFS)):
-            new_row_sums = new_row_sums + (row_sums[j] + tl.sum(tl.where(valid[None, :, :], grams[j], 0.0), axis=2),)
+            gram = tl.where(valid[None, :, :], grams[j], 0.0)
+            new_row_sums = new_row_sums + (row_sums[j] + tl.sum(gram, axis=2),)
+            if MIRRORED:
+                if step > 0:
+                    col_mask = (codebooks < NUM_CODEBOOKS) & (col_ids[None, :] < num_samples)
+                    offsets = (j * NUM_CODEBOOKS + codebooks) * num_samples + col_ids[None, :]
+                    tl.atomic_add(row_sums_ptr + offsets, tl.sum(gram, axis=1), mask=col_mask)
         row_sums = new_row_sums
         joint_values, _ = group_kernel_sums(
             dists, groups_ptr, num_groups, NUM_CODEBOOKS, COEFS, SRC, STEP, BASE_COEF, False, BLOCK_K
         )
-        joint += tl.sum(tl.where(valid, joint_values, 0.0))
+        joint += pair_copies(step, MIRRORED) * tl.sum(tl.where(valid, joint_values, 0.0))
     tl.store(joint_ptr + tl.program_id(0), joint)
-    codebooks = tl.arange(0, BLOCK_K)[:, None]
-    mask = (codebooks < NUM_CODEBOOKS) & (row_ids[None, :] < row_end)
+    mask = (codebooks < NUM_CODEBOOKS) & in_rows[None, :]
     for j in tl.static_range(len(COEFS)):
         offsets = (j * NUM_CODEBOOKS + codebooks) * num_samples + row_ids[None, :]
-        tl.store(row_sums_ptr + offsets, row_sums[j], mask=mask)
+        if MIRRORED:
+            tl.atomic_add(row_sums_ptr + offsets, row_sums[j], mask=mask)
+        else:
+            tl.store(row_sums_ptr + offsets, row_sums[j], mask=mask)
 
 
 @triton.jit
@@ -175,18 +198,22 @@ def _dhsic_grad_kernel(
     SRC: tl.constexpr,
     STEP: tl.constexpr,
     BASE_COEF: tl.constexpr,
+    MIRRORED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHUNK_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Pass 2: grad rows = 2 (rowsum(W) z - W @ z) with W the symmetrised dHSIC weight (dhsic_entry_weight).
+    """Pass 2 for one row block (as pass 1): grad rows = 2 (rowsum(W) z - W @ z) with W the symmetrised dHSIC weight
+    (dhsic_entry_weight) over the visited columns; MIRRORED: a mirrored tile's columns also get 2 (colsum(W) z -
+    W^T @ z), every side added by atomics.
 
     gamma_ptr: [K, J]; beta_ptr: [K, J, N] (J bandwidths), from pass 1's statistics (dhsic_stats.py).
-    Rows [row_begin, row_end).
     """
-    row_ids = row_begin + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    block = row_begin // BLOCK_N + tl.program_id(0)
+    row_ids = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows = (row_ids >= row_begin) & (row_ids < row_end)
     row_norms = sample_sqnorms(z_ptr, row_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
     codebooks = tl.arange(0, BLOCK_K)
     two_gammas = ()
@@ -199,9 +226,10 @@ def _dhsic_grad_kernel(
         )
     weight_rowsums = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
     weighted_cols = tl.zeros([BLOCK_K, BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, num_samples, BLOCK_M):
-        col_ids = start + tl.arange(0, BLOCK_M)
-        valid = (row_ids[:, None] < row_end) & (col_ids[None, :] < num_samples)
+    num_blocks = tl.cdiv(num_samples, BLOCK_M)
+    for step in range(0, column_steps(block, num_blocks, MIRRORED)):
+        col_ids = column_block(block, step, num_blocks, MIRRORED) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = in_rows[:, None] & (col_ids[None, :] < num_samples)
         dists = _dhsic_dists(z_ptr, row_ids, row_norms, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
         grams = bandwidth_values(dists, COEFS, SRC, STEP, BASE_COEF)
         joint_sums = _group_joint_sums(
@@ -225,16 +253,23 @@ def _dhsic_grad_kernel(
         cols = load_samples(z_ptr, col_ids, 0, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D)
         weight_rowsums += tl.sum(weights, axis=2)
         weighted_cols = tl.dot(weights, cols, acc=weighted_cols, input_precision="ieee")
+        if MIRRORED:
+            if step > 0:
+                mirrored_column_grad(
+                    grad_ptr, z_ptr, row_ids, weights, cols, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D
+                )
     row_block_grad(
         grad_ptr,
         z_ptr,
         row_ids,
+        in_rows,
         weight_rowsums,
         weighted_cols,
-        row_end,
+        num_samples,
         NUM_CODEBOOKS,
         DIM,
         False,
+        MIRRORED,
         BLOCK_K,
         BLOCK_D,
     )
@@ -253,8 +288,9 @@ def mmd_dhsic_sums_triton(
     """dHSIC pass 1 over the rows [row_begin, row_end) (contract of mmdkernels::mmd_dhsic_sums).
 
     Returns:
-        float64 [K*J + 1, N]: row k*J + j = sum_m E_{k,j}(n, m) for n in the range (0 elsewhere); the last row holds
-        the range's joint sum in column 0 (only its total is used).
+        float64 [K*J + 1, N]: row k*J + j = the sums of E_{k,j}(n, m) over the pairs the rows in range own (every
+        column of their rows, or once per block pair: a mirrored pair adds to row n and to row m); the last row holds
+        their joint sum in column 0 (only its total is used). Summed over a partition of the rows: the full sums.
     """
     check_samples(z)
     check_groups(groups, z)
@@ -263,7 +299,7 @@ def mmd_dhsic_sums_triton(
     groups = groups.contiguous()
     num_samples, num_codebooks, _ = z.shape
     num_bandwidths = len(plan.coefs)
-    num_blocks = num_row_blocks(row_end - row_begin)
+    num_blocks = num_row_blocks(row_begin, row_end)
     row_sums = torch.zeros((num_bandwidths, num_codebooks, num_samples), dtype=torch.float32, device=z.device)
     joint_partials = torch.zeros((max(num_blocks, 1),), dtype=torch.float32, device=z.device)
     if num_blocks > 0:
@@ -276,6 +312,7 @@ def mmd_dhsic_sums_triton(
             row_begin,
             row_end,
             groups.shape[0],
+            MIRRORED=mirrored_tiles(),
             num_warps=NUM_WARPS,
             **plan_kwargs(plan),
             **shape_kwargs(z),
@@ -298,11 +335,12 @@ def mmd_dhsic_rows_triton(
     row_end: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dHSIC loss from the pass-1 sums of ALL rows, and the gradient of the rows [row_begin, row_end)
-    (contract of mmdkernels::mmd_dhsic_rows).
+    """The dHSIC loss from the pass-1 sums of ALL rows, and the gradient of the pairs the rows [row_begin, row_end)
+    own (contract of mmdkernels::mmd_dhsic_rows).
 
     Returns:
-        (loss float32 0-dim, grad float32 [N, K, D] (0 outside the range) or an empty [0] tensor).
+        (loss float32 0-dim, grad float32 [N, K, D] (summed over a partition of the rows: the full gradient) or an empty
+        [0] tensor).
     """
     check_samples(z)
     check_groups(groups, z)
@@ -324,8 +362,9 @@ def mmd_dhsic_rows_triton(
     if not compute_grad:
         return stats.loss, z.new_empty(0)
     full_range = (row_begin, row_end) == (0, num_samples)
-    grad = grad_buffer(z, full_range)
-    num_blocks = num_row_blocks(row_end - row_begin)
+    mirrored = mirrored_tiles()
+    grad = grad_buffer(z, full_range, atomic=mirrored)
+    num_blocks = num_row_blocks(row_begin, row_end)
     if num_blocks == 0:
         return stats.loss, grad
     _dhsic_grad_kernel[(num_blocks,)](
@@ -339,6 +378,7 @@ def mmd_dhsic_rows_triton(
         row_end,
         groups.shape[0],
         1.0 / (float(num_samples) * float(num_samples)),
+        MIRRORED=mirrored,
         BLOCK_D=grad_block_d(z),
         num_warps=NUM_WARPS,
         **plan_kwargs(plan),

@@ -2,11 +2,14 @@
 # Fused per tile: per-codebook squared distances, group distances, the bandwidth chain, loss values and gradient
 # weights (triton_common.py); no N x N matrix is stored. Tiling: each program owns BLOCK_N rows and loops over
 # BLOCK_M column tiles (flash-attention style); its loss partial, rowsum(W) and W @ B for the row block stay in
-# registers. The xy term's column side is a separate launch with X and Y swapped (deterministic, no atomics).
+# registers. The symmetric xx and yy terms visit each unordered pair of blocks once (a row block's diagonal and owned
+# blocks, the mirrored tiles' column sides by atomics; every tile under torch.use_deterministic_algorithms: see
+# triton_common.py). The xy term's column side is a separate launch with X and Y swapped (no atomics).
 # Everything is float32, accumulated in float32; the loss partials of the row blocks are summed in float64.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -21,13 +24,18 @@ from mmdkernels.mmd.triton_common import (
     check_row_range,
     check_samples,
     codebook_sqdists,
+    column_block,
+    column_steps,
     grad_block_d,
     grad_buffer,
     group_kernel_sums,
     load_samples,
     make_plan,
+    mirrored_column_grad,
+    mirrored_tiles,
     nan_filled,
     num_row_blocks,
+    pair_copies,
     plan_kwargs,
     row_block_grad,
     sample_sqnorms,
@@ -54,6 +62,7 @@ def _shuffle_term_kernel(
     STEP: tl.constexpr,
     BASE_COEF: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    MIRRORED: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     ACCUMULATE_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -62,20 +71,27 @@ def _shuffle_term_kernel(
     CHUNK_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One term of the shuffle loss, rows A (a block of those in [row_begin, row_end)) against all columns B.
+    """One term of the shuffle loss for one row block (block row_begin // BLOCK_N + pid of the BLOCK_N-row grid): its
+    rows A in [row_begin, row_end) against the columns B, all of them or (MIRRORED, a symmetric term) the diagonal
+    block and the blocks it owns (csrc/mmd/block_pairs.h), whose entries stand for their transposes too.
 
-    loss_ptr[pid] = w sum_{n in block, m (!= n if SYMMETRIC)} sum_{g, j} e_j(D_g(a_n, b_m)).
-    grad_ptr rows (+)= d/dA: 4 (SYMMETRIC: A is B, both orders) or 2 times (rowsum(W) A - W @ B).
+    loss_ptr[pid] = w sum_{visited n, m (!= n if SYMMETRIC)} copies sum_{g, j} e_j(D_g(a_n, b_m)), copies = 2 on a
+    mirrored tile, else 1.
+    grad_ptr rows (+)= d/dA: 4 (SYMMETRIC: A is B, both orders) or 2 times (rowsum(W) A - W @ B); MIRRORED: a mirrored
+    tile's columns also get 4 (colsum(W) B - W^T @ A), and every side is added by atomics.
     """
-    row_ids = row_begin + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    block = row_begin // BLOCK_N + tl.program_id(0)
+    row_ids = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows = (row_ids >= row_begin) & (row_ids < row_end)
     row_norms = sample_sqnorms(rows_ptr, row_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, CHUNK_D)
     grad_scale = 4.0 if SYMMETRIC else 2.0
     loss = tl.zeros([], tl.float32)
     weight_rowsums = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
     weighted_cols = tl.zeros([BLOCK_K, BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, num_samples, BLOCK_M):
-        col_ids = start + tl.arange(0, BLOCK_M)
-        valid = (row_ids[:, None] < row_end) & (col_ids[None, :] < num_samples)
+    num_blocks = tl.cdiv(num_samples, BLOCK_M)
+    for step in range(0, column_steps(block, num_blocks, MIRRORED)):
+        col_ids = column_block(block, step, num_blocks, MIRRORED) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = in_rows[:, None] & (col_ids[None, :] < num_samples)
         if SYMMETRIC:
             # the diagonal is excluded by index, never by its computed distance (not exactly 0 in float32)
             valid = valid & (row_ids[:, None] != col_ids[None, :])
@@ -85,24 +101,32 @@ def _shuffle_term_kernel(
         values, slopes = group_kernel_sums(
             dists, groups_ptr, num_groups, NUM_CODEBOOKS, COEFS, SRC, STEP, BASE_COEF, COMPUTE_GRAD, BLOCK_K
         )
-        loss += tl.sum(tl.where(valid, values, 0.0))
+        loss += pair_copies(step, MIRRORED) * tl.sum(tl.where(valid, values, 0.0))
         if COMPUTE_GRAD:
             weights = tl.where(valid[None, :, :], (grad_scale * term_weight) * slopes, 0.0)
             cols = load_samples(cols_ptr, col_ids, 0, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K, BLOCK_D)
             weight_rowsums += tl.sum(weights, axis=2)
             weighted_cols = tl.dot(weights, cols, acc=weighted_cols, input_precision="ieee")
+            if MIRRORED:
+                if step > 0:
+                    mirrored_column_grad(
+                        grad_ptr, rows_ptr, row_ids, weights, cols, col_ids, num_samples, NUM_CODEBOOKS, DIM, BLOCK_K,
+                        BLOCK_D,
+                    )
     tl.store(loss_ptr + tl.program_id(0), term_weight * loss)
     if COMPUTE_GRAD:
         row_block_grad(
             grad_ptr,
             rows_ptr,
             row_ids,
+            in_rows,
             weight_rowsums,
             weighted_cols,
-            row_end,
+            num_samples,
             NUM_CODEBOOKS,
             DIM,
             ACCUMULATE_GRAD,
+            MIRRORED,
             BLOCK_K,
             BLOCK_D,
         )
@@ -115,16 +139,17 @@ def _shuffle_term(
     plan: Plan,
     weight: float,
     symmetric: bool,
+    mirrored: bool,
     grad: torch.Tensor | None,
     accumulate_grad: bool,
     row_range: tuple[int, int],
 ) -> torch.Tensor:
-    """Launches _shuffle_term_kernel on the rows in row_range; writes (or adds) d term / d rows into `grad` unless
-    it is None.
+    """Launches _shuffle_term_kernel on the rows in row_range (a symmetric term once per block pair if `mirrored`);
+    writes (or adds; mirrored: adds by atomics) d term / d samples into `grad` unless it is None.
 
     Returns the term's loss partials, one per row block.
     """
-    num_blocks = num_row_blocks(row_range[1] - row_range[0])
+    num_blocks = num_row_blocks(*row_range)
     partials = nan_filled((num_blocks,), rows)
     if num_blocks == 0:
         return partials
@@ -140,8 +165,9 @@ def _shuffle_term(
         groups.shape[0],
         weight,
         SYMMETRIC=symmetric,
+        MIRRORED=symmetric and mirrored,
         COMPUTE_GRAD=grad is not None,
-        ACCUMULATE_GRAD=accumulate_grad,
+        ACCUMULATE_GRAD=accumulate_grad and not (symmetric and mirrored),
         BLOCK_D=grad_block_d(rows),
         num_warps=NUM_WARPS,
         **plan_kwargs(plan),
@@ -188,13 +214,15 @@ def mmd_shuffle_triton(
     w_xx, w_yy, w_xy = (float(w) for w in term_weights)
     codebook_ids = torch.arange(z.shape[1], device=z.device)
     y = z[perms, codebook_ids[:, None]].transpose(0, 1).contiguous()
-    grad_x = grad_buffer(z, full_range) if compute_grad else None
-    grad_y = grad_buffer(z, full_range) if compute_grad else None
+    mirrored = mirrored_tiles()
+    grad_x = grad_buffer(z, full_range, atomic=mirrored) if compute_grad else None
+    grad_y = grad_buffer(z, full_range, atomic=mirrored) if compute_grad else None
+    term = functools.partial(_shuffle_term, groups=groups, plan=plan, mirrored=mirrored, row_range=rows)
     partials = torch.cat(
         [
-            _shuffle_term(z, z, groups, plan, w_xx, symmetric=True, grad=grad_x, accumulate_grad=False, row_range=rows),
-            _shuffle_term(z, y, groups, plan, w_xy, symmetric=False, grad=grad_x, accumulate_grad=True, row_range=rows),
-            _shuffle_term(y, y, groups, plan, w_yy, symmetric=True, grad=grad_y, accumulate_grad=False, row_range=rows),
+            term(z, z, weight=w_xx, symmetric=True, grad=grad_x, accumulate_grad=False),
+            term(z, y, weight=w_xy, symmetric=False, grad=grad_x, accumulate_grad=True),
+            term(y, y, weight=w_yy, symmetric=True, grad=grad_y, accumulate_grad=False),
         ]
     )
     loss = partials.double().sum()
@@ -204,6 +232,6 @@ def mmd_shuffle_triton(
         return loss, z.new_empty(0)
     # The xy term's column side: the same term with rows Y and columns X (its loss is already counted). With a row
     # range this is the column side of Y's rows in the range, so the ranges of all ranks together cover it once.
-    _shuffle_term(y, z, groups, plan, w_xy, symmetric=False, grad=grad_y, accumulate_grad=True, row_range=rows)
+    term(y, z, weight=w_xy, symmetric=False, grad=grad_y, accumulate_grad=True)
     # grad[perms[k, m], k] += grad_y[m, k]
     return loss, grad_x.scatter_add_(0, perms.t()[:, :, None].expand_as(grad_y), grad_y)
