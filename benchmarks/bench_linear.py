@@ -7,7 +7,9 @@ linear layers of the d = 512, 8-layer decoder of bench_decode.py), more than the
 step (a server CPU's L3 may hold them: then the floor is the L3's bandwidth, and the sum measures it). Reported: ms
 per round, the weight bytes streamed per second (GB/s), and the time against the floor for the same bytes, measured
 in the same test right after. M = 16 is classifier-free guidance at B = 8: its GB/s against M = 8's is the CFG
-target (>= 0.9). Threads: MMDKERNELS_BENCH_THREADS (default 1, as bench_decode.py). CI size: 4 matrices."""
+target (>= 0.9). Threads: MMDKERNELS_BENCH_THREADS (default 1, as bench_decode.py). CI size: 4 matrices.
+MMDKERNELS_LINEAR_AMX=0 keeps bf16/int8 weights off the AMX tiles (csrc/linear/linear_amx.h) on CPUs that have them;
+benchmarks/linear_kernel_ab.sh times the kernels without torch, against an older commit's, interleaved."""
 
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def _with_threads(fn):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_decode_linear(benchmark, packed, provider, rows):
     benchmark.group = f"decode-linear-M{rows}-{MATRICES}x{OUT_FEATURES}x{IN_FEATURES}"

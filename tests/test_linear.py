@@ -9,7 +9,7 @@ from tolerances import assert_close_to_reference
 
 import mmdkernels
 from mmdkernels import _ext
-from mmdkernels.linear import MAX_ROWS, decode_linear
+from mmdkernels.linear import MAX_ROWS, decode_linear, decode_linear_ref, pack_decode_weight
 
 DTYPES = (torch.float64, torch.float32)  # the reference's, the kernel's (and the rule's baseline's)
 needs_cpp = pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
@@ -38,6 +38,30 @@ def test_kernel_matches_float64(rows, dim, out):
     weight = torch.randn(out, dim, generator=g)
     y = decode_linear(x, weight, backend="cpp")
     _assert_close(y, x, weight)
+
+
+@needs_cpp
+@pytest.mark.parametrize("amx", ["1", "0"])
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("rows", [2, 5, 9, 12, 16])
+def test_narrow_weights_every_path(precision, rows, amx, monkeypatch):
+    """bfloat16 and int8 weights where the CPU has AMX tiles (csrc/linear/linear_amx.h: 16-row tiles, 32-column steps,
+    then the rows and columns left over) and with MMDKERNELS_LINEAR_AMX=0 (the FMA kernel, where rows past one pass
+    reuse the weights the first pass widened), over several chunks of D (x's: 16 KiB for all rows) plus lines,
+    vectors and a tail, and row blocks plus leftover rows; 1 and 2 threads."""
+    monkeypatch.setenv("MMDKERNELS_LINEAR_AMX", amx)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1003, generator=g)
+    packed = pack_decode_weight(torch.randn(45, 1003, generator=g), precision)
+    ref64 = decode_linear_ref(x.double(), packed)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = decode_linear(x, packed, backend="cpp")
+            assert_close_to_reference(y, ref64, decode_linear_ref(x, packed), name=f"{precision}, {n} threads")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_cpp

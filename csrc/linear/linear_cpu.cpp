@@ -8,11 +8,15 @@
 // (csrc/linear/linear_kernel.h): a block of R weight rows is streamed over D one cache line at a time (16 float32,
 // 32 bfloat16 or 64 int8 weights, widened to float32 in registers) while the rows of x are multiplied into vector
 // accumulators, at most 4 rows of x per pass so that the accumulators stay in registers; 16 rows (classifier-free
-// guidance) take four passes over the same R weight rows, the later ones from L1. D is cut in chunks
-// (16 KiB of x for all rows together) so that x stays in L1 while a group of 8 weight rows streams past it.
-// At the end of a block the accumulators are summed across lanes by a transpose tree (16 accumulators -> one vector
-// in 15 adds; csrc/linear/linear_vec.h), not one by one. The int8 scale is applied once per output, in the epilogue.
-// Threads (at::parallel_for) split the weight rows in groups of 8; each output is summed by one thread.
+// guidance) take four passes over the same R weight rows, the later ones from L1 (narrow weights widened once, by the
+// first pass). D is cut in chunks (16 KiB of x for all rows together) so that x stays in L1 while a group of 8
+// weight rows streams past it. At the end of a block the accumulators are summed across lanes by a transpose tree
+// (16 accumulators -> one vector in 15 adds; csrc/linear/linear_vec.h), not one by one. The int8 scale is applied
+// once per output, in the epilogue. Threads (at::parallel_for) split the weight rows in groups of 8; each output is
+// summed by one thread, in an order that does not depend on the thread count.
+// From 5 rows on, bfloat16 and int8 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h:
+// x split into three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows:
+// one FMA per weight and row, against 2 bytes or 1 byte of weight) rather than by memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,12 +26,20 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include "common/checks.h"
+#include "linear/linear_amx.h"
 #include "linear/linear_kernel.h"
 
 namespace mmdkernels::linear {
+
+// Rows of x from which bfloat16 and int8 weights go through AMX tiles where the CPU has them (linear_amx.h): the
+// tiles cost the same at any row count up to 16, the FMA kernel's work grows with the rows. Measured (RESULTS.md,
+// session 6): the tiles 0.64-0.97x as fast as the FMA kernel at 1-2 rows, 0.92-1.04x at 4, 1.13-1.27x at 5, 1.3-2.0x
+// at 8-16.
+constexpr int64_t kAmxMinRows = 5;
 
 template <typename T>
 using RowsBlockFn = void (*)(const float*, int64_t, const T*, int64_t, float*, int64_t, int64_t, int64_t, Epilogue);
@@ -77,12 +89,26 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
   // amortise a task, small enough to balance the threads.
   const int64_t groups = (out_features + 7) / 8;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(dim * static_cast<int64_t>(sizeof(T)) * 8, 1));
-  auto body = [&](auto block) {
-    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      block(xp, ldx, weight, dim, yp, out_features, begin * 8, std::min(end * 8, out_features), epilogue);
-    });
-  };
-  body(rows_kernel<T>(rows));
+  const RowsBlockFn<T> block = rows_kernel<T>(rows);
+#if defined(MMDKERNELS_LINEAR_AMX)
+  if constexpr (!std::is_same_v<T, float>) {
+    if (rows >= kAmxMinRows && dim >= amx::kTileColumns && out_features >= amx::kTileRows && amx::available()) {
+      at::Tensor packed = at::empty({amx::packed_size(rows, dim)}, x.options().dtype(at::kShort));
+      auto* packed_x = reinterpret_cast<uint16_t*>(packed.data_ptr<int16_t>());
+      amx::pack_x(xp, ldx, rows, dim, packed_x);
+      const int64_t tiles = out_features / amx::kTileRows, tiled = tiles * amx::kTileRows;
+      at::parallel_for(0, tiles, std::max<int64_t>(1, grain / 2), [&](int64_t begin, int64_t end) {
+        amx::rows_block<T>(packed_x, xp, ldx, rows, weight, dim, yp, out_features, begin * amx::kTileRows,
+                           end * amx::kTileRows, epilogue);
+      });
+      if (tiled < out_features) block(xp, ldx, weight, dim, yp, out_features, tiled, out_features, epilogue);
+      return y;
+    }
+  }
+#endif
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    block(xp, ldx, weight, dim, yp, out_features, begin * 8, std::min(end * 8, out_features), epilogue);
+  });
   return y;
 }
 

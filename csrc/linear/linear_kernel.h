@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "linear/linear_vec.h"
 
@@ -13,22 +14,26 @@ namespace mmdkernels::linear {
 
 constexpr int64_t kMaxRows = 16;
 
-// Rows of x per pass over a block of weight rows: the pass's accumulators must stay in the vector registers (32
-// zmm with AVX-512, 16 ymm with AVX2). More rows (classifier-free guidance doubles the batch) take several passes
-// over the same few weight rows, which the later passes read from L1: the weights still stream from memory once.
-// Weight rows per block, by the rows of a pass: a pass loads m + R vectors for m * R FMAs, so passes of 4 rows
-// against 4 weight rows (16 accumulators) need the fewest loads per FMA that fit; measured with the weights hot in
-// cache on the 2-core AVX-512 Xeon this was written on: 4 and 8 rows 2.8 G FMA/s, against 2.3-2.5 for passes of 8
-// rows against 2 weight rows.
+// Rows of x per pass over a block of R weight rows: the pass's m * R accumulators, R weight vectors and one x vector
+// must fit in the vector registers (32 zmm with AVX-512, 16 ymm with AVX2). More rows (classifier-free guidance
+// doubles the batch) take several passes over the same R weight rows, which the later passes read from L1: the
+// weights still stream from memory once. Narrow weights (bfloat16, int8) are widened once, by the first pass, which
+// keeps the float32 vectors in an L1 buffer for the later passes (widening costs 2 instructions per weight vector on
+// the FMA ports). A pass loads m + R vectors for m * R FMAs, so passes of 4 rows against 4 weight rows need the
+// fewest loads per FMA that fit. Measured on the 2-core AVX-512 Xeon (benchmarks/RESULTS.md, session 6), float32
+// streamed from L3 and from memory: passes of 8 rows against 2 weight rows were 0.85-0.97x as fast at 8 and 16 rows
+// (1.03-1.08x at 5-6 rows, within the noise there).
 constexpr int kMaxPassRows = 4;
 #if defined(__AVX512F__)
 constexpr int block_rows(int m) { return m <= 2 ? 8 : 4; }
 #else
 constexpr int block_rows(int m) { return m <= 2 ? 4 : 2; }
 #endif
-// Rows of the first pass when M rows are split into equal passes of at most kMaxPassRows (the last may be smaller).
-constexpr int passes(int m) { return (m + kMaxPassRows - 1) / kMaxPassRows; }
-constexpr int pass_rows(int m) { return (m + passes(m) - 1) / passes(m); }
+// Rows of the first pass when m rows are split into equal passes of at most max_pass (the last may be smaller).
+constexpr int pass_rows(int m, int max_pass) {
+  const int passes = (m + max_pass - 1) / max_pass;
+  return (m + passes - 1) / passes;
+}
 // A software prefetch (into L2) this many bytes ahead of every weight stream. One core has too few loads in flight
 // to reach the memory's bandwidth on its own once there are several FMAs per weight vector (M > 1); prefetching
 // 16 KiB ahead took the M = 4 float32 stream from 7.5 to 12 GB/s there (13 GB/s is the core's copy bandwidth).
@@ -43,11 +48,16 @@ constexpr int64_t chunk_columns(int m) {
 }
 constexpr int kGroupRows = 8;  // weight rows per group: the threads' unit of work; every R divides it
 
-// One pass over columns [k0, k1) (k0 a multiple of the line, k1 - k0 of kLanes): R weight rows (w, D apart) against
-// M rows of x, added to the accumulators acc[m * R + r]. Only the first pass prefetches (later ones hit L1).
-template <typename T, int M, int R, bool kPrefetch>
-static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim, int64_t k0, int64_t k1,
-                            Vec* acc_io) {
+// Where a pass reads its R weight vectors: kFirst from memory (prefetching ahead); kFirstKeep the same, and stores
+// the widened vectors in `kept` for the later passes; kAgain from w again (float32 weights, now in L1); kKept from
+// `kept` (the widened narrow weights).
+enum class Pass { kFirst, kFirstKeep, kAgain, kKept };
+
+// One pass over `len` columns (x, w and kept start at the chunk's first column, a multiple of the line; len a
+// multiple of kLanes): R weight rows (w, D apart; kept, ldk apart) against M rows of x, added to acc[m * R + r].
+template <typename T, int M, int R, Pass kPass>
+static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim, float* kept, int64_t ldk,
+                            int64_t len, Vec* acc_io) {
   constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line
   constexpr int64_t kAhead = kPrefetchBytes / sizeof(T);
   Vec acc[M * R];
@@ -56,7 +66,14 @@ static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim
   auto accumulate = [&](int64_t k) __attribute__((always_inline)) {
     Vec wv[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = load_weights(w + r * dim + k);
+    for (int r = 0; r < R; ++r) {
+      if constexpr (kPass == Pass::kKept) {
+        wv[r] = load_floats(kept + r * ldk + k);
+      } else {
+        wv[r] = load_weights(w + r * dim + k);
+        if constexpr (kPass == Pass::kFirstKeep) store_floats(kept + r * ldk + k, wv[r]);
+      }
+    }
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
       Vec xv = load_floats(x + m * ldx + k);
@@ -69,27 +86,32 @@ static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim
       for (int r = 0; r < R; ++r) acc[m * R + r] += xv * wv[r];
     }
   };
-  const int64_t lines_end = k0 + (k1 - k0) / kLine * kLine;
-  int64_t k = k0;
+  const int64_t lines_end = len / kLine * kLine;
+  int64_t k = 0;
   for (; k < lines_end; k += kLine) {
-    if constexpr (kPrefetch) {
+    if constexpr (kPass == Pass::kFirst || kPass == Pass::kFirstKeep) {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * dim + k + kAhead, 0, 1);  // never faults past the end
     }
 #pragma GCC unroll 8
     for (int64_t v = 0; v < kLine; v += kLanes) accumulate(k + v);
   }
-  for (; k < k1; k += kLanes) accumulate(k);
+  for (; k < len; k += kLanes) accumulate(k);
 #pragma GCC unroll 128
   for (int i = 0; i < M * R; ++i) acc_io[i] = acc[i];
 }
 
-// All M rows against R weight rows over columns [k0, k1), in passes of pass_rows(M) rows: acc[m * R + r].
-template <typename T, int M, int R, bool kFirst = true>
-static inline void dot_rows(const float* x, int64_t ldx, const T* w, int64_t dim, int64_t k0, int64_t k1, Vec* acc) {
-  constexpr int kPass = pass_rows(M);
-  dot_pass<T, kPass, R, kFirst>(x, ldx, w, dim, k0, k1, acc);
-  if constexpr (M > kPass) dot_rows<T, M - kPass, R, false>(x + kPass * ldx, ldx, w, dim, k0, k1, acc + kPass * R);
+// All M rows against R weight rows over `len` columns, in passes of pass_rows(M, P) rows: acc[m * R + r].
+template <typename T, int M, int P, int R, bool kFirst = true>
+static inline void dot_rows(const float* x, int64_t ldx, const T* w, int64_t dim, float* kept, int64_t ldk,
+                            int64_t len, Vec* acc) {
+  constexpr int kRows = pass_rows(M, P);
+  constexpr bool kNarrow = !std::is_same_v<T, float>, kMore = M > kRows;
+  constexpr Pass kPass = kFirst ? (kNarrow && kMore ? Pass::kFirstKeep : Pass::kFirst)
+                                : (kNarrow ? Pass::kKept : Pass::kAgain);
+  dot_pass<T, kRows, R, kPass>(x, ldx, w, dim, kept, ldk, len, acc);
+  if constexpr (kMore)
+    dot_rows<T, M - kRows, P, R, false>(x + kRows * ldx, ldx, w, dim, kept, ldk, len, acc + kRows * R);
 }
 
 // The epilogue of one output: * scale (int8 weights), + bias, then the exact (erf) GELU when asked, as F.gelu.
@@ -100,6 +122,9 @@ struct Epilogue {
   inline float operator()(float value, int64_t n) const {
     if (scale != nullptr) value *= scale[n];
     if (bias != nullptr) value += bias[n];
+    return activate(value);
+  }
+  inline float activate(float value) const {
     return gelu ? 0.5f * value * (1.f + std::erf(value * static_cast<float>(M_SQRT1_2))) : value;
   }
 };
@@ -120,22 +145,26 @@ static inline void finish_rows(const float* x, int64_t ldx, const T* w, int64_t 
 
 // Output columns [n_begin, n_end) of y for the M rows of x (n_begin a multiple of kGroupRows, so that each output's
 // order of summation does not depend on how threads split the rows). ldx, ldy: row strides of x and y; weight rows
-// are D apart. Per group of 8 weight rows: chunk by chunk of D, blocks of R rows, passes of at most 8 rows of x.
-template <typename T, int M>
+// are D apart. Per group of 8 weight rows: chunk by chunk of D, blocks of R rows, passes of at most P rows of x.
+// P and R: the defaults above (the scratch benchmarks instantiate others).
+template <typename T, int M, int P = kMaxPassRows, int R = block_rows(pass_rows(M, P))>
 static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim, float* y, int64_t ldy,
                        int64_t n_begin, int64_t n_end, Epilogue epilogue) {
-  constexpr int R = block_rows(pass_rows(M));
   constexpr int64_t kChunk = chunk_columns(M);
+  constexpr bool kKeep = !std::is_same_v<T, float> && M > pass_rows(M, P);
+  alignas(64) float kept[kKeep ? R * kChunk : 1];  // the first pass's widened weights: R x kChunk floats
   const int64_t vectors = dim - dim % kLanes;
   Vec acc[kGroupRows * M];  // block of R rows starting at n: acc[(n - g) * M + m * R + r]
   for (int64_t g = n_begin; g < n_end; g += kGroupRows) {
     const int64_t g_end = std::min<int64_t>(g + kGroupRows, n_end), blocks_end = g + (g_end - g) / R * R;
     for (int64_t i = 0; i < (g_end - g) * M; ++i) acc[i] = Vec{};
     for (int64_t k0 = 0; k0 < vectors; k0 += kChunk) {
-      const int64_t k1 = std::min(k0 + kChunk, vectors);
+      const int64_t len = std::min(kChunk, vectors - k0);
       int64_t n = g;
-      for (; n < blocks_end; n += R) dot_rows<T, M, R>(x, ldx, weight + n * dim, dim, k0, k1, acc + (n - g) * M);
-      for (; n < g_end; ++n) dot_rows<T, M, 1>(x, ldx, weight + n * dim, dim, k0, k1, acc + (n - g) * M);
+      for (; n < blocks_end; n += R)
+        dot_rows<T, M, P, R>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len, acc + (n - g) * M);
+      for (; n < g_end; ++n)
+        dot_rows<T, M, P, 1>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len, acc + (n - g) * M);
     }
     int64_t n = g;
     for (; n < blocks_end; n += R)

@@ -30,6 +30,7 @@ typedef int8_t I8Vec __attribute__((vector_size(kLanes)));
 typedef int32_t I32Vec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 static inline Vec load_floats(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+static inline void store_floats(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 static inline Vec load_weights(const float* p) { return load_floats(p); }
 // bfloat16 bits (uint16) -> float32: the bf16 value is the high half of the float32.
 // Narrow weights are widened with the ISA's extend instructions: GCC 12 lowers __builtin_convertvector from 8- or

@@ -1,0 +1,263 @@
+// A/B benchmark of the few-row linear kernels without torch (build and run: benchmarks/linear_kernel_ab.sh): the
+// kernel of csrc/linear (FMA kernel "new" at its default blocking, other blockings "P<pass rows>R<weight rows>", the
+// AMX tiles "amx" where the CPU has them) against "old" (csrc/linear at commit ed472bb, renamed old_linear by the
+// script) and, for float32 on AVX-512, "orig" (the kernel before commit 7982a14: one pass of all rows), interleaved
+// round by round; GB/s of weights from the best round (1 thread: the thread's CPU time).
+// usage: linear_kernel_ab MODE(hot|l3|dram) THREADS ROUNDS [TYPES=f32,bf16,i8] [MS=1,2,4,5,6,8,16] [FILTER]
+//   hot: one 256 x 512 matrix (in L2) 64 times; l3: 32 matrices 2048 x 512 (bench_linear.py's); dram: 256 of them
+#include <immintrin.h>
+#include <omp.h>
+#include <time.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+#include <utility>
+#include <type_traits>
+
+#include "old/linear/old_linear_kernel.h"
+#include "linear/linear_kernel.h"
+#if defined(__AVX512F__)
+#include "linear/linear_amx.h"
+static bool g_amx = mmdkernels::linear::amx::available();
+#endif
+
+namespace nl = mmdkernels::linear;
+namespace ol = old_linear;
+
+static bool g_cpu_time = true;  // 1 thread: this thread's CPU time (the load of other jobs is not counted)
+static double now() {
+  timespec t;
+  clock_gettime(g_cpu_time ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+template <typename T> struct Name;
+template <> struct Name<float> { static constexpr const char* s = "f32"; };
+template <> struct Name<uint16_t> { static constexpr const char* s = "bf16"; };
+template <> struct Name<int8_t> { static constexpr const char* s = "i8"; };
+
+using Fn = std::function<void(const float*, const void*, float*, int64_t, int64_t)>;
+struct Variant { std::string name; Fn fn; std::vector<double> times; };
+
+static int64_t N = 2048, D = 512, COUNT = 32;
+static std::vector<float> scale_buf;
+
+template <typename T, int M, int P, int R>
+static Fn make_new() {
+  return [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+    nl::rows_block<T, M, P, R>(x, D, static_cast<const T*>(w), D, y, N, n0, n1,
+                               nl::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
+  };
+}
+template <typename T, int M>
+static Fn make_old() {
+  return [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+    ol::rows_block<T, M>(x, D, static_cast<const T*>(w), D, y, N, n0, n1,
+                         ol::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
+  };
+}
+// The float32 kernel before commit 7982a14 (AVX-512 only: its vectors are 16 lanes).
+#if defined(__AVX512F__)
+namespace orig_linear {
+constexpr int kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
+constexpr int block_rows(int m) { return m <= 2 ? 8 : (m <= 8 ? 2 : 1); }
+constexpr int64_t kPrefetchFloats = 4096;
+static inline float lane_sum(Vec v) {
+  float total = 0.f;
+  for (int lane = 0; lane < kLanes; ++lane) total += v[lane];
+  return total;
+}
+template <int M>
+static void rows_block(const float* x, int64_t ldx, const float* weight, int64_t dim, float* y, int64_t ldy,
+                       int64_t n_begin, int64_t n_end) {
+  constexpr int R = block_rows(M);
+  const int64_t full = dim - dim % kLanes;
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) {
+    Vec acc[M][R];
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[m][r] = Vec{};
+    const float* w = weight + n * dim;
+    for (int64_t k = 0; k < full; k += kLanes) {
+      Vec wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        __builtin_prefetch(w + r * dim + k + kPrefetchFloats, 0, 1);
+        wv[r] = *reinterpret_cast<const Vec*>(w + r * dim + k);
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        const Vec xv = *reinterpret_cast<const Vec*>(x + m * ldx + k);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[m][r] += xv * wv[r];
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) {
+        float total = lane_sum(acc[m][r]);
+        for (int64_t k = full; k < dim; ++k) total += x[m * ldx + k] * w[r * dim + k];
+        y[m * ldy + n + r] = total;
+      }
+  }
+  for (; n < n_end; ++n) {
+    const float* w = weight + n * dim;
+    for (int m = 0; m < M; ++m) {
+      Vec acc = Vec{};
+      for (int64_t k = 0; k < full; k += kLanes)
+        acc += *reinterpret_cast<const Vec*>(x + m * ldx + k) * *reinterpret_cast<const Vec*>(w + k);
+      float total = lane_sum(acc);
+      for (int64_t k = full; k < dim; ++k) total += x[m * ldx + k] * w[k];
+      y[m * ldy + n] = total;
+    }
+  }
+}
+}  // namespace orig_linear
+#else
+namespace orig_linear {
+template <int M>
+void rows_block(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t) {}
+}  // namespace orig_linear
+#endif
+template <int M>
+static Fn make_orig() {
+  return [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+    orig_linear::rows_block<M>(x, D, static_cast<const float*>(w), D, y, N, n0, n1);
+  };
+}
+
+template <typename T, int M, int P, int R>
+static void add(std::vector<Variant>& vs) {
+  constexpr int kRows = nl::pass_rows(M, P);
+  if constexpr (kRows * R + R + 1 <= (nl::kLanes == 16 ? 32 : 16) && R <= 8 && (8 % R == 0))
+    vs.push_back({"P" + std::to_string(P) + "R" + std::to_string(R), make_new<T, M, P, R>(), {}});
+}
+
+template <typename T, int M>
+static std::vector<Variant> variants() {
+  std::vector<Variant> vs;
+  vs.push_back({"old", make_old<T, M>(), {}});
+  vs.push_back({"new", make_new<T, M, nl::kMaxPassRows, nl::block_rows(nl::pass_rows(M, nl::kMaxPassRows))>(), {}});
+  if constexpr (std::is_same_v<T, float> && nl::kLanes == 16) vs.push_back({"orig", make_orig<M>(), {}});
+  add<T, M, 4, 1>(vs); add<T, M, 4, 2>(vs); add<T, M, 4, 4>(vs);
+  if constexpr (M > 4) { add<T, M, 8, 1>(vs); add<T, M, 8, 2>(vs); }
+  if constexpr (M > 8) add<T, M, 16, 1>(vs);
+  if constexpr (M <= 2) { add<T, M, 4, 8>(vs); }
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, float>)
+    if (g_amx)
+      vs.push_back({"amx", [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+                      namespace ax = mmdkernels::linear::amx;
+                      thread_local std::vector<uint16_t> packed;
+                      packed.resize(ax::packed_size(M, D));
+                      ax::pack_x(x, D, M, D, packed.data());
+                      ax::rows_block<T>(packed.data(), x, D, M, static_cast<const T*>(w), D, y, N, n0, n1,
+                                        nl::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
+                    }, {}});
+#endif
+  return vs;
+}
+
+template <typename T>
+static void fill(std::vector<T>& w, std::mt19937& gen) {
+  std::normal_distribution<float> nd;
+  for (auto& v : w) {
+    float f = nd(gen);
+    if constexpr (std::is_same_v<T, float>) v = f;
+    else if constexpr (std::is_same_v<T, uint16_t>) { uint32_t b; memcpy(&b, &f, 4); v = b >> 16; }
+    else v = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::round(f * 30))));
+  }
+}
+
+template <typename T, int M>
+static void run_case(int threads, int rounds, const std::string& filter) {
+  std::mt19937 gen(0);
+  const bool hot = N == 256;
+  std::vector<T> w(static_cast<size_t>(hot ? 1 : COUNT) * N * D);
+  fill(w, gen);
+  std::vector<float> x(M * D), y(M * N), yref(M * N);
+  std::normal_distribution<float> nd;
+  for (auto& v : x) v = nd(gen);
+  auto vs = variants<T, M>();
+  if (!filter.empty()) {
+    std::vector<Variant> keep;
+    for (auto& v : vs) if (v.name == "old" || v.name == "new" || filter.find(v.name) != std::string::npos) keep.push_back(v);
+    vs = keep;
+  }
+  const int64_t groups = N / 8;
+  auto sweep = [&](Variant& v, float* out) {
+    for (int64_t c = 0; c < COUNT; ++c) {
+      const T* wc = w.data() + (hot ? 0 : c * N * D);
+      if (threads == 1) v.fn(x.data(), wc, out, 0, N);
+      else {
+#pragma omp parallel num_threads(threads)
+        {
+          int t = omp_get_thread_num();
+          int64_t g0 = groups * t / threads, g1 = groups * (t + 1) / threads;
+          v.fn(x.data(), wc, out, g0 * 8, g1 * 8);
+        }
+      }
+    }
+  };
+  // correctness vs "old" on the last matrix
+  sweep(vs[0], yref.data());
+  for (auto& v : vs) {
+    std::fill(y.begin(), y.end(), NAN);
+    sweep(v, y.data());
+    double err = 0, mx = 0;
+    for (size_t i = 0; i < y.size(); ++i) { err = std::max(err, (double)std::fabs(y[i] - yref[i])); mx = std::max(mx, (double)std::fabs(yref[i])); }
+    if (!(err <= 1e-5 * mx + 1e-6)) printf("MISMATCH %s %s M=%d: %g of %g\n", Name<T>::s, v.name.c_str(), M, err, mx);
+  }
+  for (int r = 0; r < rounds; ++r)
+    for (size_t i = 0; i < vs.size(); ++i) {
+      auto& v = vs[(i + r) % vs.size()];
+      double t0 = now();
+      sweep(v, y.data());
+      v.times.push_back(now() - t0);
+    }
+  const double bytes = double(COUNT) * N * D * sizeof(T);
+  double old_best = *std::min_element(vs[0].times.begin(), vs[0].times.end());
+  printf("%-4s M=%-2d", Name<T>::s, M);
+  for (auto& v : vs) {
+    double best = *std::min_element(v.times.begin(), v.times.end());
+    printf("  %s %.1f(%.2f)", v.name.c_str(), bytes / best / 1e9, old_best / best);
+  }
+  printf("   [GB/s (speed vs old)]\n");
+  fflush(stdout);
+}
+
+template <typename T>
+static void run_type(int threads, int rounds, const std::string& ms, const std::string& filter) {
+  auto has = [&](const char* m) { return ("," + ms + ",").find(std::string(",") + m + ",") != std::string::npos; };
+  if (has("1")) run_case<T, 1>(threads, rounds, filter);
+  if (has("2")) run_case<T, 2>(threads, rounds, filter);
+  if (has("4")) run_case<T, 4>(threads, rounds, filter);
+  if (has("5")) run_case<T, 5>(threads, rounds, filter);
+  if (has("6")) run_case<T, 6>(threads, rounds, filter);
+  if (has("8")) run_case<T, 8>(threads, rounds, filter);
+  if (has("16")) run_case<T, 16>(threads, rounds, filter);
+}
+
+int main(int argc, char** argv) {
+  std::string mode = argc > 1 ? argv[1] : "l3";
+  int threads = argc > 2 ? atoi(argv[2]) : 1, rounds = argc > 3 ? atoi(argv[3]) : 7;
+  std::string types = argc > 4 ? argv[4] : "f32,bf16,i8", ms = argc > 5 ? argv[5] : "1,2,4,8,16";
+  std::string filter = argc > 6 ? argv[6] : "";
+  if (mode == "hot") { N = 256; COUNT = 64; }
+  if (mode == "dram") COUNT = 256;
+  scale_buf.assign(N, 0.01f);
+  g_cpu_time = threads == 1;
+  printf("mode %s threads %d rounds %d, %lld x %lld x %lld, lanes %d\n", mode.c_str(), threads, rounds, (long long)COUNT, (long long)N, (long long)D, nl::kLanes);
+  if (types.find("f32") != std::string::npos) run_type<float>(threads, rounds, ms, filter);
+  if (types.find("bf16") != std::string::npos) run_type<uint16_t>(threads, rounds, ms, filter);
+  if (types.find("i8") != std::string::npos) run_type<int8_t>(threads, rounds, ms, filter);
+}

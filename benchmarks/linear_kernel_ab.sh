@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds and runs benchmarks/linear_kernel_ab.cpp (the few-row linear kernels without torch, old against new,
+# interleaved) for one ISA: benchmarks/linear_kernel_ab.sh [avx512|avx2] [MODE THREADS ROUNDS TYPES MS FILTER]
+# e.g. benchmarks/linear_kernel_ab.sh avx512 l3 1 11 f32,bf16,i8 1,2,4,8,16 amx
+set -euo pipefail
+cd "$(dirname "$0")/.."
+isa=${1:-avx512}
+shift || true
+old_commit=${MMDKERNELS_AB_OLD:-ed472bb}
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+mkdir -p "$dir/old/linear"
+git show "$old_commit:csrc/linear/linear_kernel.h" |
+  sed 's/namespace mmdkernels::linear/namespace old_linear/; s#"linear/linear_vec.h"#"old_linear_vec.h"#' \
+    > "$dir/old/linear/old_linear_kernel.h"
+git show "$old_commit:csrc/linear/linear_vec.h" | sed 's/namespace mmdkernels::linear/namespace old_linear/' \
+  > "$dir/old/linear/old_linear_vec.h"
+flags="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mprefer-vector-width=512"
+[ "$isa" = avx2 ] && flags="-mavx2 -mfma -mf16c"
+# shellcheck disable=SC2086
+g++ -O3 -std=c++17 -fopenmp -fno-math-errno -Wall $flags -I csrc -I "$dir" benchmarks/linear_kernel_ab.cpp \
+  -o "$dir/linear_kernel_ab"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$dir/linear_kernel_ab" "$@"

@@ -1,0 +1,166 @@
+// The few-row linear with bfloat16 or int8 weights on AMX tiles (x86 CPUs with AMX-BF16: Intel Sapphire Rapids and
+// later), for the row counts where the FMA kernel (linear_kernel.h) is bound by its FMAs rather than by memory.
+// x is split once per call into three bfloat16 parts, x = hi + mid + lo to float32 precision (each part rounds what
+// the earlier ones left: 3 x 8 significant bits), laid out as AMX B tiles (pairs of columns, one per row of x).
+// An A tile holds 16 weight rows x 32 columns: bfloat16 weights are loaded in place (stride D), int8 ones widened to
+// bfloat16 first (exact: |q| <= 127). Three TDPBF16PS per step accumulate the hi, mid and lo products in three C tiles
+// of 16 weight rows x M float32 (a product of two bfloat16 is exact in float32; each C element is a float32 FMA
+// chain), summed at the end as hi + (mid + lo); columns past the last 32 are added in float32. Activations are not
+// quantised: the three parts carry x's float32 value.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "linear/linear_kernel.h"
+
+#if defined(__AVX512F__) && defined(__linux__) && defined(__x86_64__)
+#define MMDKERNELS_LINEAR_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace mmdkernels::linear::amx {
+
+constexpr int kTileRows = 16;     // weight rows per tile
+constexpr int kTileColumns = 32;  // columns of x per step: 32 bfloat16, one 64-byte tile row
+constexpr int kParts = 3;         // hi, mid, lo
+
+// Whether this CPU and OS run AMX-BF16 (asks the OS for the tile state once, for the process);
+// MMDKERNELS_LINEAR_AMX=0 turns the path off (the tests run both paths).
+inline bool available() {
+  static const bool supported = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  const char* env = std::getenv("MMDKERNELS_LINEAR_AMX");
+  return supported && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
+// bfloat16 elements of the packed x: per step of 32 columns, kParts B tiles of 16 pairs x M rows.
+inline int64_t packed_size(int rows, int64_t dim) { return dim / kTileColumns * kParts * kTileColumns * rows; }
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512bf16")
+
+// packed[((step * kParts + part) * 16 + j) * 2 * rows + 2 * m + i] = part of x[m, 32 * step + 2 * j + i]: each part
+// rounds (to nearest even) what the earlier parts left of x, exactly (the rounding error of a float32 is a float32).
+inline void pack_x(const float* x, int64_t ldx, int rows, int64_t dim, uint16_t* packed) {
+  const __m512i pair_offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(rows));
+  auto widen = [](__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); };
+  for (int m = 0; m < rows; ++m)
+    for (int64_t step = 0; step < dim / kTileColumns; ++step) {
+      const float* row = x + m * ldx + step * kTileColumns;
+      __m512 low = _mm512_loadu_ps(row), high = _mm512_loadu_ps(row + 16);
+      auto* out = reinterpret_cast<int32_t*>(packed + step * kParts * kTileColumns * rows) + m;  // pair 0 of row m
+      for (int part = 0; part < kParts; ++part, out += kTileColumns / 2 * rows) {
+        const __m512i bits = (__m512i)_mm512_cvtne2ps_pbh(high, low);  // pair j: columns 2j, 2j + 1
+        _mm512_i32scatter_epi32(out, pair_offsets, bits, 4);
+        low = _mm512_sub_ps(low, widen(_mm512_castsi512_si256(bits)));
+        high = _mm512_sub_ps(high, widen(_mm512_extracti64x4_epi64(bits, 1)));
+      }
+    }
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The 16 outputs of a tile for each row m of x, from the C tiles (sums[part][r * rows + m]): hi + (mid + lo), the
+// columns [vectors, D) in float32, then the epilogue 16 outputs at a time (y: the tile's first output).
+template <typename T>
+static inline void finish_tile(float (*sums)[kTileRows * kMaxRows], const float* x, int64_t ldx, int rows, const T* w,
+                               int64_t dim, int64_t vectors, float* y, int64_t ldy, int64_t n0,
+                               const Epilogue& epilogue) {
+  float* total = sums[0];
+  for (int i = 0; i < kTileRows * rows; i += 16)
+    _mm512_store_ps(total + i, _mm512_add_ps(_mm512_load_ps(total + i),
+                                             _mm512_add_ps(_mm512_load_ps(sums[1] + i), _mm512_load_ps(sums[2] + i))));
+  for (int64_t k = vectors; k < dim; ++k)
+    for (int r = 0; r < kTileRows; ++r)
+      for (int m = 0; m < rows; ++m) total[r * rows + m] += x[m * ldx + k] * weight_value(w[r * dim + k]);
+  const __m512i row_offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(rows));
+  for (int m = 0; m < rows; ++m) {
+    __m512 out = _mm512_i32gather_ps(row_offsets, total + m, 4);
+    if (epilogue.scale != nullptr) out = _mm512_mul_ps(out, _mm512_loadu_ps(epilogue.scale + n0));
+    if (epilogue.bias != nullptr) out = _mm512_add_ps(out, _mm512_loadu_ps(epilogue.bias + n0));
+    _mm512_storeu_ps(y + m * ldy, out);
+    if (epilogue.gelu)
+      for (int r = 0; r < kTileRows; ++r) y[m * ldy + r] = epilogue.activate(y[m * ldy + r]);
+  }
+}
+
+// Weight rows [n_begin, n_end) (multiples of 16) of y for the rows of x: tiles 0-2 C (hi, mid, lo), 3 A (weights),
+// 4-6 B (x's parts). x and ldx serve the columns past the last 32.
+template <typename T>
+void rows_block(const uint16_t* packed, const float* x, int64_t ldx, int rows, const T* weight, int64_t dim,
+                float* y, int64_t ldy, int64_t n_begin, int64_t n_end, const Epilogue& epilogue) {
+  TileConfig config;
+  for (int t = 0; t < 7; ++t) {
+    config.rows[t] = kTileRows;
+    config.bytes_per_row[t] = t == 3 ? 64 : rows * 4;
+  }
+  // GCC's tile instructions are asm statements that name no memory (ldtilecfg names 8 bytes of its 64): these
+  // barriers keep the stores of the configuration, the packed x and the widened weights before the loads of them.
+  asm volatile("" : : "r"(&config), "r"(packed) : "memory");
+  _tile_loadconfig(&config);
+  const int64_t steps = dim / kTileColumns, b_stride = kTileColumns * rows;  // bfloat16 per B tile
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(T);
+  // int8 weights, widened to bfloat16 one step ahead (two buffers), so that the stores drain while the tiles work
+  alignas(64) uint16_t widened[2][kTileRows * kTileColumns];
+  auto widen = [&](const T* w, int64_t step) __attribute__((always_inline)) {
+    const int64_t k = step * kTileColumns;
+    for (int r = 0; r < kTileRows; ++r) {
+      if (step % 2 == 0) __builtin_prefetch(w + r * dim + k + kAhead, 0, 1);  // a line of int8: two steps
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * dim + k));
+      const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+      const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+      _mm512_store_si512(widened[step % 2] + r * kTileColumns, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    }
+  };
+  alignas(64) float sums[kParts][kTileRows * kMaxRows];  // C tiles: [weight row r][row m of x], rows apart
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileRows) {
+    const T* w = weight + n0 * dim;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    if constexpr (sizeof(T) == 1) widen(w, 0);
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t k = step * kTileColumns;
+      if constexpr (sizeof(T) == 2) {
+        for (int r = 0; r < kTileRows; ++r) __builtin_prefetch(w + r * dim + k + kAhead, 0, 1);
+        _tile_loadd(3, w + k, dim * 2);
+      } else {
+        asm volatile("" : : "r"(widened[step % 2]) : "memory");
+        _tile_loadd(3, widened[step % 2], 64);
+        asm volatile("" : : : "memory");
+        if (step + 1 < steps) widen(w, step + 1);
+      }
+      const uint16_t* b = packed + step * kParts * b_stride;
+      _tile_loadd(4, b, rows * 4);
+      _tile_loadd(5, b + b_stride, rows * 4);
+      _tile_loadd(6, b + 2 * b_stride, rows * 4);
+      _tile_dpbf16ps(0, 3, 4);
+      _tile_dpbf16ps(1, 3, 5);
+      _tile_dpbf16ps(2, 3, 6);
+    }
+    _tile_stored(0, sums[0], rows * 4);
+    _tile_stored(1, sums[1], rows * 4);
+    _tile_stored(2, sums[2], rows * 4);
+    finish_tile(sums, x, ldx, rows, w, dim, steps * kTileColumns, y + n0, ldy, n0, epilogue);
+  }
+  _tile_release();
+}
+
+#pragma GCC pop_options
+
+}  // namespace mmdkernels::linear::amx
+#endif
