@@ -18,10 +18,15 @@ SECONDS=0
 echo "build: ${SECONDS}s"
 # the GPU-specific tests (CUDA and compiled Triton backends, CUDA graphs) and the op/model tests that run on CUDA
 # tensors when one is present; the CPU-only suite (distributed gloo, codec training, data) is CI's job
-timeout 300 "$python" -m pytest tests/test_*_gpu.py tests/test_compile.py tests/test_lm.py tests/test_generate.py \
+timeout 300 "$python" -m pytest tests/test_*_gpu.py tests/test_linear_packed_gpu_paths.py tests/test_compile.py \
+  tests/test_lm.py tests/test_generate.py \
   -q -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 timeout 240 "$python" -m pytest benchmarks/bench_mmd_gpu.py benchmarks/bench_rvq_gpu.py benchmarks/bench_sampling_gpu.py benchmarks/bench_decode_gpu.py benchmarks/bench_attention_gpu.py -q -p no:cacheprovider --benchmark-json="$out/bench_gpu.json" \
   --benchmark-columns=min,mean,rounds 2>&1 | tee "$out/bench.log" | tail -40
+# packed decode weights (bf16 / fp16 / int8): Triton and CUDA kernels vs fp32 F.linear, and a MusicGen-small step
+timeout 120 "$python" -m pytest benchmarks/bench_linear_gpu.py -q -p no:cacheprovider \
+  --benchmark-json="$out/bench_linear_gpu.json" --benchmark-columns=min,mean,rounds 2>&1 | tee "$out/bench_linear.log" \
+  | tail -50
 echo "tests exit $tests_rc; total ${SECONDS}s"
 exit "$tests_rc"

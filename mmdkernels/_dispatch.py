@@ -79,12 +79,17 @@ def _linear_priority(x: torch.Tensor) -> tuple[str, ...]:
 
 
 def _quantized_linear_priority(x: torch.Tensor) -> tuple[str, ...]:
-    """decode_linear with bf16/int8 weights (mmdkernels/linear/quantize.py): on CPU the C++ kernel at every row count
-    it takes, one row included (torch has no GEMV on such weights: "torch" dequantises them, a full float32 copy, then
-    calls F.linear); elsewhere, and for larger batches, "torch"."""
+    """decode_linear with bf16/fp16/int8 weights (mmdkernels/linear/quantize.py) at 1 to 16 rows. CPU: the C++ kernel,
+    one row included (torch has no GEMV on such weights: "torch" dequantises them, a full float32 copy, then calls
+    F.linear). CUDA: the Triton kernel, which reads 2 or 1 bytes per weight where "torch" reads the packed weight,
+    writes and re-reads a float32 copy (5x the bytes of bf16, napkin maths); the CUDA kernel after "torch", as the
+    house orders kernels no GPU has run yet (see _attention_priority), until benchmarks/gpu_check.sh has tested and
+    measured it (benchmarks/bench_linear_gpu.py). Larger batches are GEMMs: "torch"."""
     rows = x.numel() // max(1, x.shape[-1])
-    if x.device.type != "cpu" or rows > LINEAR_MAX_ROWS:
+    if rows > LINEAR_MAX_ROWS or x.device.type not in ("cpu", "cuda"):
         return ("torch", "reference")
+    if x.device.type == "cuda":
+        return ("triton", "torch", "cuda", "reference")
     return ("cpp", "torch", "reference")
 
 
@@ -99,7 +104,7 @@ OPS = {
     "sample": OpBackends(("reference", "cpp", "triton", "cuda"), _fused_priority),
     "decode_attention": OpBackends(("reference", "sdpa", "cpp", "triton", "cuda"), _attention_priority),
     "decode_linear": OpBackends(("reference", "torch", "cpp"), _linear_priority),
-    "decode_linear_quantized": OpBackends(("reference", "torch", "cpp"), _quantized_linear_priority),
+    "decode_linear_quantized": OpBackends(("reference", "torch", "cpp", "triton", "cuda"), _quantized_linear_priority),
     "decode_layers": OpBackends(("reference", "cpp"), _cpu_float32_priority, warn_on_any_fallback=False),
 }
 

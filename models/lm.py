@@ -19,9 +19,11 @@ DECODE_LAYERS=reference to run the layers one op at a time): on CPU the layers r
 call. Its one variant is the CUDA-graph step: the step is a device tensor and attention runs over the whole cache
 under a length mask (fixed shapes, no host read of a length).
 
-`quantize_for_decode(model, "bf16" | "int8")` stores a copy of every decoder projection and the heads in that
-precision (mmdkernels.pack_decode_weight), which inference (model.eval()) then uses: decode steps, prefill and
-teacher-forced scoring. Training mode uses the float32 parameters, which stay the master copy.
+`quantize_for_decode(model, "bf16" | "fp16" | "int8")` stores a copy of every decoder projection and the heads in
+that precision (mmdkernels.pack_decode_weight), which inference (model.eval()) then uses: decode steps, prefill and
+teacher-forced scoring; a decode step streams the packed copies as stored (the C++ kernels on CPU for bf16 / int8,
+the Triton kernel on CUDA for all three, CUDA graphs included). Training mode uses the float32 parameters, which
+stay the master copy.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ class DecodeWeight:
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) whose few-row inference calls on CPU (a decode step) go through
     mmdkernels.decode_linear, which streams the weights once instead of packing them for a GEMM; training and
-    larger batches take F.linear as before. After quantize_for_decode, inference uses the packed copy."""
+    larger batches take F.linear as before. After quantize_for_decode, inference uses the packed copy (on CUDA too:
+    decode_linear's Triton kernel reads it as stored)."""
 
     decode_weight: DecodeWeight | None = None
 
@@ -367,9 +370,13 @@ class MusicLM(nn.Module):
             return torch.einsum("bsd,kcd->bksc", h, self._dense_heads())
         if isinstance(step, int):
             return decode_linear(h, self.head_weight(step % k))[:, None]
-        heads = self._dense_heads()
         if h.shape[1] == 1:  # fixed-shape step: the head is picked on the device
-            return (h @ heads.index_select(0, positions % k)[0].t())[:, None]
+            weight = self.head_weight()
+            if isinstance(weight, QuantizedLinearWeight):  # all K packed heads read as stored, not a float copy
+                logits = decode_linear(h[:, 0], weight).view(h.shape[0], k, -1)
+                return logits.index_select(1, positions % k)[:, :, None]
+            return (h @ weight.view(self.heads.shape).index_select(0, positions % k)[0].t())[:, None]
+        heads = self._dense_heads()
         logits = h.new_empty(h.shape[0], 1, h.shape[1], self.config.codebook_size)
         for codebook in range(k):  # flatten: step s belongs to codebook s mod K; positions are consecutive
             first = (codebook - int(positions[0])) % k
@@ -447,6 +454,7 @@ class MusicLM(nn.Module):
         return (
             not self.training
             and cache.cross_lengths is not None
+            and self.decode_precision != "fp16"  # the C++ step streams fp32, bf16 or int8 projections
             and decode_layers_backend(x[:, 0], decode_layer_weights(self.layers)) == "cpp"
         )
 
@@ -467,7 +475,8 @@ def quantize_for_decode(model: MusicLM, precision: str) -> MusicLM:
 
     Packs (mmdkernels.pack_decode_weight) every decoder-layer projection (models.lm.Linear) and the output heads
     once. In eval mode every inference pass then computes with the packed copies: decode_step (the fused CPU step
-    included), prefill and teacher-forced scoring (nll_per_frame). Training mode keeps using the float32
+    included, but for fp16, which the C++ step does not stream: bf16 is the CPU choice; on CUDA the Triton kernel
+    streams all three), prefill and teacher-forced scoring (nll_per_frame). Training mode keeps using the float32
     parameters, which stay the master copy (the state dict is unchanged); a packed copy whose parameter changed in
     place since (an optimizer step, load_state_dict) raises at its next inference use: quantize again. Embeddings,
     norms, the text encoder and a depth head's MLP stay float32 (a step reads only a few rows of them, or they run
@@ -475,8 +484,8 @@ def quantize_for_decode(model: MusicLM, precision: str) -> MusicLM:
 
     Args:
         model: a MusicLM.
-        precision: "fp32" (drop the packed copies: back to the float32 parameters), "bf16" or "int8" (per output
-            channel scales; mmdkernels/linear/quantize.py).
+        precision: "fp32" (drop the packed copies: back to the float32 parameters), "bf16", "fp16" or "int8" (per
+            output channel scales; mmdkernels/linear/quantize.py).
 
     Example:
         >>> model = quantize_for_decode(MusicLM(LMConfig()).eval(), "int8")

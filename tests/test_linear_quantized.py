@@ -160,8 +160,8 @@ def test_bad_arguments_name_the_argument():
         QuantizedLinearWeight(packed.data)
     with pytest.raises(ValueError, match="scale must be None for bfloat16"):
         QuantizedLinearWeight(torch.randn(6, 8).bfloat16(), packed.scale)
-    with pytest.raises(TypeError, match="data must have dtype torch.bfloat16 or torch.int8"):
-        QuantizedLinearWeight(torch.randn(6, 8).half())
+    with pytest.raises(TypeError, match="data must have dtype torch.bfloat16, torch.float16 or torch.int8"):
+        QuantizedLinearWeight(torch.randn(6, 8).double())
     with pytest.raises(ValueError, match="data must be a 2-d tensor"):
         QuantizedLinearWeight(torch.randn(6).bfloat16())
 

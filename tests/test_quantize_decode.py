@@ -134,8 +134,8 @@ def test_nll_per_frame_of_a_quantized_model_is_close(seeded):
 
 
 def test_bad_arguments_name_them():
-    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'int8'\), got 'fp16'"):
-        quantize_for_decode(tiny_model(), "fp16")
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'fp16', 'int8'\), got 'int4'"):
+        quantize_for_decode(tiny_model(), "int4")
     with pytest.raises(TypeError, match="model must be a MusicLM"):
         quantize_for_decode(torch.nn.Linear(2, 2), "bf16")
 
@@ -148,5 +148,5 @@ def test_profile_takes_the_weight_precision(weights, capsys):
     printed = capsys.readouterr().out
     assert f"weights: {weights}" in printed and "weight_mib_per_step" in printed
     with pytest.raises(SystemExit):
-        main(["profile", "--weights", "fp16"])
-    assert "argument --weights: invalid choice: 'fp16'" in capsys.readouterr().err
+        main(["profile", "--weights", "int4"])
+    assert "argument --weights: invalid choice: 'int4'" in capsys.readouterr().err

@@ -1,10 +1,13 @@
 """Few-row linear layers of a KV-cached decode step: y = act(x @ weight.T + bias) where x holds at most 16 rows.
-Weights float32, or stored in bfloat16 / int8 with per-output-channel scales (pack_decode_weight, quantize.py).
+Weights float32, or stored in bfloat16 / float16 / int8 with per-output-channel scales (pack_decode_weight,
+quantize.py).
 
 A decode step multiplies a handful of rows by every weight matrix of the model once, so on a CPU it is bound by how
 fast the weights stream from memory. torch's GEMM packs the weight panel on every call, which costs an extra pass
 over the weights; the C++ kernel (csrc/linear/linear_cpu.cpp) reads each weight once where it lies. On CUDA,
-cuBLAS's GEMV kernels already stream the weights once, so the op is F.linear there (benchmarks/bench_linear.py).
+cuBLAS's GEMV kernels already stream float32 weights once, so the op is F.linear there (benchmarks/bench_linear.py);
+packed weights go through the Triton kernel (triton_kernels.py), which reads them as stored, or the CUDA kernel
+(csrc/linear/linear_cuda.cu) on request.
 """
 
 from __future__ import annotations
@@ -60,18 +63,21 @@ def _check_inputs(x, weight, bias, activation) -> None:
 
 def _kernel_reasons(x: torch.Tensor, weight, bias: torch.Tensor | None, backend: str) -> list[str]:
     """Why `backend` cannot run (x, weight, bias), beyond the general reasons of the dispatcher."""
-    if backend != "cpp":
+    if backend not in ("cpp", "triton", "cuda"):
         return []
+    quantized = isinstance(weight, QuantizedLinearWeight)
     reasons = []
     if x.dtype != torch.float32:
-        what = "activations" if isinstance(weight, QuantizedLinearWeight) else "dtype"
+        what = "activations" if quantized else "dtype"
         reasons.append(f"{what} {x.dtype}: the kernel takes float32")
     rows = x.numel() // max(1, x.shape[-1])
     if rows > MAX_ROWS:
         reasons.append(f"{rows} rows: the kernel takes at most {MAX_ROWS}")
-    data = weight.data if isinstance(weight, QuantizedLinearWeight) else weight
-    if not data.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+    data = weight.data if quantized else weight
+    if backend != "triton" and (not data.is_contiguous() or (bias is not None and not bias.is_contiguous())):
         reasons.append("weight or bias is not contiguous")
+    if backend == "cpp" and quantized and data.dtype == torch.float16:
+        reasons.append("float16 weights: the C++ kernel streams bfloat16 or int8 (on CPU pack as 'bf16')")
     if torch.is_grad_enabled() and (x.requires_grad or data.requires_grad or (bias is not None and bias.requires_grad)):
         reasons.append("autograd is recording: the kernel has no backward (use it under torch.no_grad)")
     return reasons
@@ -79,7 +85,7 @@ def _kernel_reasons(x: torch.Tensor, weight, bias: torch.Tensor | None, backend:
 
 def _torch_linear(x, weight, bias, activation):
     if isinstance(weight, QuantizedLinearWeight):
-        weight = weight.dequantize(x.dtype)  # a float copy of the weight per call: for GEMMs (> 16 rows) and CUDA
+        weight = weight.dequantize(x.dtype)  # a float copy of the weight per call: GEMMs (> 16 rows), fp16 on CPU
     y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y
 
@@ -97,14 +103,16 @@ def decode_linear(
     Args:
         x: [..., D] floating; the C++ kernel serves float32 CPU inputs of 2 to MAX_ROWS = 16 rows in all.
         weight: [N, D], x's dtype and device; or a QuantizedLinearWeight on x's device (pack_decode_weight: bfloat16,
-            or int8 with per-output-channel float32 scales), whose C++ kernel (CPU, float32 x, 1 to 16 rows) widens
-            the weights to float32 in registers and accumulates in float32; elsewhere "torch" dequantises the weight
-            to x's dtype, then F.linear.
+            float16, or int8 with per-output-channel float32 scales), whose kernels (float32 x, 1 to 16 rows: C++ on
+            CPU for bfloat16 and int8, Triton or CUDA on a GPU for all three) widen the weights to float32 in
+            registers and accumulate in float32; elsewhere "torch" dequantises the weight to x's dtype, then F.linear.
         bias: [N] or None, x's dtype.
         activation: None or "gelu" (exact, erf-based, as F.gelu), applied in the kernel's epilogue.
-        backend: None (the C++ kernel where it can run and measured faster, F.linear otherwise: CUDA, other dtypes,
-            one row or more than 16, autograd), "cpp" (raises with the reasons where it cannot run), "torch"
-            (F.linear) or "reference" (decode_linear_ref); the environment can force one (mmdkernels/_dispatch.py).
+        backend: None (the C++ kernel where it can run and measured faster, for packed weights on CUDA the Triton
+            kernel; F.linear otherwise: float32 weights on CUDA, other dtypes, one row or more than 16, autograd),
+            "cpp", "triton" or "cuda" (packed weights only; each raises with the reasons where it cannot run),
+            "torch" (F.linear) or "reference" (decode_linear_ref); the environment can force one
+            (mmdkernels/_dispatch.py).
     Returns:
         [..., N] in x's dtype. The kernel sums in float32 in another order than torch's GEMM: results agree to
         float32 rounding, not bit for bit. With a quantized weight the spec is decode_linear_ref (dequantise, then
@@ -131,7 +139,8 @@ def decode_linear(
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if quantized:
-        y = ops.small_batch_linear_quantized_op()(rows, weight.data, weight.scale, bias, activation == "gelu")
+        op = ops.small_batch_linear_quantized_op(backend)
+        y = op(rows, weight.data, weight.scale, bias, activation == "gelu")
     else:
         y = ops.small_batch_linear_op()(rows, weight, bias, activation == "gelu")
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,6 +1,12 @@
-"""The compiled few-row linear ops (csrc/linear/linear_cpu.cpp) and their fakes for torch.compile."""
+"""The few-row linear ops and their fakes for torch.compile: compiled (`mmdkernels::small_batch_linear`, CPU;
+`mmdkernels::small_batch_linear_quantized`, CPU csrc/linear/linear_cpu.cpp and CUDA csrc/linear/linear_cuda.cu by
+dispatch key; schemas in csrc/bindings.cpp) and the Triton twin of the quantized one."""
 
 from __future__ import annotations
+
+from typing import Optional
+
+import torch
 
 from mmdkernels import _ext
 
@@ -13,6 +19,16 @@ def _small_batch_linear_quantized_fake(x, weight, scale, bias, gelu):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("mmdkernels::small_batch_linear_quantized_triton", mutates_args=())
+def small_batch_linear_quantized_triton(
+    x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], gelu: bool
+) -> torch.Tensor:
+    from mmdkernels.linear import triton_kernels
+
+    return triton_kernels.small_batch_linear_quantized_triton(x, weight, scale, bias, gelu)
+
+
+small_batch_linear_quantized_triton.register_fake(_small_batch_linear_quantized_fake)
 _ext.register_on_load("mmdkernels::small_batch_linear", _small_batch_linear_fake)
 _ext.register_on_load("mmdkernels::small_batch_linear_quantized", _small_batch_linear_quantized_fake)
 
@@ -22,7 +38,10 @@ def small_batch_linear_op():
     return _ext.compiled_op("small_batch_linear", "cpp")
 
 
-def small_batch_linear_quantized_op():
-    """mmdkernels::small_batch_linear_quantized: (rows [M, D] float32, weight [N, D] bfloat16 or int8, scale float32
-    [N] (int8) or None (bfloat16), bias [N] or None, gelu) -> float32 [M, N]."""
-    return _ext.compiled_op("small_batch_linear_quantized", "cpp")
+def small_batch_linear_quantized_op(backend: str = "cpp"):
+    """The packed-weight op for backend "cpp", "cuda" or "triton": (rows [M, D] float32, weight [N, D] bfloat16 /
+    int8 (CPU) or bfloat16 / float16 / int8 (CUDA, Triton), scale float32 [N] (int8) or None, bias [N] or None,
+    gelu) -> float32 [M, N]."""
+    if backend == "triton":
+        return torch.ops.mmdkernels.small_batch_linear_quantized_triton
+    return _ext.compiled_op("small_batch_linear_quantized", backend)
