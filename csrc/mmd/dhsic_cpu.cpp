@@ -181,6 +181,11 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
   const int num_bw = plan.count;
   const DhsicStats stats = dhsic_statistics(sums, groups, num_bw, compute_grad);
   if (!compute_grad) return {stats.loss, at::empty({0}, z.options())};
+  // groups of one codebook (joint mode with K = 1) are independent of nothing: dHSIC is 0 and so is its gradient,
+  // exactly (the regrouped weights below cancel only to rounding)
+  const bool trivial = std::all_of(layout.group_members.begin(), layout.group_members.end(),
+                                   [](const auto& members) { return members.size() <= 1; });
+  if (trivial) return {stats.loss, at::zeros_like(z)};
   // sum_j dhsic_entry_weight regrouped: W_k(n, m) = -(2/N^2) sum_j c_j J_{k,j} - sum_j E_{k,j} (a_{k,j}(n) - b_{k,j}(m))
   // with b_{k,j} = c_j beta_{k,j} and a_{k,j}(n) = 2 c_j gamma_{k,j} - b_{k,j}(n) (gamma, beta: docs/mmd_kernels.md);
   // sum_j c_j J_{k,j} = sum_{g contains k} sum_j c_j e_j(D_g), one chain per group, not one per codebook.
