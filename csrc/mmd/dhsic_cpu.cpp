@@ -1,11 +1,13 @@
 // dHSIC V-statistic of codebook groups on the CPU: the shuffle-free estimator of the same MMD, loss and gradient.
-// Two passes over tiles of per-codebook distances (one GEMM per codebook and tile, 4 MiB tile budget; the Grams are
-// symmetric, so each pair of row blocks is visited once and a mirrored tile also feeds its columns):
-// pass 1 reduces each Gram matrix E_{k,j} to row sums and each group's product of Grams to a sum; the loss follows
-// from those O(K A N) numbers (dhsic_statistics in dhsic_stats.h, shared with CUDA). Pass 2 (only for the gradient)
-// recomputes the tiles, overwrites them with the symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h) and adds
+// Two passes over tiles of per-codebook distances (one GEMM per codebook and tile, 1 MiB tile budget so the K dot
+// tiles stay in L2 between the GEMM and the pass over them; the Grams are symmetric, so each pair of row blocks is
+// visited once and a mirrored tile also feeds its columns). Pass 1 reduces each Gram matrix E_{k,j} to row sums
+// and each group's joint Gram prod_{k in g} E_{k,j} = e_j(sum_{k in g} d_k) (one bandwidth chain on the group's
+// distance) to a sum; the loss follows from those O(K A N) numbers (dhsic_statistics in dhsic_stats.h, shared with
+// CUDA). Pass 2 (only for the gradient) recomputes the tiles and overwrites them with the symmetrised weights W_k
+// (dhsic_entry_weight in mmd_tile.h, regrouped below), summing them on the way, then adds
 // 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook (and the transposed column side of a mirrored tile).
-// Nothing N x N is stored; sums accumulate in double.
+// Nothing N x N is stored; sums of a chunk run in float lanes and accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,46 +23,97 @@ namespace mmdkernels {
 namespace mmd {
 namespace {
 
-// Per-thread scratch for one chunk of a row: per-codebook distances and Grams for every bandwidth.
-struct DhsicChunk {
-  int64_t num_codebooks;
-  std::vector<float> dist;                 // [K][kChunk]
-  std::vector<float> grams;                // [K][kMaxBandwidths][kChunk]
-  std::vector<float> product;              // [kChunk]
-  explicit DhsicChunk(int64_t k)
-      : num_codebooks(k), dist(k * kChunk), grams(k * kMaxBandwidths * kChunk), product(kChunk) {}
-  float* gram(int64_t k, int j) { return grams.data() + (k * kMaxBandwidths + j) * kChunk; }
+// Tile budget of the dHSIC plane: K dot tiles of 256 rows x 256 columns at K = 4 (1 MiB), in L2 from the GEMM to the
+// pass over them; on packed operands MKL runs 256 x 256 x 128 as fast as 256 x 1024 x 128 (benchmarks/RESULTS.md).
+constexpr int64_t kDhsicTileBudgetFloats = int64_t(1) << 18;
+// Rows a float column sum runs over before it is added into double.
+constexpr int64_t kColumnFlushRows = 32;
 
-  // Distances of the tile's row i (global `row`) against columns [col0, col0 + len) (c0 within the tile),
-  // diagonal exactly 0, and the Grams E_{k,j} of every codebook and bandwidth.
+// Per-thread scratch for one chunk of a row: per-codebook distances and the kernels of one distance vector.
+struct DhsicScratch {
+  int64_t num_codebooks;
+  std::vector<float> dist;        // [K][kChunk]
+  std::vector<float> group_dist;  // [kChunk]
+  std::vector<float> kernel_buf;  // [kMaxBandwidths][kChunk]
+  explicit DhsicScratch(int64_t k) : num_codebooks(k), dist(k * kChunk), group_dist(kChunk),
+                                     kernel_buf(kMaxBandwidths * kChunk) {}
+  float* distances(int64_t k) { return dist.data() + k * kChunk; }
+  float (*kernels())[kChunk] { return reinterpret_cast<float(*)[kChunk]>(kernel_buf.data()); }
+
+  // Distances d_k of the tile's row i against columns [col0, col0 + len) (c0 within the tile), every codebook;
+  // the diagonal exactly 0 and near duplicates recomputed from the difference.
   void load(const TilePlane& plane, const Tile& tile, const at::Tensor& z, const float* norms, int64_t n, int64_t i,
-            int64_t row, int64_t c0, int64_t col0, int64_t len, const BandwidthPlan& plan) {
+            int64_t c0, int64_t len) {
     const float* z_data = z.data_ptr<float>();
-    const int64_t width = z.size(2), stride = num_codebooks * width;
+    const int64_t width = z.size(2), stride = num_codebooks * width, row = tile.row0 + i, col0 = tile.col0 + c0;
     for (int64_t k = 0; k < num_codebooks; ++k) {
       const float* dots = plane.row(k, tile, i) + c0;
       const float norm_row = norms[k * n + row];
       const float* norm_cols = norms + k * n + col0;
-      float* d = dist.data() + k * kChunk;
+      float* d = distances(k);
 #pragma omp simd
       for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(norm_row, norm_cols[m], dots[m]);
       refine_near_duplicates(d, z_data + row * stride + k * width, norm_row, z_data + col0 * stride + k * width,
                              norm_cols, stride, width, len);
       if (row >= col0 && row < col0 + len) d[row - col0] = 0.0f;
-      bandwidths_chunk(d, plan, reinterpret_cast<float(*)[kChunk]>(gram(k, 0)), len);
     }
   }
 
-  // product[m] = prod_{k in members} E_{k,j}[m]
-  void group_product(const std::vector<int>& members, int j, int64_t len) {
-    std::copy(gram(members[0], j), gram(members[0], j) + len, product.begin());
+  // kernels()[j] = E_{k,j} of codebook k (after load)
+  void codebook_kernels(int64_t k, const BandwidthPlan& plan, int64_t len) {
+    bandwidths_chunk(distances(k), plan, kernels(), len);
+  }
+
+  // kernels()[j] = prod_{k in members} E_{k,j} = e_j(sum_{k in members} d_k) (after load)
+  void group_kernels(const std::vector<int>& members, const BandwidthPlan& plan, int64_t len) {
+    std::copy(distances(members[0]), distances(members[0]) + len, group_dist.begin());
     for (size_t t = 1; t < members.size(); ++t) {
-      const float* g = gram(members[t], j);
+      const float* d = distances(members[t]);
 #pragma omp simd
-      for (int64_t m = 0; m < len; ++m) product[m] *= g[m];
+      for (int64_t m = 0; m < len; ++m) group_dist[m] += d[m];
     }
+    bandwidths_chunk(group_dist.data(), plan, kernels(), len);
   }
 };
+
+// Column sums of `count` quantities over one thread's rows of a mirrored tile: float accumulators added into double
+// every kColumnFlushRows rows (count 0: a tile without a column side, every call a no-op).
+class ColumnSums {
+ public:
+  ColumnSums(int64_t count, int64_t cols) : cols_(cols), partial_(count * cols, 0.0f), total_(count * cols, 0.0) {}
+  void add(int64_t index, int64_t c0, const float* v, int64_t len) {
+    if (partial_.empty()) return;
+    float* p = partial_.data() + index * cols_ + c0;
+#pragma omp simd
+    for (int64_t m = 0; m < len; ++m) p[m] += v[m];
+  }
+  void end_row() {
+    if (++rows_ == kColumnFlushRows) flush();
+  }
+  // out[index * stride + m] += scale * (the sum of column m of quantity index); out points at the tile's column 0
+  void add_to(double* out, int64_t stride, double scale) {
+    flush();
+    const int64_t count = cols_ > 0 ? static_cast<int64_t>(total_.size()) / cols_ : 0;
+    for (int64_t index = 0; index < count; ++index) {
+      for (int64_t m = 0; m < cols_; ++m) out[index * stride + m] += scale * total_[index * cols_ + m];
+    }
+  }
+
+ private:
+  void flush() {
+    for (size_t idx = 0; idx < partial_.size(); ++idx) {
+      total_[idx] += partial_[idx];
+      partial_[idx] = 0.0f;
+    }
+    rows_ = 0;
+  }
+  int64_t cols_, rows_ = 0;
+  std::vector<float> partial_;
+  std::vector<double> total_;
+};
+
+// z as K unit-stride [N, width] slices, viewed [N, K, width]: the narrow tile products read packed rows.
+at::Tensor packed_codebooks(const at::Tensor& z) { return z.transpose(0, 1).contiguous().transpose(0, 1); }
 
 // Pass 1 over the pairs owned by the rows [row_begin, row_end) (TilePlane::symmetric_tiles: every E_{k,j} is
 // symmetric): float64 [K*A + 1, N], row k*A + j = sum_m E_{k,j}(n, m) over those pairs, added to the row n and, for a
@@ -73,55 +126,44 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
   const int64_t num_kj = num_codebooks * num_bw;
   const auto norms = slice_norms(z, layout);
   const float* norm_data = norms.data_ptr<float>();
-  const TilePlane plane(n, num_codebooks, z.options());
+  const auto packed = packed_codebooks(z);
+  const TilePlane plane(n, num_codebooks, z.options(), kDhsicTileBudgetFloats);
   auto sums = at::zeros({num_kj + 1, n}, z.options().dtype(at::kDouble));
   double* row_sums = sums.data_ptr<double>();
   double* joint_row_sums = row_sums + num_kj * n;
   std::mutex column_mutex;
   for (const Tile& tile : plane.symmetric_tiles(row_begin, row_end)) {
-    dot_tiles(z, z, layout, tile, plane);
+    dot_tiles(packed, packed, layout, tile, plane);
     const double multiplicity = tile.mirrored ? 2.0 : 1.0;
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
-      DhsicChunk chunk(num_codebooks);
-      std::vector<double> gram_sums(num_kj);
-      // a mirrored tile's column sums over this thread's rows, [K*A][cols]
-      std::vector<double> column_sums(tile.mirrored ? num_kj * tile.cols : 0, 0.0);
+      DhsicScratch scratch(num_codebooks);
+      ColumnSums columns(tile.mirrored ? num_kj : 0, tile.cols);
+      auto* e = scratch.kernels();
       for (int64_t i = begin; i < end; ++i) {
         const int64_t row = tile.row0 + i;
-        std::fill(gram_sums.begin(), gram_sums.end(), 0.0);
         double joint_sum = 0.0;
         for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
           const int64_t len = std::min(kChunk, tile.cols - c0);
-          chunk.load(plane, tile, z, norm_data, n, i, row, c0, tile.col0 + c0, len, plan);
+          scratch.load(plane, tile, z, norm_data, n, i, c0, len);
           for (int64_t k = 0; k < num_codebooks; ++k) {
+            scratch.codebook_kernels(k, plan, len);
             for (int j = 0; j < num_bw; ++j) {
-              const float* g = chunk.gram(k, j);
-              gram_sums[k * num_bw + j] += sum_chunk(g, len);
-              if (tile.mirrored) {
-                double* col = column_sums.data() + (k * num_bw + j) * tile.cols + c0;
-#pragma omp simd
-                for (int64_t m = 0; m < len; ++m) col[m] += g[m];
-              }
+              row_sums[(k * num_bw + j) * n + row] += sum_chunk_float(e[j], len);
+              columns.add(k * num_bw + j, c0, e[j], len);
             }
           }
           for (const auto& members : layout.group_members) {
-            for (int j = 0; j < num_bw; ++j) {
-              chunk.group_product(members, j, len);
-              joint_sum += sum_chunk(chunk.product.data(), len);
-            }
+            scratch.group_kernels(members, plan, len);
+            for (int j = 0; j < num_bw; ++j) joint_sum += sum_chunk_float(e[j], len);
           }
         }
-        for (int64_t kj = 0; kj < num_kj; ++kj) row_sums[kj * n + row] += gram_sums[kj];
         joint_row_sums[row] += multiplicity * joint_sum;
+        columns.end_row();
       }
       if (tile.mirrored) {
         const std::lock_guard<std::mutex> lock(column_mutex);
-        for (int64_t kj = 0; kj < num_kj; ++kj) {
-          double* out = row_sums + kj * n + tile.col0;
-          const double* col = column_sums.data() + kj * tile.cols;
-          for (int64_t m = 0; m < tile.cols; ++m) out[m] += col[m];
-        }
+        columns.add_to(row_sums + tile.col0, n, 1.0);
       }
     });
   }
@@ -139,63 +181,90 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
   const int num_bw = plan.count;
   const DhsicStats stats = dhsic_statistics(sums, groups, num_bw, compute_grad);
   if (!compute_grad) return {stats.loss, at::empty({0}, z.options())};
-  const float* gamma = stats.gamma.data_ptr<float>();  // gamma_{k,j} and beta_{k,j}(n) of docs/mmd_kernels.md
-  const float* beta = stats.beta.data_ptr<float>();
-  const float inv_n2 = static_cast<float>(1.0 / (static_cast<double>(n) * static_cast<double>(n)));
+  // groups of one codebook (joint mode with K = 1) are independent of nothing: dHSIC is 0 and so is its gradient,
+  // exactly (the regrouped weights below cancel only to rounding)
+  const bool trivial = std::all_of(layout.group_members.begin(), layout.group_members.end(),
+                                   [](const auto& members) { return members.size() <= 1; });
+  if (trivial) return {stats.loss, at::zeros_like(z)};
+  // sum_j dhsic_entry_weight regrouped: W_k(n, m) = -(2/N^2) sum_j c_j J_{k,j} - sum_j E_{k,j} (a_{k,j}(n) - b_{k,j}(m))
+  // with b_{k,j} = c_j beta_{k,j} and a_{k,j}(n) = 2 c_j gamma_{k,j} - b_{k,j}(n) (gamma, beta: docs/mmd_kernels.md);
+  // sum_j c_j J_{k,j} = sum_{g contains k} sum_j c_j e_j(D_g), one chain per group, not one per codebook.
+  const float* gamma = stats.gamma.data_ptr<float>();
+  auto scaled_beta = stats.beta.clone();  // b: float32 [K, A, N]
+  for (int j = 0; j < num_bw; ++j) scaled_beta.select(1, j).mul_(plan.coef[j]);
+  const float* b = scaled_beta.data_ptr<float>();
+  const float two_inv_n2 = static_cast<float>(2.0 / (static_cast<double>(n) * static_cast<double>(n)));
 
-  // Pass 2: symmetrised weights W_k in place of the tiles, then the gradient GEMMs.
   const auto norms = slice_norms(z, layout);
   const float* norm_data = norms.data_ptr<float>();
-  const TilePlane plane(n, num_codebooks, z.options());
+  const auto packed = packed_codebooks(z);
+  const TilePlane plane(n, num_codebooks, z.options(), kDhsicTileBudgetFloats);
   auto grad = at::zeros_like(z);
-  GradientSide side(z, layout, grad, at::Tensor());
+  GradientSide side(packed, layout, grad, at::Tensor());
+  double* weight_sums = side.weight_sums();  // [K, N]
+  std::mutex column_mutex;
   for (const Tile& tile : plane.symmetric_tiles(row_begin, row_end)) {
-    dot_tiles(z, z, layout, tile, plane);
+    dot_tiles(packed, packed, layout, tile, plane);
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
-      DhsicChunk chunk(num_codebooks);
-      std::vector<float> joint(num_codebooks * num_bw * kChunk);  // J_{k,j}: sum of the joint Grams of k's groups
+      DhsicScratch scratch(num_codebooks);
+      ColumnSums columns(tile.mirrored ? num_codebooks : 0, tile.cols);
+      auto* e = scratch.kernels();
+      std::vector<float> joint_slope(num_codebooks * kChunk);  // sum_j c_j J_{k,j}, [K][kChunk]
+      std::vector<float> group_slope(kChunk);
+      std::vector<double> row_weight_sums(num_codebooks);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t row = tile.row0 + i;
+        std::fill(row_weight_sums.begin(), row_weight_sums.end(), 0.0);
         for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
           const int64_t len = std::min(kChunk, tile.cols - c0);
           const int64_t col0 = tile.col0 + c0;
-          chunk.load(plane, tile, z, norm_data, n, i, row, c0, col0, len, plan);
-          std::fill(joint.begin(), joint.end(), 0.0f);
+          scratch.load(plane, tile, z, norm_data, n, i, c0, len);
+          std::fill(joint_slope.begin(), joint_slope.end(), 0.0f);
           for (const auto& members : layout.group_members) {
+            scratch.group_kernels(members, plan, len);
+            std::fill(group_slope.begin(), group_slope.end(), 0.0f);
             for (int j = 0; j < num_bw; ++j) {
-              chunk.group_product(members, j, len);
-              for (int k : members) {
-                float* jk = joint.data() + (k * num_bw + j) * kChunk;
+              const float coef = plan.coef[j];
 #pragma omp simd
-                for (int64_t m = 0; m < len; ++m) jk[m] += chunk.product[m];
-              }
+              for (int64_t m = 0; m < len; ++m) group_slope[m] += coef * e[j][m];
+            }
+            for (int k : members) {
+              float* slope = joint_slope.data() + k * kChunk;
+#pragma omp simd
+              for (int64_t m = 0; m < len; ++m) slope[m] += group_slope[m];
             }
           }
           for (int64_t k = 0; k < num_codebooks; ++k) {
-            float* weights = plane.row(k, tile, i) + c0;
-            std::fill(weights, weights + len, 0.0f);
-            const float* d = chunk.dist.data() + k * kChunk;
-            for (int j = 0; j < num_bw; ++j) {
-              const float coef = plan.coef[j];
-              const float gamma_kj = gamma[k * num_bw + j];
-              const float* beta_kj = beta + (k * num_bw + j) * n;
-              const float beta_row = beta_kj[row];
-              const float* jk = joint.data() + (k * num_bw + j) * kChunk;
-              const float* g = chunk.gram(k, j);
+            scratch.codebook_kernels(k, plan, len);
+            float* weights = plane.row(k, tile, i) + c0;  // the dots of this chunk are in dist now
+            const float* slope = joint_slope.data() + k * kChunk;
 #pragma omp simd
-              for (int64_t m = 0; m < len; ++m) {
-                weights[m] += dhsic_entry_weight(coef, inv_n2, jk[m], g[m], gamma_kj, beta_row, beta_kj[col0 + m]);
-              }
+            for (int64_t m = 0; m < len; ++m) weights[m] = -two_inv_n2 * slope[m];
+            for (int j = 0; j < num_bw; ++j) {
+              const float* b_kj = b + (k * num_bw + j) * n;
+              const float a_kj = 2.0f * plan.coef[j] * gamma[k * num_bw + j] - b_kj[row];
+              const float* b_cols = b_kj + col0;
+#pragma omp simd
+              for (int64_t m = 0; m < len; ++m) weights[m] -= e[j][m] * (a_kj - b_cols[m]);
             }
+            const float* d = scratch.distances(k);
 #pragma omp simd
             for (int64_t m = 0; m < len; ++m) weights[m] = d[m] == 0.0f ? 0.0f : weights[m];  // duplicates: a - b = 0
+            row_weight_sums[k] += sum_chunk_float(weights, len);
+            columns.add(k, c0, weights, len);
           }
         }
+        for (int64_t k = 0; k < num_codebooks; ++k) weight_sums[k * n + row] += 2.0 * row_weight_sums[k];
+        columns.end_row();
+      }
+      if (tile.mirrored) {
+        const std::lock_guard<std::mutex> lock(column_mutex);
+        columns.add_to(weight_sums + tile.col0, n, 2.0);
       }
     });
-    side.add_rows(plane, tile, z, 2.0);
-    if (tile.mirrored) side.add_columns(plane, tile, z, 2.0);
+    side.add_rows(plane, tile, packed, 2.0, /*sum_weights=*/false);
+    if (tile.mirrored) side.add_columns(plane, tile, packed, 2.0, /*sum_weights=*/false);
   }
   side.finish();
   return {stats.loss, grad};

@@ -138,9 +138,9 @@ at::Tensor slice_norms(const at::Tensor& samples, const SliceLayout& layout) {
   return norms;
 }
 
-TilePlane::TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& options) : n_(n) {
+TilePlane::TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& options, int64_t budget_floats) : n_(n) {
   row_block_ = std::min<int64_t>(n, 256);
-  col_block_ = std::min<int64_t>(n, std::max<int64_t>(kChunk, kTileBudgetFloats / (num_slices * row_block_)));
+  col_block_ = std::min<int64_t>(n, std::max<int64_t>(kChunk, budget_floats / (num_slices * row_block_)));
   tile_floats_ = row_block_ * col_block_;
   buffer_ = at::empty({num_slices * tile_floats_}, options);
   data_ = buffer_.data_ptr<float>();
@@ -239,19 +239,21 @@ void GradientSide::add_product(int64_t s, int64_t row0, const at::Tensor& a, con
   }
 }
 
-void GradientSide::add_rows(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale) {
+void GradientSide::add_rows(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale,
+                            bool sum_weights) {
   for (int64_t s = 0; s < layout_.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
-    weight_sums_[s].narrow(0, tile.row0, tile.rows).add_(weights.sum(1, false, at::kDouble), scale);
+    if (sum_weights) weight_sums_[s].narrow(0, tile.row0, tile.rows).add_(weights.sum(1, false, at::kDouble), scale);
     add_product(s, tile.row0, weights, slice_of(other, layout_, s).narrow(0, tile.col0, tile.cols),
                 static_cast<float>(-scale));
   }
 }
 
-void GradientSide::add_columns(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale) {
+void GradientSide::add_columns(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale,
+                               bool sum_weights) {
   for (int64_t s = 0; s < layout_.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
-    weight_sums_[s].narrow(0, tile.col0, tile.cols).add_(weights.sum(0, false, at::kDouble), scale);
+    if (sum_weights) weight_sums_[s].narrow(0, tile.col0, tile.cols).add_(weights.sum(0, false, at::kDouble), scale);
     add_product(s, tile.col0, weights.t(), slice_of(other, layout_, s).narrow(0, tile.row0, tile.rows),
                 static_cast<float>(-scale));
   }

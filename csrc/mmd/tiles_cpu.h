@@ -44,6 +44,15 @@ inline double sum_chunk(const float* v, int64_t len) {
   return s;
 }
 
+// The same in float lanes (each lane adds len / vector width values; callers keep len <= kChunk and add the result
+// to a double): half the vector work of sum_chunk, error ~1e-7 of sum |v| (a float32 GEMM's level).
+inline float sum_chunk_float(const float* v, int64_t len) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t m = 0; m < len; ++m) s += v[m];
+  return s;
+}
+
 // The distance |a|^2 + |b|^2 - 2 a.b from a GEMM carries a rounding error of a few eps (|a|^2 + |b|^2) (more with a
 // long dot product), which is all of it for (near-)duplicate samples: a duplicate gets d ~ 1e-4 instead of 0 and a
 // kernel weight ~sum(coefs) on an a - b that is 0, which the GEMM form rowsum(W) a - W b cancels only to float32
@@ -87,11 +96,13 @@ struct Tile {
 };
 
 // A buffer for `slices` distance tiles and the blocking of the N x N plane into tiles that fit it: row blocks of up
-// to 256 rows (GEMM-friendly) times column blocks sized to the budget, so both GEMM operands stay cache-resident
-// (full-width row blocks would stream all of B from memory for every few rows once N is large).
+// to 256 rows (GEMM-friendly) times column blocks sized to the budget (floats for all slices together), so both GEMM
+// operands stay cache-resident (full-width row blocks would stream all of B from memory for every few rows once N is
+// large).
 class TilePlane {
  public:
-  TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& options);
+  TilePlane(int64_t n, int64_t num_slices, const at::TensorOptions& options,
+            int64_t budget_floats = kTileBudgetFloats);
   // The tiles of rows [row_begin, row_end) against every column (the whole plane by default).
   std::vector<Tile> tiles(int64_t row_begin = 0, int64_t row_end = -1) const;
   // The tiles of a symmetric term owned by the rows [row_begin, row_end): on the fixed grid of row blocks, block r
@@ -126,12 +137,17 @@ void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layo
 class GradientSide {
  public:
   GradientSide(const at::Tensor& samples, const SliceLayout& layout, at::Tensor grad, at::Tensor perms);
-  // rows of the tile: += scale * (rowsum(W) * samples[rows] - W @ other[cols]), W = the tile (slice by slice)
-  void add_rows(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale);
-  // columns of the tile: += scale * (colsum(W) * samples[cols] - W^T @ other[rows])
-  void add_columns(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale);
+  // rows of the tile: += scale * (rowsum(W) * samples[rows] - W @ other[cols]), W = the tile (slice by slice).
+  // With sum_weights false the caller has added scale * rowsum(W) to weight_sums() itself (in its weight pass).
+  void add_rows(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale,
+                bool sum_weights = true);
+  // columns of the tile: += scale * (colsum(W) * samples[cols] - W^T @ other[rows]); sum_weights as in add_rows
+  void add_columns(const TilePlane& plane, const Tile& tile, const at::Tensor& other, double scale,
+                   bool sum_weights = true);
   // adds weight_sums * samples
   void finish();
+  // float64 [S, N], contiguous: the weight sums finish() applies
+  double* weight_sums() { return weight_sums_.data_ptr<double>(); }
 
  private:
   // rows [row0, row0 + a.size(0)) of slice s += alpha * a @ b
