@@ -81,15 +81,17 @@ def _linear_priority(x: torch.Tensor) -> tuple[str, ...]:
 def _quantized_linear_priority(x: torch.Tensor) -> tuple[str, ...]:
     """decode_linear with bf16/fp16/int8 weights (mmdkernels/linear/quantize.py) at 1 to 16 rows. CPU: the C++ kernel,
     one row included (torch has no GEMV on such weights: "torch" dequantises them, a full float32 copy, then calls
-    F.linear). CUDA: the Triton kernel, which reads 2 or 1 bytes per weight where "torch" reads the packed weight,
-    writes and re-reads a float32 copy (5x the bytes of bf16, napkin maths); the CUDA kernel after "torch", as the
-    house orders kernels no GPU has run yet (see _attention_priority), until benchmarks/gpu_check.sh has tested and
-    measured it (benchmarks/bench_linear_gpu.py). Larger batches are GEMMs: "torch"."""
+    F.linear). CUDA: "torch" first, then the Triton and CUDA kernels, as the house orders kernels no GPU has run yet
+    (see _attention_priority), until benchmarks/gpu_check.sh has tested and measured them (benchmarks/
+    bench_linear_gpu.py): the Triton kernel reads 2 or 1 bytes per weight where "torch" reads the packed weight,
+    writes and re-reads a float32 copy (5x the bytes of bf16, napkin maths), so it should lead once measured; force
+    it meanwhile with backend="triton" or MMDKERNELS_BACKEND_DECODE_LINEAR_QUANTIZED=triton. Larger batches are GEMMs:
+    "torch"."""
     rows = x.numel() // max(1, x.shape[-1])
     if rows > LINEAR_MAX_ROWS or x.device.type not in ("cpu", "cuda"):
         return ("torch", "reference")
     if x.device.type == "cuda":
-        return ("triton", "torch", "cuda", "reference")
+        return ("torch", "triton", "cuda", "reference")
     return ("cpp", "torch", "reference")
 
 

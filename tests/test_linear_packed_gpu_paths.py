@@ -176,14 +176,14 @@ def test_torch_compile_fullgraph(device, backend):
 
 
 def test_automatic_order_per_device():
-    """CUDA, packed weights, 1-16 rows: Triton first; F.linear on a dequantised copy next; the CUDA kernel only after
-    it until a GPU has tested and timed it. CPU: the C++ kernel. More rows: torch's GEMM."""
+    """CUDA, packed weights, 1-16 rows: F.linear on a dequantised copy first, the Triton and CUDA kernels after it
+    until a GPU has tested and timed them. CPU: the C++ kernel. More rows: torch's GEMM."""
 
     def rows_on(device: str, rows: int):
         return types.SimpleNamespace(device=torch.device(device), shape=(rows, 8), numel=lambda: rows * 8)
 
     order = _dispatch.OPS["decode_linear_quantized"].priority
-    assert order(rows_on("cuda", 16)) == ("triton", "torch", "cuda", "reference")
+    assert order(rows_on("cuda", 16)) == ("torch", "triton", "cuda", "reference")
     assert order(rows_on("cuda", 17)) == ("torch", "reference")
     assert order(rows_on("cpu", 1)) == ("cpp", "torch", "reference")
 
@@ -233,9 +233,9 @@ def _no_dequantize(self, dtype=torch.float32):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @interpreted
 def test_model_decode_streams_the_packed_weights(pattern, seeded, monkeypatch):
-    """Through the Triton kernel (forced here, as the dispatcher picks it on CUDA) a decode step, the int step and the
-    fixed-shape (CUDA-graph) variant alike, never dequantises a weight, and both match the model with the dequantised
-    weights in float64 (the spec) by the rule, that model in float32 as the baseline."""
+    """Through the Triton kernel (forced here; the dispatcher picks it on CUDA once a GPU has timed it) a decode
+    step, the int step and the fixed-shape (CUDA-graph) variant alike, never dequantises a weight, and both match the
+    model with the dequantised weights in float64 (the spec) by the rule, that model in float32 as the baseline."""
     model = quantize_for_decode(tiny_model(pattern), "fp16")
     specs = {dtype: dequantized_copy(model, dtype) for dtype in (torch.float64, torch.float32)}
     codes = torch.randint(0, 17, (2, 3, 4), generator=seeded)
