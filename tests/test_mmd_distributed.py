@@ -256,7 +256,7 @@ def test_row_shares_cover_the_plane_evenly(num_samples, world_size):
 
 def test_process_group_requires_initialised_distributed():
     if dist.is_initialized():
-        pytest.skip("a process group is initialised in this process")
+        pytest.skip(reason="a process group is initialised in this process")
     with pytest.raises(RuntimeError, match="not initialised"):
         mmdkernels.mmd_loss(make_input((2, K, D, T)), process_group=object())
 

@@ -99,7 +99,7 @@ def test_wheel_holds_the_library_and_no_models_package(wheel):
 @pytest.mark.parametrize("capability", [None, "avx2"])
 def test_installed_wheel_runs_every_public_op_outside_the_checkout(wheel, tmp_path, capability):
     if capability and os.uname().machine not in ("x86_64", "AMD64"):
-        pytest.skip("the avx2 library exists on x86-64 only")
+        pytest.skip(reason="the avx2 library exists on x86-64 only")
     site = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)])
     assert not (site / "models").exists()
