@@ -209,21 +209,32 @@ GradientSide::GradientSide(const at::Tensor& samples, const SliceLayout& layout,
     : samples_(samples),
       layout_(layout),
       grad_(std::move(grad)),
-      perms_(std::move(perms)),
+      perms_(perms.defined() ? perms.contiguous() : perms),
       weight_sums_(at::zeros({layout.num_slices, samples.size(0)}, samples.options().dtype(at::kDouble))),
       chunk_rows_(std::max<int64_t>(1, kTileBudgetFloats / 4 / layout.width)) {}
 
 void GradientSide::scatter(int64_t s, int64_t row0, const at::Tensor& update) {
-  const int64_t rows = update.size(0);
-  if (layout_.num_slices == 1) {  // one slice spans every codebook, each permuted on its own
-    const int64_t num_codebooks = grad_.size(1);
-    const auto per_codebook = update.view({rows, num_codebooks, grad_.size(2)});
-    for (int64_t k = 0; k < num_codebooks; ++k) {
-      grad_.select(1, k).index_add_(0, perms_[k].narrow(0, row0, rows), per_codebook.select(1, k));
+  // A loop of our own, not index_add_: that one adds row by row through tensor calls (22 % of the shuffle's time in a
+  // profile). Feature columns go to threads, so a column's rows are added by one thread in order: deterministic,
+  // and race-free even if a permutation repeated an index.
+  const int64_t rows = update.size(0), width = layout_.width, n = grad_.size(0);
+  const int64_t dim = grad_.size(2), row_stride = grad_.size(1) * dim, first = s * width;
+  const auto contiguous_update = update.contiguous();
+  const float* src = contiguous_update.data_ptr<float>();
+  const int64_t* perm = perms_.data_ptr<int64_t>();
+  float* dst = grad_.data_ptr<float>();
+  at::parallel_for(0, width, 64, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* u = src + m * width;
+      for (int64_t c0 = c_begin; c0 < c_end;) {  // the columns of one codebook at a time
+        const int64_t k = (first + c0) / dim, c1 = std::min(c_end, (k + 1) * dim - first);
+        float* out = dst + perm[k * n + row0 + m] * row_stride + first;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) out[c] += u[c];
+        c0 = c1;
+      }
     }
-  } else {
-    grad_.select(1, s).index_add_(0, perms_[s].narrow(0, row0, rows), update);
-  }
+  });
 }
 
 void GradientSide::add_product(int64_t s, int64_t row0, const at::Tensor& a, const at::Tensor& b, float alpha) {
