@@ -56,6 +56,31 @@ void power_chunk(const float* base, int step, float* out, int64_t len) {
   }
 }
 
+
+// sums[i] += scale * sum_j w[i, j] (w: [rows, cols] contiguous), in double: at::sum with a double result would first
+// copy the whole tile to double (8 MiB at 256 x 4096), which the memory targets count.
+void add_row_sums(const float* w, int64_t rows, int64_t cols, double scale, double* sums) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) sums[i] += scale * sum_chunk(w + i * cols, cols);
+  });
+}
+
+// sums[j] += scale * sum_i w[i, j], in double, columns split among threads.
+void add_column_sums(const float* w, int64_t rows, int64_t cols, double scale, double* sums) {
+  at::parallel_for(0, cols, 256, [&](int64_t begin, int64_t end) {
+    double acc[kChunk];
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t len = std::min(kChunk, end - c0);
+      std::fill(acc, acc + len, 0.0);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* v = w + i * cols + c0;
+#pragma omp simd
+        for (int64_t m = 0; m < len; ++m) acc[m] += v[m];
+      }
+      for (int64_t m = 0; m < len; ++m) sums[c0 + m] += scale * acc[m];
+    }
+  });
+}
 }  // namespace
 
 void bandwidths_chunk(const float* dist, const BandwidthPlan& plan, float (*e)[kChunk], int64_t len) {
@@ -254,7 +279,10 @@ void GradientSide::add_rows(const TilePlane& plane, const Tile& tile, const at::
                             bool sum_weights) {
   for (int64_t s = 0; s < layout_.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
-    if (sum_weights) weight_sums_[s].narrow(0, tile.row0, tile.rows).add_(weights.sum(1, false, at::kDouble), scale);
+    if (sum_weights) {
+      double* sums = weight_sums() + s * samples_.size(0) + tile.row0;
+      add_row_sums(plane.row(s, tile, 0), tile.rows, tile.cols, scale, sums);
+    }
     add_product(s, tile.row0, weights, slice_of(other, layout_, s).narrow(0, tile.col0, tile.cols),
                 static_cast<float>(-scale));
   }
@@ -264,7 +292,10 @@ void GradientSide::add_columns(const TilePlane& plane, const Tile& tile, const a
                                bool sum_weights) {
   for (int64_t s = 0; s < layout_.num_slices; ++s) {
     const auto weights = plane.slice(s, tile);
-    if (sum_weights) weight_sums_[s].narrow(0, tile.col0, tile.cols).add_(weights.sum(0, false, at::kDouble), scale);
+    if (sum_weights) {
+      double* sums = weight_sums() + s * samples_.size(0) + tile.col0;
+      add_column_sums(plane.row(s, tile, 0), tile.rows, tile.cols, scale, sums);
+    }
     add_product(s, tile.col0, weights.t(), slice_of(other, layout_, s).narrow(0, tile.row0, tile.rows),
                 static_cast<float>(-scale));
   }
