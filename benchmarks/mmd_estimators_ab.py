@@ -10,6 +10,8 @@ directly (ops.shuffle_op / ops.dhsic_op, compute_grad=True).
     python benchmarks/mmd_estimators_ab.py --trees . --sizes 4096 --forward-only   # pass 1 alone (no gradient)
     python benchmarks/mmd_estimators_ab.py --trees . --tile-kernels gemm fused     # dHSIC's distance tiles forced
 
+    python benchmarks/mmd_estimators_ab.py --alternate-tiles 4096 8               # gemm vs fused tiles, one process
+
 --tile-kernels sets MMDKERNELS_MMD_TILE for the dHSIC children (auto: the measured choice; a tree without the switch
 ignores it), each kernel a column of its own.
 """
@@ -61,6 +63,33 @@ def _child(estimator: str, num_samples: int, calls: int, compute_grad: bool) -> 
     return {"min_s": min(times), "loss": float(loss), "package": os.path.dirname(mmdkernels.__file__)}
 
 
+def _alternate_tiles(num_samples: int, calls: int) -> None:
+    """dHSIC forward + backward in one process, MMDKERNELS_MMD_TILE alternating gemm / fused call by call (the
+    library reads it at every call), so load changes hit both kernels alike; prints each kernel's minimum."""
+    import torch
+
+    torch.set_num_threads(1)
+    from mmdkernels.mmd import ops
+    from mmdkernels.mmd import reference as ref
+    from mmdkernels.mmd.plan import build_plan
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(num_samples, 4, 128, generator=g) + torch.randn(num_samples, 1, 128, generator=g)
+    z = ref.standardize(z).contiguous()
+    groups = ref.codebook_groups(4, "joint")
+    plan = build_plan(ref.DEFAULT_BANDWIDTHS).as_op_args()
+    best = {"gemm": float("inf"), "fused": float("inf")}
+    for call in range(2 * calls + 2):  # the first two calls warm up
+        kernel = "gemm" if call % 2 == 0 else "fused"
+        os.environ["MMDKERNELS_MMD_TILE"] = kernel
+        start = time.process_time()
+        ops.dhsic_op("cpp")(z, groups, *plan, True)
+        if call >= 2:
+            best[kernel] = min(best[kernel], time.process_time() - start)
+    print(f"N={num_samples} dHSIC fwd+bwd, min of {calls}: gemm {best['gemm']:.3f} s, fused {best['fused']:.3f} s, "
+          f"fused/gemm {best['fused'] / best['gemm']:.2f} (load {os.getloadavg()[0]:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", nargs="+", default=["."], help="source trees, each with its built mmdkernels")
@@ -71,8 +100,13 @@ def main() -> None:
     parser.add_argument("--forward-only", action="store_true", help="compute_grad=False")
     parser.add_argument("--tile-kernels", nargs="+", default=["auto"], choices=["auto", "gemm", "fused"],
                         help="MMDKERNELS_MMD_TILE values for dHSIC")
+    parser.add_argument("--alternate-tiles", nargs=2, type=int, metavar=("N", "CALLS"),
+                        help="dHSIC with the gemm and fused tiles alternating in one process")
     parser.add_argument("--child", nargs=3, metavar=("ESTIMATOR", "N", "CALLS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.alternate_tiles:
+        _alternate_tiles(*args.alternate_tiles)
+        return
     if args.child:
         estimator, num_samples, calls = args.child
         print(json.dumps(_child(estimator, int(num_samples), int(calls), not args.forward_only)))

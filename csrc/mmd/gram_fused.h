@@ -46,7 +46,8 @@ inline Vec distance(Vec norm_a, Vec norm_b, Vec dot) {
 }
 #endif
 
-constexpr int kPair = 2 * kPanel;  // columns per packed pair of panels
+constexpr int kPanels = 2;               // panels side by side in the register block
+constexpr int kPair = kPanels * kPanel;  // columns per packed group of panels
 
 // The columns of every codebook, packed for the micro-kernel.
 struct PackedColumns {
@@ -93,36 +94,43 @@ inline void distance_pair(const float* xt, const float* row_norms, const PackedC
                           int64_t lo, int64_t hi, int64_t first, float* out, int64_t ld) {
   const int64_t dim = packed.dim;
   const float* panel = packed.pair(k, p);
-  Vec acc[Rows][2];
+  Vec acc[Rows][kPanels];
 #pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = zero();
+  for (int r = 0; r < Rows; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < kPanels; ++q) acc[r][q] = zero();
+  }
   for (int64_t d = 0; d < dim; ++d) {
-    const Vec w0 = load(panel + d * kPair), w1 = load(panel + d * kPair + kPanel);
+    Vec w[kPanels];
+#pragma GCC unroll 4
+    for (int q = 0; q < kPanels; ++q) w[q] = load(panel + d * kPair + q * kPanel);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const Vec xv = broadcast(xt[d * Rows + r]);
-      acc[r][0] = fmadd(xv, w0, acc[r][0]);
-      acc[r][1] = fmadd(xv, w1, acc[r][1]);
+#pragma GCC unroll 4
+      for (int q = 0; q < kPanels; ++q) acc[r][q] = fmadd(xv, w[q], acc[r][q]);
     }
   }
   const float* col_norms = packed.pair_norms(k, p);
-  const Vec norm_b0 = load(col_norms), norm_b1 = load(col_norms + kPanel);
+  Vec norm_b[kPanels];
+#pragma GCC unroll 4
+  for (int q = 0; q < kPanels; ++q) norm_b[q] = load(col_norms + q * kPanel);
   const int64_t pair0 = p * kPair;
   if (lo == pair0 && hi == pair0 + kPair) {
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const Vec norm_a = broadcast(row_norms[r]);
       float* o = out + r * ld + (pair0 - first);
-      store(o, distance(norm_a, norm_b0, acc[r][0]));
-      store(o + kPanel, distance(norm_a, norm_b1, acc[r][1]));
+#pragma GCC unroll 4
+      for (int q = 0; q < kPanels; ++q) store(o + q * kPanel, distance(norm_a, norm_b[q], acc[r][q]));
     }
   } else {
     alignas(64) float buffer[kPair];
 #pragma GCC unroll 16  // every loop over acc unrolled: an indexed acc would live in memory, not registers
     for (int r = 0; r < Rows; ++r) {
       const Vec norm_a = broadcast(row_norms[r]);
-      store(buffer, distance(norm_a, norm_b0, acc[r][0]));
-      store(buffer + kPanel, distance(norm_a, norm_b1, acc[r][1]));
+#pragma GCC unroll 4
+      for (int q = 0; q < kPanels; ++q) store(buffer + q * kPanel, distance(norm_a, norm_b[q], acc[r][q]));
       std::copy(buffer + (lo - pair0), buffer + (hi - pair0), out + r * ld + (lo - first));
     }
   }
