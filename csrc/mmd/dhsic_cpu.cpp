@@ -2,12 +2,13 @@
 // Two passes over tiles of per-codebook distances (1 MiB tile budget so the K tiles stay in L2 between their product
 // and the pass over them; the Grams are symmetric, so each pair of row blocks is visited once and a mirrored tile also
 // feeds its columns). A tile comes from one GEMM per codebook (dot products) or from our micro-kernel with the
-// distance epilogue fused (gram_fused.h), whichever measured faster for the shape class (GramTiles below). Pass 1 reduces each Gram matrix E_{k,j} to row sums
-// and each group's joint Gram prod_{k in g} E_{k,j} = e_j(sum_{k in g} d_k) (one bandwidth chain on the group's
-// distance) to a sum; the loss follows from those O(K A N) numbers (dhsic_statistics in dhsic_stats.h, shared with
-// CUDA). Pass 2 (only for the gradient) recomputes the tiles and overwrites them with the symmetrised weights W_k
-// (dhsic_entry_weight in mmd_tile.h, regrouped below), summing them on the way, then adds
-// 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook (and the transposed column side of a mirrored tile).
+// distance epilogue fused (gram_fused.h), whichever measured faster for the shape class (GramTiles below). Pass 1
+// reduces each Gram matrix E_{k,j} to row sums and each group's joint Gram prod_{k in g} E_{k,j} =
+// e_j(sum_{k in g} d_k) (one bandwidth chain on the group's distance) to a sum; the loss follows from those O(K A N)
+// numbers (dhsic_statistics in dhsic_stats.h, shared with CUDA). Pass 2 (only for the gradient) recomputes the tiles
+// and overwrites them with the symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h, regrouped below), summing
+// them on the way, then adds 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook (and the transposed column side of a
+// mirrored tile).
 // Nothing N x N is stored; sums of a chunk run in float lanes and accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -223,11 +224,12 @@ class GramTiles {
     }
     int64_t entries = 0;
     for (const Tile& t : tiles) entries += t.rows * t.cols;
-    fused_s += pack_s * static_cast<double>(tile.rows * tile.cols) / static_cast<double>(std::max<int64_t>(1, entries));
+    fused_s += pack_s * static_cast<double>(tile.rows * tile.cols) / static_cast<double>(std::max<int64_t>(entries, 1));
     const GramKernel kernel = fused_s < gemm_s ? GramKernel::kFused : GramKernel::kGemm;
     const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
     if (verbose != nullptr && std::string(verbose) == "1") {
-      std::fprintf(stderr, "mmdkernels dhsic tile: %lld x %lld x %lld, K %lld, N %lld: gemm %.3g s, fused %.3g s -> %s\n",
+      std::fprintf(stderr,
+                   "mmdkernels dhsic tile: %lld x %lld x %lld, K %lld, N %lld: gemm %.3g s, fused %.3g s -> %s\n",
                    static_cast<long long>(tile.rows), static_cast<long long>(tile.cols),
                    static_cast<long long>(layout_.width), static_cast<long long>(layout_.num_slices),
                    static_cast<long long>(n), gemm_s, fused_s, kernel == GramKernel::kFused ? "fused" : "gemm");
