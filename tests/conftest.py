@@ -54,22 +54,35 @@ def each_gemm_path(request):
         yield request.param
 
 
-@pytest.fixture(params=["gemm-mkl", "gemm-onednn", "fused"])
-def each_rvq_path(request, monkeypatch):
-    """Runs a module's tests once per tile kernel of the C++ RVQ encoder (MMDKERNELS_RVQ_TILE), forced: the score
-    tile on each GEMM provider, and the micro-kernel with the argmin fused (csrc/rvq/rvq_fused.h)."""
+def _force_tile_kernel(param: str, env_var: str, monkeypatch):
+    """Yields with a C++ tile-kernel choice forced: param "gemm-mkl" / "gemm-onednn" (the GEMM tile on that provider)
+    or "fused" (our micro-kernel), through env_var (read by the library at every call)."""
     from mmdkernels import _ext
 
-    kernel, _, gemm = request.param.partition("-")
-    if not _ext.available("cpu") and request.param != "gemm-mkl":
+    kernel, _, gemm = param.partition("-")
+    if not _ext.available("cpu") and param != "gemm-mkl":
         pytest.skip(reason="the C++ CPU library is not built: no tile kernel to force")
-    monkeypatch.setenv("MMDKERNELS_RVQ_TILE", kernel)
+    monkeypatch.setenv(env_var, kernel)
     if not gemm or not _ext.available("cpu"):
-        yield request.param
+        yield param
         return
     from mmdkernels.gemm import forced_gemm_path, gemm_path
 
     if gemm == "onednn" and not gemm_path()["onednn_available"]:
         pytest.skip(reason="this torch has no oneDNN matmul")
     with forced_gemm_path(gemm):
-        yield request.param
+        yield param
+
+
+@pytest.fixture(params=["gemm-mkl", "gemm-onednn", "fused"])
+def each_rvq_path(request, monkeypatch):
+    """Runs a module's tests once per tile kernel of the C++ RVQ encoder (MMDKERNELS_RVQ_TILE), forced: the score
+    tile on each GEMM provider, and the micro-kernel with the argmin fused (csrc/rvq/rvq_fused.h)."""
+    yield from _force_tile_kernel(request.param, "MMDKERNELS_RVQ_TILE", monkeypatch)
+
+
+@pytest.fixture(params=["gemm-mkl", "gemm-onednn", "fused"])
+def each_dhsic_tile(request, monkeypatch):
+    """Runs a module's tests once per distance-tile kernel of the C++ dHSIC (MMDKERNELS_MMD_TILE), forced: the GEMM
+    tile on each provider, and the micro-kernel with the distance epilogue fused (csrc/mmd/gram_fused.h)."""
+    yield from _force_tile_kernel(request.param, "MMDKERNELS_MMD_TILE", monkeypatch)

@@ -1,22 +1,33 @@
 // dHSIC V-statistic of codebook groups on the CPU: the shuffle-free estimator of the same MMD, loss and gradient.
-// Two passes over tiles of per-codebook distances (one GEMM per codebook and tile, 1 MiB tile budget so the K dot
-// tiles stay in L2 between the GEMM and the pass over them; the Grams are symmetric, so each pair of row blocks is
-// visited once and a mirrored tile also feeds its columns). Pass 1 reduces each Gram matrix E_{k,j} to row sums
-// and each group's joint Gram prod_{k in g} E_{k,j} = e_j(sum_{k in g} d_k) (one bandwidth chain on the group's
-// distance) to a sum; the loss follows from those O(K A N) numbers (dhsic_statistics in dhsic_stats.h, shared with
-// CUDA). Pass 2 (only for the gradient) recomputes the tiles and overwrites them with the symmetrised weights W_k
-// (dhsic_entry_weight in mmd_tile.h, regrouped below), summing them on the way, then adds
-// 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook (and the transposed column side of a mirrored tile).
+// Two passes over tiles of per-codebook distances (1 MiB tile budget so the K tiles stay in L2 between their product
+// and the pass over them; the Grams are symmetric, so each pair of row blocks is visited once and a mirrored tile also
+// feeds its columns). A tile comes from one GEMM per codebook (dot products) or from our micro-kernel with the
+// distance epilogue fused (gram_fused.h), whichever measured faster for the shape class (GramTiles below). Pass 1
+// reduces each Gram matrix E_{k,j} to row sums and each group's joint Gram prod_{k in g} E_{k,j} =
+// e_j(sum_{k in g} d_k) (one bandwidth chain on the group's distance) to a sum; the loss follows from those O(K A N)
+// numbers (dhsic_statistics in dhsic_stats.h, shared with CUDA). Pass 2 (only for the gradient) recomputes the tiles
+// and overwrites them with the symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h, regrouped below), summing
+// them on the way, then adds 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook (and the transposed column side of a
+// mirrored tile).
 // Nothing N x N is stored; sums of a chunk run in float lanes and accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <map>
 #include <mutex>
+#include <string>
+#include <tuple>
 #include <vector>
 
+#include "common/measure.h"
 #include "mmd/dhsic_stats.h"
+#include "mmd/gram_fused.h"
 #include "mmd/tiles_cpu.h"
 
 namespace mmdkernels {
@@ -40,19 +51,24 @@ struct DhsicScratch {
   float* distances(int64_t k) { return dist.data() + k * kChunk; }
   float (*kernels())[kChunk] { return reinterpret_cast<float(*)[kChunk]>(kernel_buf.data()); }
 
-  // Distances d_k of the tile's row i against columns [col0, col0 + len) (c0 within the tile), every codebook;
-  // the diagonal exactly 0 and near duplicates recomputed from the difference.
-  void load(const TilePlane& plane, const Tile& tile, const at::Tensor& z, const float* norms, int64_t n, int64_t i,
-            int64_t c0, int64_t len) {
+  // Distances d_k of the tile's row i against columns [col0, col0 + len) (c0 within the tile), every codebook,
+  // from the plane's dot products (or its distances: `distances`); the diagonal exactly 0 and near duplicates
+  // recomputed from the difference.
+  void load(const TilePlane& plane, const Tile& tile, bool distances, const at::Tensor& z, const float* norms,
+            int64_t n, int64_t i, int64_t c0, int64_t len) {
     const float* z_data = z.data_ptr<float>();
     const int64_t width = z.size(2), stride = num_codebooks * width, row = tile.row0 + i, col0 = tile.col0 + c0;
     for (int64_t k = 0; k < num_codebooks; ++k) {
       const float* dots = plane.row(k, tile, i) + c0;
       const float norm_row = norms[k * n + row];
       const float* norm_cols = norms + k * n + col0;
-      float* d = distances(k);
+      float* d = this->distances(k);
+      if (distances) {
+        std::copy(dots, dots + len, d);
+      } else {
 #pragma omp simd
-      for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(norm_row, norm_cols[m], dots[m]);
+        for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(norm_row, norm_cols[m], dots[m]);
+      }
       refine_near_duplicates(d, z_data + row * stride + k * width, norm_row, z_data + col0 * stride + k * width,
                              norm_cols, stride, width, len);
       if (row >= col0 && row < col0 + len) d[row - col0] = 0.0f;
@@ -115,6 +131,109 @@ class ColumnSums {
 // z as K unit-stride [N, width] slices, viewed [N, K, width]: the narrow tile products read packed rows.
 at::Tensor packed_codebooks(const at::Tensor& z) { return z.transpose(0, 1).contiguous().transpose(0, 1); }
 
+// Which kernel fills a pass's distance tiles: MMDKERNELS_MMD_TILE=gemm|fused forces one (read at every call, so tests
+// can switch); auto (the default) measures both on the first tile of the first call of a shape class (tile rows and
+// columns bucketed to powers of two, K, D, threads) and keeps the faster for the process, as the RVQ encoder and the
+// GEMM choice do (MMDKERNELS_GEMM_VERBOSE=1 prints the measurement). "gemm": K products per tile (tile_product: MKL
+// or oneDNN), converted to distances by the passes; "fused": gram_fused.h on columns packed once per pass.
+enum class GramKernel { kGemm, kFused };
+constexpr const char* kTileEnv = "MMDKERNELS_MMD_TILE";
+
+// The K distance tiles of one pass over `tiles` of the plane: dot products by GEMM, or distances by the micro-kernel.
+class GramTiles {
+ public:
+  GramTiles(const at::Tensor& packed, const at::Tensor& norms, const SliceLayout& layout, const TilePlane& plane,
+            const std::vector<Tile>& tiles)
+      : packed_(packed), norms_(norms), layout_(layout), plane_(plane) {
+    const char* env = std::getenv(kTileEnv);
+    const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
+    TORCH_CHECK(mode == "auto" || mode == "gemm" || mode == "fused", kTileEnv,
+                " must be one of auto, gemm, fused; got '", mode, "'");
+    if (mode == "fused") kernel_ = GramKernel::kFused;
+    if (mode != "auto") print_forced(mode);
+    if (mode == "auto" && !tiles.empty()) kernel_ = measured_choice(tiles);
+    if (kernel_ == GramKernel::kGemm) columns_ = gram::PackedColumns();
+    if (kernel_ == GramKernel::kFused && columns_.panels.empty()) pack();
+  }
+
+  // The plane's slices for `tile`: dot products (gemm) or distances (fused, see distances()).
+  void fill(const Tile& tile) const {
+    if (kernel_ == GramKernel::kGemm) return dot_tiles(packed_, packed_, layout_, tile, plane_);
+    const int64_t n = packed_.size(0), dim = layout_.width;
+    const float* z = packed_.data_ptr<float>();  // [K][N][D] storage
+    const float* norms = norms_.data_ptr<float>();
+    const int64_t blocks = (tile.rows + gram::kBlockRows - 1) / gram::kBlockRows;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t i0 = begin * gram::kBlockRows, i1 = std::min(tile.rows, end * gram::kBlockRows);
+      std::vector<float> transposed;
+      for (int64_t k = 0; k < layout_.num_slices; ++k) {
+        gram::distance_block(z + k * n * dim, norms + k * n, columns_, k, tile.row0 + i0, tile.row0 + i1, tile.col0,
+                             tile.cols, plane_.row(k, tile, i0), tile.cols, transposed);
+      }
+    });
+  }
+  bool distances() const { return kernel_ == GramKernel::kFused; }
+
+ private:
+  void pack() {
+    columns_ = gram::pack_columns(packed_.data_ptr<float>(), norms_.data_ptr<float>(), packed_.size(0),
+                                  layout_.num_slices, layout_.width, [](int64_t begin, int64_t end, auto&& fn) {
+                                    at::parallel_for(begin, end, 1, fn);
+                                  });
+  }
+
+  // With MMDKERNELS_GEMM_VERBOSE=1, says once per process and kernel that it was forced.
+  static void print_forced(const std::string& mode) {
+    static std::once_flag printed[2];
+    const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
+    if (verbose == nullptr || std::string(verbose) != "1") return;
+    std::call_once(printed[mode == "fused" ? 1 : 0],
+                   [&] { std::fprintf(stderr, "mmdkernels dhsic tile: -> %s (%s)\n", mode.c_str(), kTileEnv); });
+  }
+
+  // Times the first tile both ways, alternating rounds; the fused kernel is charged its share of the packing (the
+  // tile's entries over the pass's, about half the rows' plane).
+  GramKernel measured_choice(const std::vector<Tile>& tiles) {
+    const Tile& tile = tiles.front();
+    const int64_t n = packed_.size(0);
+    const auto key = std::make_tuple(pow2_bucket(tile.rows), pow2_bucket(tile.cols), layout_.num_slices, layout_.width,
+                                     at::get_num_threads());
+    static std::mutex mutex;
+    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, GramKernel> chosen;
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = chosen.find(key);
+    if (it != chosen.end()) return it->second;
+    const double pack_s = best_seconds(1, [&] { pack(); });
+    double gemm_s = std::numeric_limits<double>::infinity(), fused_s = gemm_s;
+    kernel_ = GramKernel::kFused;
+    for (int round = 0; round < 3; ++round) {
+      fused_s = std::min(fused_s, best_seconds(1, [&] { fill(tile); }));
+      gemm_s = std::min(gemm_s, best_seconds(1, [&] { dot_tiles(packed_, packed_, layout_, tile, plane_); }));
+    }
+    int64_t entries = 0;
+    for (const Tile& t : tiles) entries += t.rows * t.cols;
+    fused_s += pack_s * static_cast<double>(tile.rows * tile.cols) / static_cast<double>(std::max<int64_t>(entries, 1));
+    const GramKernel kernel = fused_s < gemm_s ? GramKernel::kFused : GramKernel::kGemm;
+    const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
+    if (verbose != nullptr && std::string(verbose) == "1") {
+      std::fprintf(stderr,
+                   "mmdkernels dhsic tile: %lld x %lld x %lld, K %lld, N %lld: gemm %.3g s, fused %.3g s -> %s\n",
+                   static_cast<long long>(tile.rows), static_cast<long long>(tile.cols),
+                   static_cast<long long>(layout_.width), static_cast<long long>(layout_.num_slices),
+                   static_cast<long long>(n), gemm_s, fused_s, kernel == GramKernel::kFused ? "fused" : "gemm");
+    }
+    chosen.emplace(key, kernel);
+    return kernel;
+  }
+
+  const at::Tensor& packed_;
+  const at::Tensor& norms_;
+  const SliceLayout& layout_;
+  const TilePlane& plane_;
+  GramKernel kernel_ = GramKernel::kGemm;
+  gram::PackedColumns columns_;
+};
+
 // Pass 1 over the pairs owned by the rows [row_begin, row_end) (TilePlane::symmetric_tiles: every E_{k,j} is
 // symmetric): float64 [K*A + 1, N], row k*A + j = sum_m E_{k,j}(n, m) over those pairs, added to the row n and, for a
 // mirrored tile, to the column m too; the last row's total = sum over groups, bandwidths and those pairs (mirrored
@@ -132,8 +251,10 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
   double* row_sums = sums.data_ptr<double>();
   double* joint_row_sums = row_sums + num_kj * n;
   std::mutex column_mutex;
-  for (const Tile& tile : plane.symmetric_tiles(row_begin, row_end)) {
-    dot_tiles(packed, packed, layout, tile, plane);
+  const auto tiles = plane.symmetric_tiles(row_begin, row_end);
+  const GramTiles gram(packed, norms, layout, plane, tiles);
+  for (const Tile& tile : tiles) {
+    gram.fill(tile);
     const double multiplicity = tile.mirrored ? 2.0 : 1.0;
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
@@ -145,7 +266,7 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
         double joint_sum = 0.0;
         for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
           const int64_t len = std::min(kChunk, tile.cols - c0);
-          scratch.load(plane, tile, z, norm_data, n, i, c0, len);
+          scratch.load(plane, tile, gram.distances(), z, norm_data, n, i, c0, len);
           for (int64_t k = 0; k < num_codebooks; ++k) {
             scratch.codebook_kernels(k, plan, len);
             for (int j = 0; j < num_bw; ++j) {
@@ -186,7 +307,8 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
   const bool trivial = std::all_of(layout.group_members.begin(), layout.group_members.end(),
                                    [](const auto& members) { return members.size() <= 1; });
   if (trivial) return {stats.loss, at::zeros_like(z)};
-  // sum_j dhsic_entry_weight regrouped: W_k(n, m) = -(2/N^2) sum_j c_j J_{k,j} - sum_j E_{k,j} (a_{k,j}(n) - b_{k,j}(m))
+  // sum_j dhsic_entry_weight regrouped:
+  // W_k(n, m) = -(2/N^2) sum_j c_j J_{k,j} - sum_j E_{k,j} (a_{k,j}(n) - b_{k,j}(m))
   // with b_{k,j} = c_j beta_{k,j} and a_{k,j}(n) = 2 c_j gamma_{k,j} - b_{k,j}(n) (gamma, beta: docs/mmd_kernels.md);
   // sum_j c_j J_{k,j} = sum_{g contains k} sum_j c_j e_j(D_g), one chain per group, not one per codebook.
   const float* gamma = stats.gamma.data_ptr<float>();
@@ -203,8 +325,10 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
   GradientSide side(packed, layout, grad, at::Tensor());
   double* weight_sums = side.weight_sums();  // [K, N]
   std::mutex column_mutex;
-  for (const Tile& tile : plane.symmetric_tiles(row_begin, row_end)) {
-    dot_tiles(packed, packed, layout, tile, plane);
+  const auto tiles = plane.symmetric_tiles(row_begin, row_end);
+  const GramTiles gram(packed, norms, layout, plane, tiles);
+  for (const Tile& tile : tiles) {
+    gram.fill(tile);
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
       DhsicScratch scratch(num_codebooks);
@@ -219,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
         for (int64_t c0 = 0; c0 < tile.cols; c0 += kChunk) {
           const int64_t len = std::min(kChunk, tile.cols - c0);
           const int64_t col0 = tile.col0 + c0;
-          scratch.load(plane, tile, z, norm_data, n, i, c0, len);
+          scratch.load(plane, tile, gram.distances(), z, norm_data, n, i, c0, len);
           std::fill(joint_slope.begin(), joint_slope.end(), 0.0f);
           for (const auto& members : layout.group_members) {
             scratch.group_kernels(members, plan, len);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/measure.h"
 #include "gemm/gemm.h"
 #include "rvq/rvq_fused.h"
 #include "rvq/rvq_tile.h"
@@ -126,24 +127,6 @@ void best_by_fused(const float* residual, int64_t rows, int64_t dim, const fused
 enum class TileKernel { kGemm, kFused };
 constexpr const char* kTileEnv = "MMDKERNELS_RVQ_TILE";
 
-int64_t bucket(int64_t v) {
-  int64_t b = 1;
-  while (b < v) b <<= 1;
-  return b;
-}
-
-// Seconds of the best of `rounds` calls of fn.
-template <typename Fn>
-double best_seconds(int rounds, Fn&& fn) {
-  double best = std::numeric_limits<double>::infinity();
-  for (int r = 0; r < rounds; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
-}
-
 // Times one block of rows of stage 0 both ways (inside a parallel region, so the GEMM runs as it will: 1 thread),
 // alternating rounds; the fused kernel is charged its share of the per-call packing (rows / n of one stage's pack).
 TileKernel measure_tile_kernel(const float* x, int64_t n, int64_t dim, const float* book, const float* norms,
@@ -184,7 +167,7 @@ TileKernel choose_tile_kernel(const float* x, int64_t n, int64_t dim, const floa
   TORCH_CHECK(mode == "auto", kTileEnv, " must be one of auto, gemm, fused; got '", mode, "'");
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, int64_t, int64_t, int>, TileKernel> chosen;
-  const auto key = std::make_tuple(bucket(std::min(n, kRowsPerBlock)), bucket(num_entries), bucket(dim),
+  const auto key = std::make_tuple(pow2_bucket(std::min(n, kRowsPerBlock)), pow2_bucket(num_entries), pow2_bucket(dim),
                                    at::get_num_threads());
   std::lock_guard<std::mutex> lock(mutex);
   auto it = chosen.find(key);

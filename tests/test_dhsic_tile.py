@@ -1,0 +1,98 @@
+"""dHSIC on the C++ CPU kernel with each distance-tile kernel forced (MMDKERNELS_MMD_TILE): the GEMM tile (on each GEMM
+provider) and the micro-kernel with the distance epilogue fused (csrc/mmd/gram_fused.h), against the float64
+reference by the rule. The rest of the MMD suite runs on the automatic choice; to run all of it on one kernel:
+MMDKERNELS_MMD_TILE=fused pytest tests/test_mmd.py tests/test_mmd_distributed.py ..."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmd_cases import assert_close_to_reference, make_input, run
+
+import mmdkernels
+from mmdkernels import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ CPU library is not built")
+
+TILE_ENV = "MMDKERNELS_MMD_TILE"
+
+
+# [B, K, D, T]: N = B T from 1 row to several 256-row blocks with a partial last one; D below, between and at the
+# panel widths (8 / 16 lanes, 32-column pairs); K = 3 makes tiles of 341 columns, so tiles start inside a column pair.
+SHAPES = [(1, 1, 1, 2), (2, 2, 3, 5), (3, 3, 5, 7), (2, 4, 17, 11), (1, 3, 40, 37), (4, 4, 32, 129),
+          (3, 2, 128, 200), (2, 3, 33, 300), (1, 8, 16, 261)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["joint", "pairwise"])
+def test_dhsic_matches_reference(shape, mode, each_dhsic_tile):
+    if mode == "pairwise" and shape[1] < 2:
+        pytest.skip(reason="pairwise mode needs two codebooks")
+    x = make_input(shape, seed=shape[3])
+    assert_close_to_reference(x, "cpp", estimator="dhsic", mode=mode)
+
+
+@pytest.mark.parametrize("seed", [2, 7])
+def test_dhsic_duplicate_frames_under_delay(seed, each_dhsic_tile):
+    """Exact duplicates (d = 0 exactly after the near-duplicate refinement) at D = 128, the width of the fast path."""
+    x = make_input((3, 2, 128, 50), seed=seed)
+    for mode in ("joint", "pairwise"):
+        assert_close_to_reference(x, "cpp", delay=True, estimator="dhsic", mode=mode)
+
+
+def test_one_codebook_has_exactly_zero_gradient(each_dhsic_tile):
+    _, grad = run(make_input((2, 1, 128, 70)), "cpp", estimator="dhsic")
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_non_contiguous_input(each_dhsic_tile):
+    x = make_input((3, 4, 21, 9)).transpose(2, 3)
+    assert not x.is_contiguous()
+    assert_close_to_reference(x, "cpp", estimator="dhsic")
+
+
+def test_the_two_kernels_agree(monkeypatch):
+    """Both obey the rule (above); here they also agree with each other to float32 rounding of the products (MKL's
+    small-K kernel accumulates each dot in the same order as ours, so they may even agree bit for bit)."""
+    x = make_input((2, 4, 128, 300), seed=5)
+    results = {}
+    for kernel in ("gemm", "fused"):
+        monkeypatch.setenv(TILE_ENV, kernel)
+        results[kernel] = run(x, "cpp", estimator="dhsic")
+    (loss_g, grad_g), (loss_f, grad_f) = results["gemm"], results["fused"]
+    assert abs(loss_g - loss_f) <= 1e-5 * abs(loss_g)
+    assert (grad_g - grad_f).abs().max() <= 1e-4 * grad_g.abs().max()
+
+
+def _tile_lines(tile_kernel: str) -> list[str]:
+    """The dHSIC tile lines a fresh process prints (MMDKERNELS_GEMM_VERBOSE=1) for two calls of one shape class."""
+    code = (
+        "import torch, mmdkernels; x = torch.randn(2, 4, 128, 300)\n"
+        "for _ in range(2): mmdkernels.mmd_loss(x.requires_grad_(), estimator='dhsic', backend='cpp').backward()\n"
+    )
+    env = dict(os.environ, MMDKERNELS_GEMM_VERBOSE="1", **{TILE_ENV: tile_kernel})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
+    return [line for line in out.splitlines() if line.startswith("mmdkernels dhsic tile:")]
+
+
+@pytest.mark.parametrize("tile_kernel", ["gemm", "fused"])
+def test_forcing_selects_the_kernel(tile_kernel):
+    assert _tile_lines(tile_kernel) == [f"mmdkernels dhsic tile: -> {tile_kernel} ({TILE_ENV})"]
+
+
+def test_auto_measures_once_per_shape_class_and_prints_the_choice():
+    """The first call of a shape class times both kernels and prints the choice; later passes and calls of the same
+    class reuse it."""
+    lines = _tile_lines("auto")
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(("-> gemm", "-> fused")) and "x 128, K 4, N 600" in lines[0], lines[0]
+
+
+def test_bad_tile_kernel_names_the_variable(monkeypatch):
+    monkeypatch.setenv(TILE_ENV, "blas")
+    with pytest.raises(RuntimeError, match=TILE_ENV):
+        mmdkernels.mmd_loss(make_input((2, 2, 8, 30)), estimator="dhsic", backend="cpp")
