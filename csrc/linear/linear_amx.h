@@ -1,4 +1,4 @@
-// The few-row linear with bfloat16 or int8 weights on AMX tiles (x86 CPUs with AMX-BF16: Intel Sapphire Rapids and
+// The few-row linear with bfloat16, int8 or float32 weights on AMX tiles (x86 CPUs with AMX-BF16: Intel Sapphire Rapids and
 // later), for the row counts where the FMA kernel (linear_kernel.h) is bound by its FMAs rather than by memory.
 // x is split once per call into three bfloat16 parts, x = hi + mid + lo to float32 precision (each part rounds what
 // the earlier ones left: 3 x 8 significant bits), laid out as AMX B tiles (pairs of columns, one per row of x).
@@ -6,7 +6,8 @@
 // bfloat16 first (exact: |q| <= 127). Three TDPBF16PS per step accumulate the hi, mid and lo products in three C tiles
 // of 16 weight rows x M float32 (a product of two bfloat16 is exact in float32; each C element is a float32 FMA
 // chain), summed at the end as hi + (mid + lo); columns past the last 32 are added in float32. Activations are not
-// quantised: the three parts carry x's float32 value.
+// quantised: the three parts carry x's float32 value. float32 weights (from more rows on, linear_cpu.cpp) are split
+// exactly into three bfloat16 A tiles as well, with six tile products per step (split_weights, rows_block).
 #pragma once
 
 #include <cstdint>
@@ -122,8 +123,9 @@ static inline void split_weights(const float* w, int64_t dim, uint16_t (*out)[kT
 
 // Weight rows [n_begin, n_end) (multiples of 16) of y for the rows of x. Narrow weights: tiles 0-2 C (x's hi, mid,
 // lo parts), 3 A (the weights), 4-6 B (x's parts). float32 weights: tiles 3, 2, 7 A (the weights' hi, mid, lo parts),
-// 0 C of hi x hi and 1 C of the five other products not below 2^-16 of it (the rest, x's mid x w's lo and smaller,
-// are below float32's rounding). x and ldx serve the columns past the last 32.
+// 0 C of hi x hi and 1 C of the five next products (down to ~2^-16 of |x||w|; the three left out, w mid x x lo,
+// w lo x x mid and w lo x x lo, are below 2^-22 of it: |mid| < 2^-7 |w|, |lo| < 2^-15 |w| after truncation, x's
+// rounded parts 2^-8 and 2^-16 of |x|). x and ldx serve the columns past the last 32.
 template <typename T>
 void rows_block(const uint16_t* packed, const float* x, int64_t ldx, int rows, const T* weight, int64_t dim,
                 float* y, int64_t ldy, int64_t n_begin, int64_t n_end, const Epilogue& epilogue) {

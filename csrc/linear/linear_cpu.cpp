@@ -42,7 +42,7 @@ namespace mmdkernels::linear {
 // at 8-16.
 constexpr int64_t kAmxMinRows = 5;
 // float32 weights need six tile products and an exact three-part split of every weight (linear_amx.h): measured
-// (RESULTS.md, session 7) 0.7-0.86x as fast as the FMA kernel at 5-8 rows, 0.92-1.04x at 12, 1.03-1.4x at 16.
+// (RESULTS.md, session 7) 0.7-0.86x as fast as the FMA kernel at 5-8 rows, 0.92-1.04x at 12, 1.02-1.4x at 16.
 constexpr int64_t kAmxFloatMinRows = 13;
 
 template <typename T>
