@@ -1,9 +1,9 @@
 // A/B benchmark of the few-row linear kernels without torch (build and run: benchmarks/linear_kernel_ab.sh): the
 // kernel of csrc/linear (FMA kernel "new" at its default blocking, other blockings "P<pass rows>R<weight rows>", the
-// AMX tiles "amx" where the CPU has them) against "old" (csrc/linear at commit ed472bb, renamed old_linear by the
-// script) and, for float32 on AVX-512, "orig" (the kernel before commit 7982a14: one pass of all rows), interleaved
+// AMX tiles "amx" where the CPU has them) against "old" (csrc/linear at commit ed472bb or $MMDKERNELS_AB_OLD, renamed
+// old_linear by the script; "amxold": that commit's AMX tiles) and, for float32 on AVX-512, "orig" (the kernel before commit 7982a14: one pass of all rows), interleaved
 // round by round; GB/s of weights from the best round (1 thread: the thread's CPU time).
-// usage: linear_kernel_ab MODE(hot|l3|dram) THREADS ROUNDS [TYPES=f32,bf16,i8] [MS=1,2,4,5,6,8,16] [FILTER]
+// usage: linear_kernel_ab MODE(hot|l3|dram) THREADS ROUNDS [TYPES=f32,bf16,i8] [MS=1,2,4,5,6,8,12,16] [FILTER]
 //   hot: one 256 x 512 matrix (in L2) 64 times; l3: 32 matrices 2048 x 512 (bench_linear.py's); dram: 256 of them
 #include <immintrin.h>
 #include <omp.h>
@@ -25,6 +25,10 @@
 #include "linear/linear_kernel.h"
 #if defined(__AVX512F__)
 #include "linear/linear_amx.h"
+#if __has_include("old/linear/old_linear_amx.h")
+#include "old/linear/old_linear_amx.h"
+#define HAVE_OLD_AMX 1
+#endif
 static bool g_amx = mmdkernels::linear::amx::available();
 #endif
 
@@ -153,16 +157,27 @@ static std::vector<Variant> variants() {
   if constexpr (M > 8) add<T, M, 16, 1>(vs);
   if constexpr (M <= 2) { add<T, M, 4, 8>(vs); }
 #if defined(__AVX512F__)
-  if constexpr (!std::is_same_v<T, float>)
-    if (g_amx)
-      vs.push_back({"amx", [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
-                      namespace ax = mmdkernels::linear::amx;
+  if (g_amx) {
+#if defined(HAVE_OLD_AMX)
+    if constexpr (!std::is_same_v<T, float>)
+      vs.push_back({"amxold", [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+                      namespace ax = old_linear::amx;
                       thread_local std::vector<uint16_t> packed;
                       packed.resize(ax::packed_size(M, D));
                       ax::pack_x(x, D, M, D, packed.data());
                       ax::rows_block<T>(packed.data(), x, D, M, static_cast<const T*>(w), D, y, N, n0, n1,
-                                        nl::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
+                                        ol::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
                     }, {}});
+#endif
+    vs.push_back({"amx", [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+                    namespace ax = mmdkernels::linear::amx;
+                    thread_local std::vector<uint16_t> packed;
+                    packed.resize(ax::packed_size(M, D));
+                    ax::pack_x(x, D, M, D, packed.data());
+                    ax::rows_block<T>(packed.data(), x, D, M, static_cast<const T*>(w), D, y, N, n0, n1,
+                                      nl::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
+                  }, {}});
+  }
 #endif
   return vs;
 }
@@ -244,6 +259,7 @@ static void run_type(int threads, int rounds, const std::string& ms, const std::
   if (has("5")) run_case<T, 5>(threads, rounds, filter);
   if (has("6")) run_case<T, 6>(threads, rounds, filter);
   if (has("8")) run_case<T, 8>(threads, rounds, filter);
+  if (has("12")) run_case<T, 12>(threads, rounds, filter);
   if (has("16")) run_case<T, 16>(threads, rounds, filter);
 }
 

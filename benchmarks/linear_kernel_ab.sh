@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs benchmarks/linear_kernel_ab.cpp (the few-row linear kernels without torch, old against new,
 # interleaved) for one ISA: benchmarks/linear_kernel_ab.sh [avx512|avx2] [MODE THREADS ROUNDS TYPES MS FILTER]
-# e.g. benchmarks/linear_kernel_ab.sh avx512 l3 1 11 f32,bf16,i8 1,2,4,8,16 amx
+# e.g. benchmarks/linear_kernel_ab.sh avx512 l3 1 11 f32,bf16,i8 1,2,4,8,16 amx,amxold
+# MMDKERNELS_AB_OLD=<commit>: the commit of "old" (and of "amxold", where it has csrc/linear/linear_amx.h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 isa=${1:-avx512}
@@ -15,6 +16,11 @@ git show "$old_commit:csrc/linear/linear_kernel.h" |
     > "$dir/old/linear/old_linear_kernel.h"
 git show "$old_commit:csrc/linear/linear_vec.h" | sed 's/namespace mmdkernels::linear/namespace old_linear/' \
   > "$dir/old/linear/old_linear_vec.h"
+if git cat-file -e "$old_commit:csrc/linear/linear_amx.h" 2>/dev/null; then  # "amxold": the old commit's AMX tiles
+  git show "$old_commit:csrc/linear/linear_amx.h" |
+    sed 's/namespace mmdkernels::linear/namespace old_linear/; s#"linear/linear_kernel.h"#"old_linear_kernel.h"#' \
+      > "$dir/old/linear/old_linear_amx.h"
+fi
 flags="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mprefer-vector-width=512"
 [ "$isa" = avx2 ] && flags="-mavx2 -mfma -mf16c"
 # shellcheck disable=SC2086

@@ -42,18 +42,22 @@ def test_kernel_matches_float64(rows, dim, out):
 
 @needs_cpp
 @pytest.mark.parametrize("amx", ["1", "0"])
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-@pytest.mark.parametrize("rows", [2, 5, 9, 12, 16])
-def test_narrow_weights_every_path(precision, rows, amx, monkeypatch):
-    """bfloat16 and int8 weights where the CPU has AMX tiles (csrc/linear/linear_amx.h: 16-row tiles, 32-column steps,
-    then the rows and columns left over) and with MMDKERNELS_LINEAR_AMX=0 (the FMA kernel, where rows past one pass
-    reuse the weights the first pass widened), over several chunks of D (x's: 16 KiB for all rows) plus lines,
-    vectors and a tail, and row blocks plus leftover rows; 1 and 2 threads."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("rows", [2, 5, 9, 12, 13, 16])
+def test_every_path(precision, rows, amx, monkeypatch):
+    """Weights where the CPU has AMX tiles (csrc/linear/linear_amx.h: bfloat16 and int8 from 5 rows, float32 split in
+    three bfloat16 parts from 13; 16-row tiles, 32-column steps, then the rows and columns left over) and with
+    MMDKERNELS_LINEAR_AMX=0 (the FMA kernel, where rows past one pass reuse the weights the first pass widened), over
+    several chunks of D (x's: 16 KiB for all rows) plus lines, vectors and a tail, and row blocks plus leftover rows;
+    1 and 2 threads. float32 weights span 2^-40..2^40 in magnitude, so that the split's three parts all matter."""
     monkeypatch.setenv("MMDKERNELS_LINEAR_AMX", amx)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 1003, generator=g)
-    packed = pack_decode_weight(torch.randn(45, 1003, generator=g), precision)
-    ref64 = decode_linear_ref(x.double(), packed)
+    weight = torch.randn(45, 1003, generator=g)
+    if precision == "fp32":
+        weight = weight * torch.exp2(torch.randint(-40, 41, weight.shape, generator=g).float())
+    packed = pack_decode_weight(weight, precision)
+    ref64 = decode_linear_ref(x.double(), packed.double() if precision == "fp32" else packed)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):

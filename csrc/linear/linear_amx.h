@@ -1,4 +1,4 @@
-// The few-row linear with bfloat16 or int8 weights on AMX tiles (x86 CPUs with AMX-BF16: Intel Sapphire Rapids and
+// The few-row linear with bfloat16, int8 or float32 weights on AMX tiles (x86 CPUs with AMX-BF16: Intel Sapphire Rapids and
 // later), for the row counts where the FMA kernel (linear_kernel.h) is bound by its FMAs rather than by memory.
 // x is split once per call into three bfloat16 parts, x = hi + mid + lo to float32 precision (each part rounds what
 // the earlier ones left: 3 x 8 significant bits), laid out as AMX B tiles (pairs of columns, one per row of x).
@@ -6,12 +6,14 @@
 // bfloat16 first (exact: |q| <= 127). Three TDPBF16PS per step accumulate the hi, mid and lo products in three C tiles
 // of 16 weight rows x M float32 (a product of two bfloat16 is exact in float32; each C element is a float32 FMA
 // chain), summed at the end as hi + (mid + lo); columns past the last 32 are added in float32. Activations are not
-// quantised: the three parts carry x's float32 value.
+// quantised: the three parts carry x's float32 value. float32 weights (from more rows on, linear_cpu.cpp) are split
+// exactly into three bfloat16 A tiles as well, with six tile products per step (split_weights, rows_block).
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "linear/linear_kernel.h"
 
@@ -98,32 +100,70 @@ static inline void finish_tile(float (*sums)[kTileRows * kMaxRows], const float*
   }
 }
 
-// Weight rows [n_begin, n_end) (multiples of 16) of y for the rows of x: tiles 0-2 C (hi, mid, lo), 3 A (weights),
-// 4-6 B (x's parts). x and ldx serve the columns past the last 32.
+// float32 weights, split exactly into three bfloat16 parts by truncation (w = hi + mid + lo: each part the top 8
+// significant bits of what the earlier parts left, so nothing is rounded), as A tiles of one step (16 weight rows x
+// 32 columns each, 1 KiB): out[part][r * 32 + j] = part of w[r * dim + j]. 11 vector instructions per 32 weights.
+static inline void split_weights(const float* w, int64_t dim, uint16_t (*out)[kTileRows * kTileColumns]) {
+  const __m512i high_halves = _mm512_setr_epi32(  // bfloat16 j of the result: the high half of float32 j
+      0x00030001, 0x00070005, 0x000b0009, 0x000f000d, 0x00130011, 0x00170015, 0x001b0019, 0x001f001d, 0x00230021,
+      0x00270025, 0x002b0029, 0x002f002d, 0x00330031, 0x00370035, 0x003b0039, 0x003f003d);
+  const __m512i mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int r = 0; r < kTileRows; ++r) {
+    __m512i low = _mm512_loadu_si512(w + r * dim), high = _mm512_loadu_si512(w + r * dim + 16);
+    for (int part = 0; part < kParts; ++part) {
+      _mm512_store_si512(out[part] + r * kTileColumns, _mm512_permutex2var_epi16(low, high_halves, high));
+      if (part + 1 == kParts) break;
+      low = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(low),
+                                              _mm512_castsi512_ps(_mm512_and_si512(low, mask))));
+      high = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(high),
+                                               _mm512_castsi512_ps(_mm512_and_si512(high, mask))));
+    }
+  }
+}
+
+// Weight rows [n_begin, n_end) (multiples of 16) of y for the rows of x. Narrow weights: tiles 0-2 C (x's hi, mid,
+// lo parts), 3 A (the weights), 4-6 B (x's parts). float32 weights: tiles 3, 2, 7 A (the weights' hi, mid, lo parts),
+// 0 C of hi x hi and 1 C of the five next products (down to ~2^-16 of |x||w|; the three left out, w mid x x lo,
+// w lo x x mid and w lo x x lo, are below 2^-22 of it: |mid| < 2^-7 |w|, |lo| < 2^-15 |w| after truncation, x's
+// rounded parts 2^-8 and 2^-16 of |x|). x and ldx serve the columns past the last 32.
 template <typename T>
 void rows_block(const uint16_t* packed, const float* x, int64_t ldx, int rows, const T* weight, int64_t dim,
                 float* y, int64_t ldy, int64_t n_begin, int64_t n_end, const Epilogue& epilogue) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
   TileConfig config;
-  for (int t = 0; t < 7; ++t) {
+  for (int t = 0; t < (kFloat ? 8 : 7); ++t) {
     config.rows[t] = kTileRows;
-    config.bytes_per_row[t] = t == 3 ? 64 : rows * 4;
+    config.bytes_per_row[t] = t == 3 || t == 7 || (kFloat && t == 2) ? 64 : rows * 4;
   }
   // GCC's tile instructions are asm statements that name no memory (ldtilecfg names 8 bytes of its 64): these
   // barriers keep the stores of the configuration, the packed x and the widened weights before the loads of them.
   asm volatile("" : : "r"(&config), "r"(packed) : "memory");
   _tile_loadconfig(&config);
   const int64_t steps = dim / kTileColumns, b_stride = kTileColumns * rows;  // bfloat16 per B tile
-  constexpr int64_t kAhead = kPrefetchBytes / sizeof(T);
-  // int8 weights, widened to bfloat16 one step ahead (two buffers), so that the stores drain while the tiles work
-  alignas(64) uint16_t widened[2][kTileRows * kTileColumns];
+  // Weights that go through the widening buffer (int8, float32): each step prefetches its share of the next tile's
+  // weights (16 rows x D, contiguous) into L2, in address order, a whole tile ahead (a fixed distance ahead of each
+  // row reaches only half a tile at D = 512: int8 1.1-1.4x faster this way, RESULTS.md session 7). bfloat16 tiles,
+  // loaded straight from the weights, kept the fixed distance per row, which measured better for them at 16 rows.
+  constexpr int64_t kStepBytes = kTileRows * kTileColumns * sizeof(T);
+  auto prefetch_next = [&](const T* next, int64_t step) __attribute__((always_inline)) {
+    const char* bytes = reinterpret_cast<const char*>(next) + step * kStepBytes;
+#pragma GCC unroll 32
+    for (int64_t line = 0; line < kStepBytes; line += 64) __builtin_prefetch(bytes + line, 0, 1);
+  };
+  // Narrow weights widened (int8) or float32 ones split into A tiles one step ahead (two buffers), so that the stores
+  // drain while the tiles work.
+  alignas(64) uint16_t widened[2][kFloat ? kParts : 1][kTileRows * kTileColumns];
   auto widen = [&](const T* w, int64_t step) __attribute__((always_inline)) {
     const int64_t k = step * kTileColumns;
-    for (int r = 0; r < kTileRows; ++r) {
-      if (step % 2 == 0) __builtin_prefetch(w + r * dim + k + kAhead, 0, 1);  // a line of int8: two steps
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * dim + k));
-      const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-      const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-      _mm512_store_si512(widened[step % 2] + r * kTileColumns, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    if constexpr (kFloat) {
+      split_weights(w + k, dim, widened[step % 2]);
+    } else {
+      for (int r = 0; r < kTileRows; ++r) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * dim + k));
+        const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        _mm512_store_si512(widened[step % 2][0] + r * kTileColumns, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+      }
     }
   };
   alignas(64) float sums[kParts][kTileRows * kMaxRows];  // C tiles: [weight row r][row m of x], rows apart
@@ -131,16 +171,22 @@ void rows_block(const uint16_t* packed, const float* x, int64_t ldx, int rows, c
     const T* w = weight + n0 * dim;
     _tile_zero(0);
     _tile_zero(1);
-    _tile_zero(2);
-    if constexpr (sizeof(T) == 1) widen(w, 0);
+    if constexpr (!kFloat) _tile_zero(2);
+    const T* next = n0 + kTileRows < n_end ? w + kTileRows * dim : nullptr;
+    if constexpr (sizeof(T) != 2) widen(w, 0);
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t k = step * kTileColumns;
       if constexpr (sizeof(T) == 2) {
-        for (int r = 0; r < kTileRows; ++r) __builtin_prefetch(w + r * dim + k + kAhead, 0, 1);
+        for (int r = 0; r < kTileRows; ++r) __builtin_prefetch(w + r * dim + k + kPrefetchBytes / 2, 0, 1);
         _tile_loadd(3, w + k, dim * 2);
       } else {
+        if (next != nullptr) prefetch_next(next, step);
         asm volatile("" : : "r"(widened[step % 2]) : "memory");
-        _tile_loadd(3, widened[step % 2], 64);
+        _tile_loadd(3, widened[step % 2][0], 64);
+        if constexpr (kFloat) {
+          _tile_loadd(2, widened[step % 2][1], 64);
+          _tile_loadd(7, widened[step % 2][2], 64);
+        }
         asm volatile("" : : : "memory");
         if (step + 1 < steps) widen(w, step + 1);
       }
@@ -148,13 +194,26 @@ void rows_block(const uint16_t* packed, const float* x, int64_t ldx, int rows, c
       _tile_loadd(4, b, rows * 4);
       _tile_loadd(5, b + b_stride, rows * 4);
       _tile_loadd(6, b + 2 * b_stride, rows * 4);
-      _tile_dpbf16ps(0, 3, 4);
-      _tile_dpbf16ps(1, 3, 5);
-      _tile_dpbf16ps(2, 3, 6);
+      if constexpr (kFloat) {
+        _tile_dpbf16ps(0, 3, 4);  // hi x hi
+        _tile_dpbf16ps(1, 3, 5);  // w hi x x mid, w hi x x lo, w mid x x hi, w mid x x mid, w lo x x hi
+        _tile_dpbf16ps(1, 3, 6);
+        _tile_dpbf16ps(1, 2, 4);
+        _tile_dpbf16ps(1, 2, 5);
+        _tile_dpbf16ps(1, 7, 4);
+      } else {
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(2, 3, 6);
+      }
     }
     _tile_stored(0, sums[0], rows * 4);
     _tile_stored(1, sums[1], rows * 4);
-    _tile_stored(2, sums[2], rows * 4);
+    if constexpr (kFloat) {
+      std::memset(sums[2], 0, sizeof(sums[2]));
+    } else {
+      _tile_stored(2, sums[2], rows * 4);
+    }
     finish_tile(sums, x, ldx, rows, w, dim, steps * kTileColumns, y + n0, ldy, n0, epilogue);
   }
   _tile_release();

@@ -16,7 +16,8 @@
 // summed by one thread, in an order that does not depend on the thread count.
 // From 5 rows on, bfloat16 and int8 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h:
 // x split into three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows:
-// one FMA per weight and row, against 2 bytes or 1 byte of weight) rather than by memory.
+// one FMA per weight and row, against 2 bytes or 1 byte of weight) rather than by memory; float32 weights from 13
+// rows on (split exactly into three bfloat16 parts too: 16 rows of float32 FMAs exceed this CPU's FMA rate).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,6 +41,9 @@ namespace mmdkernels::linear {
 // session 6): the tiles 0.64-0.97x as fast as the FMA kernel at 1-2 rows, 0.92-1.04x at 4, 1.13-1.27x at 5, 1.3-2.0x
 // at 8-16.
 constexpr int64_t kAmxMinRows = 5;
+// float32 weights need six tile products and an exact three-part split of every weight (linear_amx.h): measured
+// (RESULTS.md, session 7) 0.7-0.86x as fast as the FMA kernel at 5-8 rows, 0.92-1.04x at 12, 1.02-1.4x at 16.
+constexpr int64_t kAmxFloatMinRows = 13;
 
 template <typename T>
 using RowsBlockFn = void (*)(const float*, int64_t, const T*, int64_t, float*, int64_t, int64_t, int64_t, Epilogue);
@@ -91,8 +95,9 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(dim * static_cast<int64_t>(sizeof(T)) * 8, 1));
   const RowsBlockFn<T> block = rows_kernel<T>(rows);
 #if defined(MMDKERNELS_LINEAR_AMX)
-  if constexpr (!std::is_same_v<T, float>) {
-    if (rows >= kAmxMinRows && dim >= amx::kTileColumns && out_features >= amx::kTileRows && amx::available()) {
+  {
+    const int64_t min_rows = std::is_same_v<T, float> ? kAmxFloatMinRows : kAmxMinRows;
+    if (rows >= min_rows && dim >= amx::kTileColumns && out_features >= amx::kTileRows && amx::available()) {
       at::Tensor packed = at::empty({amx::packed_size(rows, dim)}, x.options().dtype(at::kShort));
       auto* packed_x = reinterpret_cast<uint16_t*>(packed.data_ptr<int16_t>());
       amx::pack_x(xp, ldx, rows, dim, packed_x);
