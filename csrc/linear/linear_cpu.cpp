@@ -32,6 +32,7 @@
 
 #include "common/checks.h"
 #include "linear/linear_amx.h"
+#include "linear/linear_checks.h"
 #include "linear/linear_kernel.h"
 
 namespace mmdkernels::linear {
@@ -57,26 +58,6 @@ template <typename T>
 static RowsBlockFn<T> rows_kernel(int64_t rows) {
   static constexpr auto table = make_table<T>(std::make_integer_sequence<int, kMaxRows>{});
   return table[rows - 1];
-}
-
-// Checks x, the weight's shape and layout, and bias (the weight's dtype is the caller's to check).
-static void check_rows_and_bias(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  MMD_CHECK_DIM(x, 2);
-  MMD_CHECK_DIM(weight, 2);
-  MMD_CHECK_DTYPE(x, at::kFloat);
-  MMD_CHECK_DEVICE(weight, x.device());
-  MMD_CHECK_CONTIGUOUS(weight);
-  TORCH_CHECK(x.stride(1) == 1, "x must have unit stride in its last dim, got strides ", x.strides());
-  TORCH_CHECK(x.size(0) <= kMaxRows, "x must have at most ", kMaxRows, " rows (a decode step), got shape ", x.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), "weight must have shape (N, D = ", x.size(1), ") to match x, got ",
-              weight.sizes());
-  if (bias.has_value()) {
-    MMD_CHECK_DTYPE(*bias, at::kFloat);
-    MMD_CHECK_DEVICE(*bias, x.device());
-    MMD_CHECK_CONTIGUOUS(*bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (N = ", weight.size(0),
-                "), got ", bias->sizes());
-  }
 }
 
 template <typename T>
@@ -119,7 +100,7 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
 
 at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   bool gelu) {
-  check_rows_and_bias(x, weight, bias);
+  check_rows_and_bias(x, weight, bias, kMaxRows);
   MMD_CHECK_DTYPE(weight, at::kFloat);
   return run<float>(x, weight.data_ptr<float>(), weight.size(0), nullptr, bias, gelu);
 }
@@ -127,21 +108,15 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor small_batch_linear_quantized_cpu(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& scale,
                                             const std::optional<at::Tensor>& bias, bool gelu) {
-  check_rows_and_bias(x, weight, bias);
+  check_rows_and_bias(x, weight, bias, kMaxRows);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kChar,
+              "weight must have dtype BFloat16 or Char (int8), got ", weight.scalar_type());
+  check_scale(x, weight, scale);
   const int64_t out_features = weight.size(0);
   if (weight.scalar_type() == at::kBFloat16) {
-    TORCH_CHECK(!scale.has_value(), "scale must be None for bfloat16 weights (it belongs to int8 weights)");
     const auto* bits = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
     return run<uint16_t>(x, bits, out_features, nullptr, bias, gelu);
   }
-  TORCH_CHECK(weight.scalar_type() == at::kChar, "weight must have dtype BFloat16 or Char (int8), got ",
-              weight.scalar_type());
-  TORCH_CHECK(scale.has_value(), "scale must be given for int8 weights: float32 [N = ", out_features, "]");
-  MMD_CHECK_DTYPE(*scale, at::kFloat);
-  MMD_CHECK_DEVICE(*scale, x.device());
-  MMD_CHECK_CONTIGUOUS(*scale);
-  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == out_features, "scale must have shape (N = ", out_features,
-              "), got ", scale->sizes());
   return run<int8_t>(x, weight.data_ptr<int8_t>(), out_features, scale->data_ptr<float>(), bias, gelu);
 }
 

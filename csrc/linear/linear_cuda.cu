@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "common/checks.h"
+#include "linear/linear_checks.h"
 
 namespace mmdkernels {
 namespace linear {
@@ -149,37 +150,13 @@ void launch(LinearArgs args) {
 at::Tensor small_batch_linear_quantized_cuda(const at::Tensor& x, const at::Tensor& weight,
                                              const std::optional<at::Tensor>& scale,
                                              const std::optional<at::Tensor>& bias, bool gelu) {
-  MMD_CHECK_DIM(x, 2);
-  MMD_CHECK_DIM(weight, 2);
-  MMD_CHECK_DTYPE(x, at::kFloat);
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
-  MMD_CHECK_DEVICE(weight, x.device());
-  MMD_CHECK_CONTIGUOUS(weight);
-  TORCH_CHECK(x.stride(1) == 1, "x must have unit stride in its last dim, got strides ", x.strides());
-  TORCH_CHECK(x.size(0) <= kMaxRows, "x must have at most ", kMaxRows, " rows (a decode step), got shape ", x.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), "weight must have shape (N, D = ", x.size(1), ") to match x, got ",
-              weight.sizes());
-  const int64_t out_features = weight.size(0);
+  check_rows_and_bias(x, weight, bias, kMaxRows);
   const auto dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kChar,
               "weight must have dtype BFloat16, Half or Char (int8), got ", dtype);
-  if (dtype == at::kChar) {
-    TORCH_CHECK(scale.has_value(), "scale must be given for int8 weights: float32 [N = ", out_features, "]");
-    MMD_CHECK_DTYPE(*scale, at::kFloat);
-    MMD_CHECK_DEVICE(*scale, x.device());
-    MMD_CHECK_CONTIGUOUS(*scale);
-    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == out_features, "scale must have shape (N = ", out_features,
-                "), got ", scale->sizes());
-  } else {
-    TORCH_CHECK(!scale.has_value(), "scale must be None for ", dtype, " weights (it belongs to int8 weights)");
-  }
-  if (bias.has_value()) {
-    MMD_CHECK_DTYPE(*bias, at::kFloat);
-    MMD_CHECK_DEVICE(*bias, x.device());
-    MMD_CHECK_CONTIGUOUS(*bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must have shape (N = ", out_features,
-                "), got ", bias->sizes());
-  }
+  check_scale(x, weight, scale);
+  const int64_t out_features = weight.size(0);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0 || out_features == 0) return y;
