@@ -52,6 +52,19 @@ def _nbytes(w) -> int:
     return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
 
 
+def bandwidth_info(provider: str, precision: str, rows: int, nbytes: int, best: float, floor: float) -> dict:
+    """extra_info of a weight-streaming case: weights' size, GB/s against the floor's (one read of as many bytes)."""
+    return dict(
+        provider=provider,
+        precision=precision,
+        rows=rows,
+        weight_mib=round(nbytes / 2**20, 2),
+        weight_gb_per_s=round(nbytes / best / 1e9, 2),
+        floor_gb_per_s=round(nbytes / floor / 1e9, 2),
+        vs_floor=round(best / floor, 2),
+    )
+
+
 def _floor_seconds(nbytes: int) -> float:
     """The best of a few `.sum()`s over a float32 buffer of nbytes: the time to read that many bytes once."""
     buffer = torch.ones(max(1, nbytes // 4))
@@ -89,13 +102,7 @@ def test_decode_linear(benchmark, packed, provider, rows):
     floor = _with_threads(lambda: _floor_seconds(nbytes))
     best = benchmark.stats.stats.min
     benchmark.extra_info.update(
-        provider=provider,
-        precision=precision,
-        rows=rows,
-        weight_mib=round(nbytes / 2**20, 2),
-        weight_gb_per_s=round(nbytes / best / 1e9, 2),
-        floor_gb_per_s=round(nbytes / floor / 1e9, 2),
-        vs_floor=round(best / floor, 2),
+        bandwidth_info(provider, precision, rows, nbytes, best, floor),
         threads=THREADS,
         cpu_capability=mmdkernels.cpu_capability(),
     )

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import mmdkernels
+from benchmarks.bench_linear import bandwidth_info
 from mmdkernels.linear import PRECISIONS, decode_linear_ref, pack_decode_weight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -99,13 +100,7 @@ def test_decode_linear_gpu(benchmark, packed, provider, rows):
     floor = _floor_seconds(nbytes)
     best = benchmark.stats.stats.min
     benchmark.extra_info.update(
-        provider=provider,
-        precision=precision,
-        rows=rows,
-        weight_mib=round(nbytes / 2**20, 2),
-        weight_gb_per_s=round(nbytes / best / 1e9, 1),
-        floor_gb_per_s=round(nbytes / floor / 1e9, 1),
-        vs_floor=round(best / floor, 2),
+        bandwidth_info(provider, precision, rows, nbytes, best, floor),
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
     )
