@@ -71,7 +71,8 @@ void mkl_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 void onednn_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(onednn_available(), "MMDKERNELS_GEMM: the onednn provider is unavailable (torch built without oneDNN, "
-              "or it is disabled by torch.backends.mkldnn); use mkl or auto");
+              "disabled by torch.backends.mkldnn, or its float32 matmul refuses this CPU: torch's mkldnn_matmul "
+              "needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT); use mkl or auto");
   if (out.is_contiguous()) {
     at::native::mkldnn_matmul(a, b, out, 0.0f, 1.0f);
     return;
@@ -98,8 +99,28 @@ void check_mm_args(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
 
 }  // namespace
 
+namespace {
+
+// torch's mkldnn_matmul rejects every dtype, float32 included, on a CPU without AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+// (it was written for its bf16 path): one tiny product, once per process, says whether it runs here.
+bool onednn_runs_here() {
+  static const bool runs = [] {
+    try {
+      auto a = at::ones({2, 2}, at::kFloat), out = at::empty({2, 2}, at::kFloat);
+      at::native::mkldnn_matmul(a, a, out, 0.0f, 1.0f);
+      return out.eq(2.0f).all().item<bool>();
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return runs;
+}
+
+}  // namespace
+
 bool onednn_available() {
-  return at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+  return at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
+         onednn_runs_here();
 }
 
 namespace {
