@@ -61,14 +61,21 @@ def _attention_priority(q: torch.Tensor) -> tuple[str, ...]:
 
 
 # decode_linear: the C++ few-row kernel streams each weight once where torch's GEMM packs it per call; at one row
-# torch's GEMV does not pack and measured as fast (benchmarks/bench_linear.py); on CUDA cuBLAS's GEMV streams once.
+# torch's GEMV does not pack either, and which is faster is measured once per process (mmdkernels/linear/one_row.py:
+# level on the AVX-512 Xeon, the C++ kernel 1.5-1.8x at 2 threads on an AMD EPYC); on CUDA cuBLAS's GEMV streams once.
 LINEAR_MAX_ROWS = 16  # the C++ kernel keeps all rows' accumulators in registers; larger batches are GEMMs
 
 
 def linear_rows_prefer_torch(rows: int) -> bool:
-    """Whether `rows` rows of a decode-step linear go to torch's F.linear rather than the C++ kernel (the rule the
-    fused decode step, csrc/decode, is handed too)."""
-    return rows == 1 or rows > LINEAR_MAX_ROWS
+    """Whether `rows` float32 CPU rows of a decode-step linear go to torch's F.linear rather than the C++ kernel (the
+    rule the fused decode step, csrc/decode, is handed too)."""
+    if rows > LINEAR_MAX_ROWS:
+        return True
+    if rows == 1:
+        from mmdkernels.linear.one_row import one_row_uses_cpp
+
+        return not (_ext.available("cpu") and one_row_uses_cpp())
+    return False
 
 
 def _linear_priority(x: torch.Tensor) -> tuple[str, ...]:

@@ -3,6 +3,7 @@ strided operands; the auto choice and its report; MMDKERNELS_GEMM errors; oneDNN
 (tests/test_rvq.py and tests/test_mmd.py run their kernels with each provider forced: the each_gemm_path fixture.)"""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -134,6 +135,29 @@ def test_onednn_provider_runs_onednn_matmul():
         logs[provider] = result.stdout
     assert any(",exec," in line and ",matmul," in line for line in logs["onednn"].splitlines()), logs["onednn"]
     assert ",matmul," not in logs["mkl"]
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"), reason="x86 Linux flags")
+def test_onednn_is_available_exactly_where_torchs_matmul_runs_float32():
+    """torch's mkldnn_matmul refuses every dtype without AVX-512 BW/VL/DQ or AVX-NE-CONVERT (e.g. AMD Zen 3): there
+    the provider is unavailable, forcing it is a clear error, and auto measures and chooses MKL alone."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip(reason="this torch has no oneDNN")
+    flags = _cpu_flags()
+    expected = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    assert gemm_path()["onednn_available"] == expected, sorted(f for f in flags if f.startswith("avx"))
+    if expected:
+        return
+    with pytest.raises(RuntimeError, match="onednn provider is unavailable .* needs AVX-512 BW/VL/DQ"):
+        gemm_mm(torch.randn(3, 2), torch.randn(2, 4), "onednn")
+    with forced_gemm_path("auto"):
+        gemm_mm(torch.randn(300, 64), torch.randn(200, 64).t())
+    assert all(c["chosen"] == "mkl" and c["gflops"]["onednn"] == 0 for c in gemm_path()["choices"])
 
 
 def test_auto_inside_the_rvq_parallel_region_gives_the_forced_paths_codes(monkeypatch):
