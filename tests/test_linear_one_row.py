@@ -8,8 +8,7 @@ from tolerances import assert_close_to_reference
 
 from mmdkernels import _ext, decode_linear
 from mmdkernels._dispatch import linear_rows_prefer_torch
-from mmdkernels.linear import decode_linear_ref
-from mmdkernels.linear import one_row
+from mmdkernels.linear import decode_linear_ref, one_row
 
 pytestmark = pytest.mark.skipif(not _ext.available("cpu"), reason="no compiled CPU library")
 
