@@ -26,13 +26,20 @@ def test_every_op_lists_its_providers_and_the_reference():
         ("decode_attention", torch.zeros(2, 4, 16, dtype=torch.bfloat16), "sdpa"),  # measured faster there
         ("decode_attention", torch.zeros(2, 4, 16, dtype=torch.float64), "reference"),
         ("decode_linear", torch.zeros(4, 32), "cpp"),
-        ("decode_linear", torch.zeros(1, 32), "torch"),  # one row: torch's GEMV measured as fast
         ("decode_linear", torch.zeros(17, 32), "torch"),  # a GEMM
         ("decode_linear", torch.zeros(4, 32, dtype=torch.float64), "torch"),
     ],
 )
 def test_automatic_choice_on_cpu(op, x, expected):
     assert _dispatch.choose_backend(x, None, op) == expected
+
+
+@pytest.mark.parametrize("forced", ["cpp", "torch"])
+def test_one_float32_row_follows_the_measured_choice(monkeypatch, forced):
+    """One row: the C++ kernel or torch's GEMV, whichever mmdkernels/linear/one_row.py measured (here forced)."""
+    monkeypatch.setenv("MMDKERNELS_LINEAR_ONE_ROW", forced)
+    expected = forced if _ext.available("cpu") else "torch"
+    assert _dispatch.choose_backend(torch.zeros(1, 32), None, "decode_linear") == expected
 
 
 def test_op_reasons_move_the_choice_on():
