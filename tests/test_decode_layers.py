@@ -64,6 +64,17 @@ def run(problem, backend):
     return out, caches[0], caches[1]
 
 
+def assert_step_matches_spec(problem, name: str) -> None:
+    """The compiled step's output and K/V caches against the float64 reference, PyTorch's own float32 computation
+    as the baseline (tests/tolerances.py)."""
+    ref_out, ref_k, ref_v = run(as64(problem), "reference")
+    base_out, base_k, base_v = run(problem, "reference")
+    out, k, v = run(problem, "cpp")
+    assert_close_to_reference(out, ref_out, base_out, name=f"{name} output")
+    assert_close_to_reference(k, ref_k, base_k, name=f"{name} K cache")
+    assert_close_to_reference(v, ref_v, base_v, name=f"{name} V cache")
+
+
 def test_weight_order_is_the_one_the_op_documents():
     assert DecoderLayerWeights._fields == (
         "self_norm_weight", "self_norm_bias", "qkv", "self_out", "cross_norm_weight", "cross_norm_bias", "cross_q",
@@ -80,13 +91,7 @@ def test_weight_order_is_the_one_the_op_documents():
 @pytest.mark.parametrize("batch", [1, 2, 5, 16])
 @pytest.mark.parametrize("step", [0, 4, 8])
 def test_compiled_step_matches_the_spec(batch, step):
-    problem = make_problem(batch, step=step, seed=batch * 10 + step)
-    ref_out, ref_k, ref_v = run(as64(problem), "reference")
-    base_out, base_k, base_v = run(problem, "reference")  # PyTorch's own float32 computation
-    out, k, v = run(problem, "cpp")
-    assert_close_to_reference(out, ref_out, base_out, name="decode_layers output")
-    assert_close_to_reference(k, ref_k, base_k, name="decode_layers K cache")
-    assert_close_to_reference(v, ref_v, base_v, name="decode_layers V cache")
+    assert_step_matches_spec(make_problem(batch, step=step, seed=batch * 10 + step), "decode_layers")
 
 
 @needs_cpu_kernels
@@ -96,12 +101,7 @@ def test_compiled_step_with_packed_weights_matches_the_spec(precision, batch):
     """bf16 / int8 projections: the spec is the reference on the same dequantised weights in float64 (the rule of
     tests/tolerances.py), the baseline the same reference in float32."""
     problem = packed(make_problem(batch, step=3, seed=batch + 100), precision)
-    ref_out, ref_k, ref_v = run(as64(problem), "reference")
-    base_out, base_k, base_v = run(problem, "reference")
-    out, k, v = run(problem, "cpp")
-    assert_close_to_reference(out, ref_out, base_out, name=f"decode_layers {precision} output")
-    assert_close_to_reference(k, ref_k, base_k, name=f"decode_layers {precision} K cache")
-    assert_close_to_reference(v, ref_v, base_v, name=f"decode_layers {precision} V cache")
+    assert_step_matches_spec(problem, f"decode_layers {precision}")
 
 
 @needs_cpu_kernels

@@ -3,7 +3,7 @@ report and override, and both paths against the spec, alone and inside the fused
 
 import pytest
 import torch
-from test_decode_layers import as64, make_problem, run
+from test_decode_layers import assert_step_matches_spec, make_problem
 from tolerances import assert_close_to_reference
 
 from mmdkernels import _ext, decode_linear
@@ -64,10 +64,4 @@ def test_one_row_linear_matches_the_spec_on_each_path(monkeypatch, forced, shape
 @pytest.mark.parametrize("forced", ["cpp", "torch"])
 def test_fused_decode_step_at_one_row_matches_the_spec_on_each_path(monkeypatch, forced):
     monkeypatch.setenv(one_row.ENV, forced)
-    problem = make_problem(1, step=5, seed=77)
-    ref_out, ref_k, ref_v = run(as64(problem), "reference")
-    base_out, base_k, base_v = run(problem, "reference")
-    out, k, v = run(problem, "cpp")
-    assert_close_to_reference(out, ref_out, base_out, name=f"decode_layers one row {forced} output")
-    assert_close_to_reference(k, ref_k, base_k, name=f"decode_layers one row {forced} K cache")
-    assert_close_to_reference(v, ref_v, base_v, name=f"decode_layers one row {forced} V cache")
+    assert_step_matches_spec(make_problem(1, step=5, seed=77), f"decode_layers one row {forced}")
