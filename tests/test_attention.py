@@ -18,8 +18,9 @@ from mmdkernels.attention import ops
 from mmdkernels.attention.reference import decode_attention_ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (B, H, H_kv, S_max, Dh): B = 1 and 5, odd H, Dh in 16, 64, 80, 128, odd S_max, grouped-query (H_kv < H), and a long
-# cache with one (sequence, head) pair, which the C++ kernel splits into key ranges (flash-decoding) and combines.
+# (B, H, H_kv, S_max, Dh): B = 1 and 5, odd H, Dh in 16, 64, 80, 128 and 20 (not a whole number of 8- or 16-lane
+# vectors: the kernels' column tails), odd S_max, grouped-query (H_kv < H), and a long cache with one (sequence, head)
+# pair, which the C++ kernel splits into key ranges (flash-decoding) and combines.
 SHAPES = [
     (1, 1, 1, 1, 16),
     (2, 3, 3, 17, 64),
@@ -28,6 +29,7 @@ SHAPES = [
     (4, 6, 2, 77, 64),
     (2, 9, 3, 301, 16),
     (1, 3, 1, 1001, 64),
+    (2, 2, 1, 41, 20),
 ]
 LENGTH_KINDS = ("one", "full", "varying", "int")
 
