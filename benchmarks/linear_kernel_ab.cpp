@@ -53,10 +53,10 @@ struct Variant { std::string name; Fn fn; std::vector<double> times; };
 static int64_t N = 2048, D = 512, COUNT = 32;
 static std::vector<float> scale_buf;
 
-template <typename T, int M, int P, int R>
+template <typename T, int M, int P, int R, int U = 1>
 static Fn make_new() {
   return [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
-    nl::rows_block<T, M, P, R>(x, D, static_cast<const T*>(w), D, y, N, n0, n1,
+    nl::rows_block<T, M, P, R, U>(x, D, static_cast<const T*>(w), D, y, N, n0, n1,
                                nl::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
   };
 }
@@ -139,11 +139,14 @@ static Fn make_orig() {
   };
 }
 
-template <typename T, int M, int P, int R>
+template <typename T, int M, int P, int R, int U = 1>
 static void add(std::vector<Variant>& vs) {
   constexpr int kRows = nl::pass_rows(M, P);
-  if constexpr (kRows * R + R + 1 <= (nl::kLanes == 16 ? 32 : 16) && R <= 8 && (8 % R == 0))
-    vs.push_back({"P" + std::to_string(P) + "R" + std::to_string(R), make_new<T, M, P, R>(), {}});
+  constexpr int kVectorsPerLine = 64 / sizeof(T) / nl::kLanes;
+  if constexpr (kRows * R * U + R + 1 <= (nl::kLanes == 16 ? 32 : 16) && R <= 8 && (8 % R == 0) &&
+                kVectorsPerLine % U == 0)
+    vs.push_back({"P" + std::to_string(P) + "R" + std::to_string(R) + (U > 1 ? "U" + std::to_string(U) : ""),
+                  make_new<T, M, P, R, U>(), {}});
 }
 
 template <typename T, int M>
@@ -153,6 +156,7 @@ static std::vector<Variant> variants() {
   vs.push_back({"new", make_new<T, M, nl::kMaxPassRows, nl::block_rows(nl::pass_rows(M, nl::kMaxPassRows))>(), {}});
   if constexpr (std::is_same_v<T, float> && nl::kLanes == 16) vs.push_back({"orig", make_orig<M>(), {}});
   add<T, M, 4, 1>(vs); add<T, M, 4, 2>(vs); add<T, M, 4, 4>(vs);
+  add<T, M, 4, 1, 2>(vs); add<T, M, 4, 1, 4>(vs); add<T, M, 4, 1, 8>(vs); add<T, M, 4, 2, 2>(vs);
   if constexpr (M > 4) { add<T, M, 8, 1>(vs); add<T, M, 8, 2>(vs); }
   if constexpr (M > 8) add<T, M, 16, 1>(vs);
   if constexpr (M <= 2) { add<T, M, 4, 8>(vs); }
@@ -270,6 +274,11 @@ int main(int argc, char** argv) {
   std::string filter = argc > 6 ? argv[6] : "";
   if (mode == "hot") { N = 256; COUNT = 64; }
   if (mode == "dram") COUNT = 256;
+  if (const char* shape = getenv("MMDKERNELS_AB_SHAPE")) {  // "NxD": weight matrices of N rows of D, same bytes
+    const int64_t bytes = COUNT * N * D;
+    sscanf(shape, "%ldx%ld", &N, &D);
+    COUNT = std::max<int64_t>(1, bytes / (N * D));
+  }
   scale_buf.assign(N, 0.01f);
   g_cpu_time = threads == 1;
   printf("mode %s threads %d rounds %d, %lld x %lld x %lld, lanes %d\n", mode.c_str(), threads, rounds, (long long)COUNT, (long long)N, (long long)D, nl::kLanes);

@@ -84,9 +84,19 @@ def gemm_chosen() -> dict:
     return {"gemm_mode": "auto", "gemm_chosen": sorted({c["chosen"] for c in report["choices"]})}
 
 
+def linear_blocking_chosen() -> dict:
+    """How many shapes the few-row linear kernel measured so far ran on each weight-row blocking (blocking.h)."""
+    if not _ext.available("cpu"):
+        return {}
+    from mmdkernels.linear.ops import blocking_choices
+
+    chosen = [c["chosen"] for c in blocking_choices()]
+    return {f"linear_blocking_{b}": chosen.count(b) for b in ("wide", "single")}
+
+
 def machine_info() -> dict:
     """The fields every CPU benchmark records in extra_info."""
-    info = dict(cpu_model(), **gemm_chosen(), threads=torch.get_num_threads())
+    info = dict(cpu_model(), **gemm_chosen(), **linear_blocking_chosen(), threads=torch.get_num_threads())
     if providers():
         info["best_bare_gemm_gflops"] = round(best_gemm_gflops(*BEST_GEMM_SHAPE), 1)
         info["best_bare_gemm_shape"] = "x".join(map(str, BEST_GEMM_SHAPE))

@@ -57,6 +57,8 @@ TORCH_LIBRARY(mmdkernels, m) {
   // QuantizedLinearWeight): weight bfloat16 [N, D] (scale None) or int8 [N, D] with scale float32 [N]
   // (y = scale * (x @ weight^T) + bias); x, the accumulation and the result float32.
   m.def("small_batch_linear_quantized(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, bool gelu) -> Tensor");
+  // The few-row linear's measured choice of weight-row blocking (csrc/linear/blocking.h), as JSON.
+  m.def("linear_blocking_choices() -> str");
   // One KV-cached decode step through a stack of decoder layers (CPU; spec: mmdkernels/decode/reference.py,
   // decode_layers_ref). x float32 [B, D] (the step's embeddings, B <= 16); weights: 12 tensors per layer in the order
   // of DecoderLayerWeights, the projections float32, bfloat16 or int8 (the norms float32); scales: empty, or one entry

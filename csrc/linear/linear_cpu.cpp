@@ -13,7 +13,9 @@
 // weight rows streams past it. At the end of a block the accumulators are summed across lanes by a transpose tree
 // (16 accumulators -> one vector in 15 adds; csrc/linear/linear_vec.h), not one by one. The int8 scale is applied
 // once per output, in the epilogue. Threads (at::parallel_for) split the weight rows in groups of 8; each output is
-// summed by one thread, in an order that does not depend on the thread count.
+// summed by one thread, in an order that does not depend on the thread count. R, the weight rows of a block: several
+// (fewest loads per FMA) or one (a single sequential stream of weights), whichever streams faster for the shape on
+// this machine, measured on the first calls (csrc/linear/blocking.h); the order of summation is the same in both.
 // From 5 rows on, bfloat16 and int8 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h:
 // x split into three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows:
 // one FMA per weight and row, against 2 bytes or 1 byte of weight) rather than by memory; float32 weights from 13
@@ -24,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -31,6 +34,7 @@
 #include <utility>
 
 #include "common/checks.h"
+#include "linear/blocking.h"
 #include "linear/linear_amx.h"
 #include "linear/linear_checks.h"
 #include "linear/linear_kernel.h"
@@ -53,11 +57,16 @@ template <typename T, int... Ms>
 static constexpr auto make_table(std::integer_sequence<int, Ms...>) {
   return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_block<T, Ms + 1>...};
 }
+template <typename T, int... Ms>
+static constexpr auto make_single_table(std::integer_sequence<int, Ms...>) {
+  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_block<T, Ms + 1, kMaxPassRows, 1>...};
+}
 
 template <typename T>
-static RowsBlockFn<T> rows_kernel(int64_t rows) {
-  static constexpr auto table = make_table<T>(std::make_integer_sequence<int, kMaxRows>{});
-  return table[rows - 1];
+static RowsBlockFn<T> rows_kernel(int64_t rows, Blocking blocking) {
+  static constexpr auto wide = make_table<T>(std::make_integer_sequence<int, kMaxRows>{});
+  static constexpr auto single = make_single_table<T>(std::make_integer_sequence<int, kMaxRows>{});
+  return blocking == Blocking::kWide ? wide[rows - 1] : single[rows - 1];
 }
 
 template <typename T>
@@ -74,7 +83,6 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
   // amortise a task, small enough to balance the threads.
   const int64_t groups = (out_features + 7) / 8;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(dim * static_cast<int64_t>(sizeof(T)) * 8, 1));
-  const RowsBlockFn<T> block = rows_kernel<T>(rows);
 #if defined(MMDKERNELS_LINEAR_AMX)
   {
     const int64_t min_rows = std::is_same_v<T, float> ? kAmxFloatMinRows : kAmxMinRows;
@@ -87,14 +95,21 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
         amx::rows_block<T>(packed_x, xp, ldx, rows, weight, dim, yp, out_features, begin * amx::kTileRows,
                            end * amx::kTileRows, epilogue);
       });
-      if (tiled < out_features) block(xp, ldx, weight, dim, yp, out_features, tiled, out_features, epilogue);
+      if (tiled < out_features)
+        rows_kernel<T>(rows, Blocking::kWide)(xp, ldx, weight, dim, yp, out_features, tiled, out_features, epilogue);
       return y;
     }
   }
 #endif
+  const BlockingPlan plan = plan_blocking(
+      {static_cast<int>(sizeof(T)), rows, dim, out_features, static_cast<int>(at::get_num_threads())});
+  const RowsBlockFn<T> block = rows_kernel<T>(rows, plan.blocking);
+  const auto start = std::chrono::steady_clock::now();
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     block(xp, ldx, weight, dim, yp, out_features, begin * 8, std::min(end * 8, out_features), epilogue);
   });
+  if (plan.measure)
+    record_blocking(plan, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   return y;
 }
 

@@ -4,6 +4,7 @@ dispatch key; schemas in csrc/bindings.cpp) and the Triton twin of the quantized
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
@@ -45,3 +46,10 @@ def small_batch_linear_quantized_op(backend: str = "cpp"):
     if backend == "triton":
         return torch.ops.mmdkernels.small_batch_linear_quantized_triton
     return _ext.compiled_op("small_batch_linear_quantized", backend)
+
+
+def blocking_choices() -> list[dict]:
+    """The few-row C++ kernel's measured weight-row blocking per shape (csrc/linear/blocking.h): one entry per decided
+    shape, {"dtype", "rows", "dim", "out_features", "threads", "chosen": "wide" | "single", "gb_per_s": {...}}.
+    ``MMDKERNELS_LINEAR_BLOCKING=auto|wide|single`` forces one (read at every call; both sum in the same order)."""
+    return json.loads(_ext.compiled_op("linear_blocking_choices", "cpp")())

@@ -1,0 +1,102 @@
+// The few-row linear kernel's measured choice of weight-row blocking (blocking.h).
+#include "linear/blocking.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <tuple>
+
+namespace mmdkernels::linear {
+namespace {
+
+constexpr const char* kEnv = "MMDKERNELS_LINEAR_BLOCKING";
+constexpr int kBlockingSamples = 8;   // timed calls per blocking before choosing (the fastest counts)
+constexpr double kSingleMargin = 1.1;  // single rows must be this much faster: noise on a level machine keeps "wide"
+
+struct Measurement {
+  int calls = 0;
+  double best[2] = {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+  bool decided = false;
+  Blocking chosen = Blocking::kWide;
+};
+
+std::mutex g_mutex;  // guards g_measurements
+std::map<BlockingKey, Measurement> g_measurements;
+
+const char* name(Blocking b) { return b == Blocking::kWide ? "wide" : "single"; }
+const char* dtype_name(int weight_bytes) {
+  return weight_bytes == 4 ? "float32" : (weight_bytes == 2 ? "bfloat16" : "int8");
+}
+double gb_per_s(const BlockingKey& key, double seconds) {
+  return static_cast<double>(key.out_features) * key.dim * key.weight_bytes / seconds / 1e9;
+}
+
+}  // namespace
+
+bool BlockingKey::operator<(const BlockingKey& o) const {
+  return std::tie(weight_bytes, rows, dim, out_features, threads) <
+         std::tie(o.weight_bytes, o.rows, o.dim, o.out_features, o.threads);
+}
+
+BlockingPlan plan_blocking(const BlockingKey& key) {
+  const char* env = std::getenv(kEnv);
+  const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
+  if (mode == "wide") return {Blocking::kWide, false, key};
+  if (mode == "single") return {Blocking::kSingle, false, key};
+  TORCH_CHECK(mode == "auto", kEnv, " must be one of auto, wide, single; got '", mode, "'");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const Measurement& m = g_measurements[key];
+  if (m.decided) return {m.chosen, false, key};
+  return {m.calls % 2 == 0 ? Blocking::kWide : Blocking::kSingle, true, key};
+}
+
+void record_blocking(const BlockingPlan& plan, double seconds) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  Measurement& m = g_measurements[plan.key];
+  if (m.decided) return;
+  double& best = m.best[plan.blocking == Blocking::kWide ? 0 : 1];
+  best = std::min(best, seconds);
+  if (++m.calls < 2 * kBlockingSamples) return;
+  m.decided = true;
+  m.chosen = m.best[1] * kSingleMargin < m.best[0] ? Blocking::kSingle : Blocking::kWide;
+  const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
+  if (verbose != nullptr && std::string(verbose) == "1") {
+    const BlockingKey& k = plan.key;
+    std::fprintf(stderr,
+                 "mmdkernels linear blocking: %s rows %lld dim %lld out %lld threads %d: wide %.1f GB/s, single %.1f "
+                 "GB/s -> %s\n",
+                 dtype_name(k.weight_bytes), static_cast<long long>(k.rows), static_cast<long long>(k.dim),
+                 static_cast<long long>(k.out_features), k.threads, gb_per_s(k, m.best[0]), gb_per_s(k, m.best[1]),
+                 name(m.chosen));
+  }
+}
+
+std::string blocking_choices_json() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  std::ostringstream out;
+  out << "[";
+  bool first = true;
+  for (const auto& [k, m] : g_measurements) {
+    if (!m.decided) continue;
+    out << (first ? "" : ", ") << "{\"dtype\": \"" << dtype_name(k.weight_bytes) << "\", \"rows\": " << k.rows
+        << ", \"dim\": " << k.dim << ", \"out_features\": " << k.out_features << ", \"threads\": " << k.threads
+        << ", \"chosen\": \"" << name(m.chosen) << "\", \"gb_per_s\": {\"wide\": " << gb_per_s(k, m.best[0])
+        << ", \"single\": " << gb_per_s(k, m.best[1]) << "}}";
+    first = false;
+  }
+  out << "]";
+  return out.str();
+}
+
+}  // namespace mmdkernels::linear
+
+TORCH_LIBRARY_IMPL(mmdkernels, CompositeExplicitAutograd, m) {
+  m.impl("linear_blocking_choices", [] { return mmdkernels::linear::blocking_choices_json(); });
+}

@@ -1,0 +1,87 @@
+"""The few-row C++ linear kernel's weight-row blocking (csrc/linear/blocking.h): both blockings against the float64
+spec and bit for bit against each other, the measured choice that never changes a bit, its report and its override."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close_to_reference
+
+from mmdkernels import _ext
+from mmdkernels.linear import pack_decode_weight
+from mmdkernels.linear.ops import blocking_choices, small_batch_linear_op, small_batch_linear_quantized_op
+
+pytestmark = pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
+ENV = "MMDKERNELS_LINEAR_BLOCKING"
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def _run(x, weight, bias, gelu):
+    """The C++ op for a float32 weight or a packed bfloat16 / int8 one (QuantizedLinearWeight)."""
+    if isinstance(weight, torch.Tensor):
+        return small_batch_linear_op()(x, weight, bias, gelu)
+    return small_batch_linear_quantized_op()(x, weight.data, weight.scale, bias, gelu)
+
+
+def _dequantized(weight, dtype):
+    return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
+
+
+def _problem(precision, rows, dim, out, seed):
+    """x [rows, dim], the weight [out, dim] packed in `precision` (a float32 tensor for fp32), bias [out]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=g)
+    weight = torch.randn(out, dim, generator=g) / dim**0.5
+    bias = torch.randn(out, generator=g)
+    return x, pack_decode_weight(weight, precision), bias
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("dim,out", [(37, 9), (515, 70)])
+def test_both_blockings_match_the_spec_and_each_other_bit_for_bit(monkeypatch, precision, rows, dim, out):
+    x, packed, bias = _problem(precision, rows, dim, out, seed=rows * 100 + dim)
+    results = {}
+    for blocking in ("wide", "single"):
+        monkeypatch.setenv(ENV, blocking)
+        results[blocking] = _run(x, packed, bias, gelu=True)
+    expected = F.gelu(F.linear(x.double(), _dequantized(packed, torch.float64), bias.double()))
+    baseline = F.gelu(F.linear(x, _dequantized(packed, torch.float32), bias))
+    assert_close_to_reference(results["wide"], expected, baseline, name=f"decode_linear {precision}, wide rows")
+    assert torch.equal(results["wide"], results["single"])  # one order of summation for every output
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_auto_measures_then_reports_and_never_changes_a_bit(monkeypatch, precision):
+    monkeypatch.setenv(ENV, "auto")
+    rows, dim, out = 3, 257 + PRECISIONS.index(precision), 41  # a shape no other test measures
+    x, packed, bias = _problem(precision, rows, dim, out, seed=7)
+    first = _run(x, packed, bias, gelu=False)
+    for _ in range(20):  # 16 timed calls alternate the two blockings, then the choice serves the rest
+        assert torch.equal(_run(x, packed, bias, gelu=False), first)
+    mine = [c for c in blocking_choices() if (c["rows"], c["dim"], c["out_features"]) == (rows, dim, out)]
+    assert len(mine) == 1, blocking_choices()
+    choice = mine[0]
+    assert choice["dtype"] == {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[precision]
+    assert choice["threads"] == torch.get_num_threads()
+    assert choice["chosen"] in ("wide", "single")
+    assert choice["gb_per_s"]["wide"] > 0 and choice["gb_per_s"]["single"] > 0
+    faster = max(choice["gb_per_s"], key=choice["gb_per_s"].get)
+    if choice["chosen"] == "single":  # single is taken only when ahead (by the margin)
+        assert faster == "single"
+
+
+def test_a_forced_blocking_measures_nothing(monkeypatch):
+    monkeypatch.setenv(ENV, "single")
+    x, packed, bias = _problem("fp32", 2, 129, 23, seed=3)
+    for _ in range(20):
+        _run(x, packed, bias, gelu=False)
+    assert not [c for c in blocking_choices() if (c["rows"], c["dim"], c["out_features"]) == (2, 129, 23)]
+
+
+def test_an_unknown_blocking_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv(ENV, "narrow")
+    x, packed, bias = _problem("fp32", 1, 16, 8, seed=1)
+    with pytest.raises(RuntimeError, match=f"{ENV} must be one of auto, wide, single; got 'narrow'"):
+        _run(x, packed, bias, gelu=False)
