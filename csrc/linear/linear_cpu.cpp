@@ -55,11 +55,14 @@ using RowsBlockFn = void (*)(const float*, int64_t, const T*, int64_t, float*, i
 
 template <typename T, int... Ms>
 static constexpr auto make_table(std::integer_sequence<int, Ms...>) {
-  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_block<T, Ms + 1>...};
+  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_block<T, Ms + 1, kMaxPassRows,
+                                                               block_rows(pass_rows(Ms + 1, kMaxPassRows)),
+                                                               library_splits<T, Ms + 1>()>...};
 }
 template <typename T, int... Ms>
 static constexpr auto make_single_table(std::integer_sequence<int, Ms...>) {
-  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_block<T, Ms + 1, kMaxPassRows, 1>...};
+  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{
+      &rows_block<T, Ms + 1, kMaxPassRows, 1, library_splits<T, Ms + 1>()>...};
 }
 
 template <typename T>

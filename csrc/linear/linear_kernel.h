@@ -155,9 +155,16 @@ static inline void finish_rows(const float* x, int64_t ldx, const T* w, int64_t 
 // order of summation does not depend on how threads split the rows). ldx, ldy: row strides of x and y; weight rows
 // are D apart. Per group of 8 weight rows: chunk by chunk of D, blocks of R rows, passes of at most P rows of x.
 // P and R: the defaults above, or R = 1 (blocking.h chooses by measurement; the scratch benchmarks instantiate others).
-// U > 1 splits each accumulator into U interleaved partial sums over the columns (more independent FMA chains: 1.4-1.8x
-// for int8 at one row and one weight row at a time on AMD Zen 3, benchmarks/linear_kernel_ab.sh); it changes the order
-// of summation, so the library keeps U = 1, under which every blocking sums each output in the same order.
+// U > 1 splits each accumulator into U interleaved partial sums over the columns: more independent FMA chains.
+// U changes the order of summation, so the library picks U by weights and rows alone (library_splits), the same in
+// every blocking, so that each output is summed in one order whichever blocking runs.
+// The library's U: 2 for int8 weights at one row, where one weight row at a time otherwise leaves a single FMA chain
+// behind each widening (measured 1.36-1.40x for one row at a time on an AMD EPYC Zen 3, level for blocks of rows:
+// benchmarks/RESULTS.md, session 9); 1 elsewhere. Fits the registers in either blocking (8 + 4 + 1 with AVX2,
+// 16 + 8 + 1 with AVX-512).
+template <typename T, int M>
+constexpr int library_splits() { return std::is_same_v<T, int8_t> && M == 1 ? 2 : 1; }
+
 template <typename T, int M, int P = kMaxPassRows, int R = block_rows(pass_rows(M, P)), int U = 1>
 static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim, float* y, int64_t ldy,
                        int64_t n_begin, int64_t n_end, Epilogue epilogue) {
