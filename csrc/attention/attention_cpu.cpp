@@ -133,7 +133,7 @@ inline void accumulate_values(float* acc, const float* weights, const T* values,
 // Without AVX-512 (AVX2 CPUs: the build's 8-lane registers through GCC's vector extensions, linear/linear_vec.h):
 // the same structure as above. kLanes keys at a time share each load of q and are summed across lanes by one
 // transpose tree; a value row slice of up to kHeldVectors vectors stays in registers through all n values. The scalar
-// loops this replaced summed one key at a time across lanes and kept acc in memory: 1.6-2.8x slower on an AMD EPYC Zen 3.
+// loops this replaced summed one key at a time across lanes and kept acc in memory: 1.6-2.8x slower on AMD Zen 3.
 using linear::kLanes;
 using linear::Vec;
 constexpr int kHeldVectors = 8;  // 64 float32 with AVX2: a whole 64-wide head row, with room for w and one value
