@@ -1,10 +1,10 @@
-// Which blocking of weight rows the few-row linear kernel runs (linear_kernel.h's R): "wide" (blocks of
-// block_rows(m) weight rows: the fewest loads per FMA) or "single" (one weight row at a time: one sequential stream
-// of weights). Which streams faster depends on the CPU and the shape: on an AMD EPYC Zen 3 (AVX2) single rows were
-// 1.2-1.3x faster for float32 at D = 512 and level or slower at D = 1024-4096, slower for int8 at several
-// rows (its widening then waits on fewer accumulators), level or faster for int8 at one row (RESULTS.md, session 9).
-// So in "auto" (the default) the first 2 * kBlockingSamples calls of each shape (weight dtype, rows, D, N, threads)
-// alternate the two, timed as they run, and the faster (fastest call each; single only when more than 10 % ahead) serves the rest of the process. Both
+// Which blocking of weight rows the few-row linear kernel runs (linear_kernel.h's R): "wide" (blocks of block_rows(m)
+// weight rows: the fewest loads per FMA) or "single" (one weight row at a time: one sequential stream of weights).
+// Which streams faster depends on the CPU and the shape: on an AMD EPYC Zen 3 (AVX2) single rows were 1.2-1.3x faster
+// for float32 at D = 512 and level or slower at D = 1024-4096, slower for int8 at several rows (its widening then waits
+// on fewer accumulators), level or faster for int8 at one row (RESULTS.md, session 9). So in "auto" (the default) the
+// first 2 * kBlockingSamples calls of each shape (weight dtype, rows, D, N, threads) alternate the two, timed as they
+// run, and the faster (fastest call each; single only when more than 10 % ahead) serves the rest of the process. Both
 // blockings sum every output in the same order, so the choice, and the calls that measure it, never change a bit.
 // MMDKERNELS_LINEAR_BLOCKING=auto|wide|single forces one (read at every call); MMDKERNELS_GEMM_VERBOSE=1 prints each
 // choice.
