@@ -49,24 +49,61 @@ inline int64_t packed_size(int rows, int64_t dim) { return dim / kTileColumns * 
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512bf16")
 
+// v[i] lane j -> v[j] lane i, for 16 vectors of 16 int32 (a 16 x 16 transpose in registers: pairs, quads, then
+// 128-bit lanes twice).
+static inline void transpose_16x16(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(v[h + i], v[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(v[h + i], v[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
 // packed[((step * kParts + part) * 16 + j) * 2 * rows + 2 * m + i] = part of x[m, 32 * step + 2 * j + i]: each part
 // rounds (to nearest even) what the earlier parts left of x, exactly (the rounding error of a float32 is a float32).
+// A step's rows of one part (pair j in lane j) are transposed in registers and stored pair by pair, rows apart:
+// scattering them pair by pair instead cost 6-30 ns per row and part, up to 180 us a call at 16 rows and D = 4096
+// (RESULTS.md, session 11).
 inline void pack_x(const float* x, int64_t ldx, int rows, int64_t dim, uint16_t* packed) {
-  const __m512i pair_offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(rows));
   auto widen = [](__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); };
-  for (int m = 0; m < rows; ++m)
-    for (int64_t step = 0; step < dim / kTileColumns; ++step) {
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
+  alignas(64) int32_t parts[kParts][kTileRows][16];  // [part][row m of x][pair j]
+  for (int m = rows; m < kTileRows; ++m)
+    for (int part = 0; part < kParts; ++part) _mm512_store_si512(parts[part][m], _mm512_setzero_si512());
+  for (int64_t step = 0; step < dim / kTileColumns; ++step) {
+    for (int m = 0; m < rows; ++m) {
       const float* row = x + m * ldx + step * kTileColumns;
       __m512 low = _mm512_loadu_ps(row), high = _mm512_loadu_ps(row + 16);
-      auto* out = reinterpret_cast<int32_t*>(packed + step * kParts * kTileColumns * rows) + m;  // pair 0 of row m
-      for (int part = 0; part < kParts; ++part, out += kTileColumns / 2 * rows) {
+      for (int part = 0; part < kParts; ++part) {
         const __m512i bits = (__m512i)_mm512_cvtne2ps_pbh(high, low);  // pair j: columns 2j, 2j + 1
-        _mm512_i32scatter_epi32(out, pair_offsets, bits, 4);
+        _mm512_store_si512(parts[part][m], bits);
         low = _mm512_sub_ps(low, widen(_mm512_castsi512_si256(bits)));
         high = _mm512_sub_ps(high, widen(_mm512_extracti64x4_epi64(bits, 1)));
       }
     }
+    for (int part = 0; part < kParts; ++part) {
+      __m512i v[16];
+      for (int m = 0; m < kTileRows; ++m) v[m] = _mm512_load_si512(parts[part][m]);
+      transpose_16x16(v);
+      auto* out = reinterpret_cast<int32_t*>(packed + (step * kParts + part) * kTileColumns * rows);
+      for (int j = 0; j < 16; ++j) _mm512_mask_storeu_epi32(out + j * rows, row_mask, v[j]);
+    }
+  }
 }
 
 struct alignas(64) TileConfig {
