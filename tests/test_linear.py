@@ -43,13 +43,14 @@ def test_kernel_matches_float64(rows, dim, out):
 @needs_cpp
 @pytest.mark.parametrize("amx", ["1", "0"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("rows", [2, 5, 9, 12, 13, 16])
+@pytest.mark.parametrize("rows", [2, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16])
 def test_every_path(precision, rows, amx, monkeypatch):
     """Weights where the CPU has AMX tiles (csrc/linear/linear_amx.h: bfloat16 and int8 from 5 rows, float32 split in
     three bfloat16 parts from 13; 16-row tiles, 32-column steps, then the rows and columns left over) and with
     MMDKERNELS_LINEAR_AMX=0 (the FMA kernel, where rows past one pass reuse the weights the first pass widened), over
     several chunks of D (x's: 16 KiB for all rows) plus lines, vectors and a tail, and row blocks plus leftover rows;
-    1 and 2 threads. float32 weights span 2^-40..2^40 in magnitude, so that the split's three parts all matter."""
+    1 and 2 threads; every row count from 5 (x's packing for the tiles masks the rows it stores). float32 weights
+    span 2^-40..2^40 in magnitude, so that the split's three parts all matter."""
     monkeypatch.setenv("MMDKERNELS_LINEAR_AMX", amx)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 1003, generator=g)
