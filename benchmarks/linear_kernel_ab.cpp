@@ -251,6 +251,23 @@ static void run_case(int threads, int rounds, const std::string& filter) {
     printf("  %s %.1f(%.2f)", v.name.c_str(), bytes / best / 1e9, old_best / best);
   }
   printf("   [GB/s (speed vs old)]\n");
+#if defined(HAVE_OLD_AMX)
+  // x packed for the tiles alone, old against new in turn (best of 200), and whether they wrote the same bytes
+  if (g_amx && filter.find("amxold") != std::string::npos) {
+    std::vector<uint16_t> packed_old(nl::amx::packed_size(M, D)), packed_new(packed_old.size());
+    double best_old = 1e9, best_new = 1e9;
+    for (int r = 0; r < 200; ++r) {
+      const double t0 = now();
+      ol::amx::pack_x(x.data(), D, M, D, packed_old.data());
+      const double t1 = now();
+      nl::amx::pack_x(x.data(), D, M, D, packed_new.data());
+      best_old = std::min(best_old, t1 - t0);
+      best_new = std::min(best_new, now() - t1);
+    }
+    printf("     pack x, %d rows, D = %lld: amxold %.2f us, amx %.2f us (%.2fx)%s\n", M, static_cast<long long>(D),
+           best_old * 1e6, best_new * 1e6, best_old / best_new, packed_old == packed_new ? "" : "  PACKED BYTES DIFFER");
+  }
+#endif
   fflush(stdout);
 }
 
