@@ -55,6 +55,28 @@ def test_non_contiguous_input(each_dhsic_tile):
     assert_close_to_reference(x, "cpp", estimator="dhsic")
 
 
+@pytest.mark.parametrize("mode", ["joint", "pairwise"])
+def test_tiles_one_per_thread_match_one_thread(mode, each_dhsic_tile):
+    """N = 1200 is 5 row blocks: with 2 threads the tiles run one per thread in rounds on disjoint rows (TileSchedule
+    in dhsic_cpu.cpp; at K = 3 its 341-column tiles cut the row blocks, so a tile's columns share blocks with others),
+    with 1 thread tile by tile. Both against the reference, and against each other to float32 rounding (the sums
+    agree bit for bit here; a gradient product may round differently inside a parallel region, ~1e-6 of max |grad|,
+    where a lost update of a race would be of the order of the gradient itself)."""
+    x = make_input((4, 3, 20, 300), seed=11)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results[threads] = run(x, "cpp", estimator="dhsic", mode=mode)
+            assert_close_to_reference(x, "cpp", estimator="dhsic", mode=mode)
+    finally:
+        torch.set_num_threads(before)
+    (loss_1, grad_1), (loss_2, grad_2) = results[1], results[2]
+    assert abs(loss_1 - loss_2) <= 1e-6 * abs(loss_1)
+    assert (grad_1 - grad_2).abs().max() <= 1e-5 * grad_1.abs().max()
+
+
 def test_the_two_kernels_agree(monkeypatch):
     """Both obey the rule (above); here they also agree with each other to float32 rounding of the products (MKL's
     small-K kernel accumulates each dot in the same order as ours, so they may even agree bit for bit)."""

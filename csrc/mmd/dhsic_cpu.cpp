@@ -8,7 +8,7 @@
 // numbers (dhsic_statistics in dhsic_stats.h, shared with CUDA). Pass 2 (only for the gradient) recomputes the tiles
 // and overwrites them with the symmetrised weights W_k (dhsic_entry_weight in mmd_tile.h, regrouped below), summing
 // them on the way, then adds 2 (rowsum(W_k) z^k - W_k @ z^k) per codebook (and the transposed column side of a
-// mirrored tile).
+// mirrored tile). The tiles run in rounds on disjoint rows, one tile per thread (TileSchedule below).
 // Nothing N x N is stored; sums of a chunk run in float lanes and accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -131,6 +131,57 @@ class ColumnSums {
 // z as K unit-stride [N, width] slices, viewed [N, K, width]: the narrow tile products read packed rows.
 at::Tensor packed_codebooks(const at::Tensor& z) { return z.transpose(0, 1).contiguous().transpose(0, 1); }
 
+// One pass's tiles and where they run: rounds of tiles on disjoint rows (disjoint_rounds). A round with at least as
+// many tiles as threads runs one tile per thread, each on a tile plane of its own with its products and loops
+// single-threaded inside (nested at::parallel_for and MKL run inline there): no fork/join per tile and no small
+// product split over threads. A smaller round (small N, the tail of a row range) runs tile by tile with the threads
+// inside each tile. Each row gets its additions in round order either way: the same result for any thread count.
+class TileSchedule {
+ public:
+  // The symmetric tiles owned by the rows [row_begin, row_end) of the plane of N samples, K codebooks.
+  TileSchedule(int64_t n, int64_t num_codebooks, const at::TensorOptions& options, int64_t row_begin, int64_t row_end)
+      : threads_(at::in_parallel_region() ? 1 : at::get_num_threads()) {
+    planes_.reserve(threads_);
+    planes_.emplace_back(n, num_codebooks, options, kDhsicTileBudgetFloats);
+    tiles_ = planes_.front().symmetric_tiles(row_begin, row_end);
+    rounds_ = disjoint_rounds(tiles_, planes_.front().row_block());
+    int64_t spread = 0;
+    for (const auto& round : rounds_) spread += static_cast<int64_t>(round.size()) >= threads_ ? round.size() : 0;
+    per_thread_ = threads_ > 1 && 2 * spread > static_cast<int64_t>(tiles_.size());
+    if (per_thread_) {
+      for (int64_t t = 1; t < threads_; ++t) planes_.emplace_back(n, num_codebooks, options, kDhsicTileBudgetFloats);
+    }
+  }
+  const std::vector<Tile>& tiles() const { return tiles_; }
+  // whether most tiles run one per thread (the GEMM/fused choice is measured that way then)
+  bool per_thread() const { return per_thread_; }
+  int64_t threads() const { return threads_; }
+  const TilePlane& plane(int64_t t) const { return planes_[t]; }
+  // fn(tile, plane) for every tile
+  template <class F>
+  void run(const F& fn) const {
+    for (const auto& round : rounds_) {
+      const int64_t size = static_cast<int64_t>(round.size());
+      if (!per_thread_ || size < threads_) {
+        for (const Tile& tile : round) fn(tile, planes_.front());
+        continue;
+      }
+      at::parallel_for(0, threads_, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          for (int64_t i = t; i < size; i += threads_) fn(round[i], planes_[t]);
+        }
+      });
+    }
+  }
+
+ private:
+  std::vector<Tile> tiles_;
+  int64_t threads_;
+  std::vector<TilePlane> planes_;
+  std::vector<std::vector<Tile>> rounds_;
+  bool per_thread_ = false;
+};
+
 // Which kernel fills a pass's distance tiles: MMDKERNELS_MMD_TILE=gemm|fused forces one (read at every call, so tests
 // can switch); auto (the default) measures both on the first tile of the first call of a shape class (tile rows and
 // columns bucketed to powers of two, K, D, threads) and keeps the faster for the process, as the RVQ encoder and the
@@ -142,9 +193,9 @@ constexpr const char* kTileEnv = "MMDKERNELS_MMD_TILE";
 // The K distance tiles of one pass over `tiles` of the plane: dot products by GEMM, or distances by the micro-kernel.
 class GramTiles {
  public:
-  GramTiles(const at::Tensor& packed, const at::Tensor& norms, const SliceLayout& layout, const TilePlane& plane,
-            const std::vector<Tile>& tiles)
-      : packed_(packed), norms_(norms), layout_(layout), plane_(plane) {
+  GramTiles(const at::Tensor& packed, const at::Tensor& norms, const SliceLayout& layout, const TileSchedule& schedule)
+      : packed_(packed), norms_(norms), layout_(layout), schedule_(schedule) {
+    const std::vector<Tile>& tiles = schedule.tiles();
     const char* env = std::getenv(kTileEnv);
     const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
     TORCH_CHECK(mode == "auto" || mode == "gemm" || mode == "fused", kTileEnv,
@@ -157,8 +208,8 @@ class GramTiles {
   }
 
   // The plane's slices for `tile`: dot products (gemm) or distances (fused, see distances()).
-  void fill(const Tile& tile) const {
-    if (kernel_ == GramKernel::kGemm) return dot_tiles(packed_, packed_, layout_, tile, plane_);
+  void fill(const Tile& tile, const TilePlane& plane) const {
+    if (kernel_ == GramKernel::kGemm) return dot_tiles(packed_, packed_, layout_, tile, plane);
     const int64_t n = packed_.size(0), dim = layout_.width;
     const float* z = packed_.data_ptr<float>();  // [K][N][D] storage
     const float* norms = norms_.data_ptr<float>();
@@ -168,7 +219,7 @@ class GramTiles {
       std::vector<float> transposed;
       for (int64_t k = 0; k < layout_.num_slices; ++k) {
         gram::distance_block(z + k * n * dim, norms + k * n, columns_, k, tile.row0 + i0, tile.row0 + i1, tile.col0,
-                             tile.cols, plane_.row(k, tile, i0), tile.cols, transposed);
+                             tile.cols, plane.row(k, tile, i0), tile.cols, transposed);
       }
     });
   }
@@ -191,15 +242,27 @@ class GramTiles {
                    [&] { std::fprintf(stderr, "mmdkernels dhsic tile: -> %s (%s)\n", mode.c_str(), kTileEnv); });
   }
 
+  // Seconds of fill_with(plane) as the pass runs it: one tile with the threads inside it, or (per thread) every
+  // thread filling a tile on its own plane at once (the slowest thread's time).
+  template <class F>
+  double timed(const F& fill_with) const {
+    if (!schedule_.per_thread()) return best_seconds(1, [&] { fill_with(schedule_.plane(0)); });
+    std::vector<double> seconds(schedule_.threads());
+    at::parallel_for(0, schedule_.threads(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) seconds[t] = best_seconds(1, [&] { fill_with(schedule_.plane(t)); });
+    });
+    return *std::max_element(seconds.begin(), seconds.end());
+  }
+
   // Times the first tile both ways, alternating rounds; the fused kernel is charged its share of the packing (the
   // tile's entries over the pass's, about half the rows' plane).
   GramKernel measured_choice(const std::vector<Tile>& tiles) {
     const Tile& tile = tiles.front();
     const int64_t n = packed_.size(0);
     const auto key = std::make_tuple(pow2_bucket(tile.rows), pow2_bucket(tile.cols), layout_.num_slices, layout_.width,
-                                     at::get_num_threads());
+                                     static_cast<int>(schedule_.threads()), schedule_.per_thread());
     static std::mutex mutex;
-    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, GramKernel> chosen;
+    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, bool>, GramKernel> chosen;
     const std::lock_guard<std::mutex> lock(mutex);
     const auto it = chosen.find(key);
     if (it != chosen.end()) return it->second;
@@ -207,8 +270,10 @@ class GramTiles {
     double gemm_s = std::numeric_limits<double>::infinity(), fused_s = gemm_s;
     kernel_ = GramKernel::kFused;
     for (int round = 0; round < 3; ++round) {
-      fused_s = std::min(fused_s, best_seconds(1, [&] { fill(tile); }));
-      gemm_s = std::min(gemm_s, best_seconds(1, [&] { dot_tiles(packed_, packed_, layout_, tile, plane_); }));
+      fused_s = std::min(fused_s, timed([&](const TilePlane& plane) { fill(tile, plane); }));
+      gemm_s = std::min(gemm_s, timed([&](const TilePlane& plane) {
+                          dot_tiles(packed_, packed_, layout_, tile, plane);
+                        }));
     }
     int64_t entries = 0;
     for (const Tile& t : tiles) entries += t.rows * t.cols;
@@ -217,10 +282,11 @@ class GramTiles {
     const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
     if (verbose != nullptr && std::string(verbose) == "1") {
       std::fprintf(stderr,
-                   "mmdkernels dhsic tile: %lld x %lld x %lld, K %lld, N %lld: gemm %.3g s, fused %.3g s -> %s\n",
+                   "mmdkernels dhsic tile: %lld x %lld x %lld, K %lld, N %lld, %s: gemm %.3g s, fused %.3g s -> %s\n",
                    static_cast<long long>(tile.rows), static_cast<long long>(tile.cols),
                    static_cast<long long>(layout_.width), static_cast<long long>(layout_.num_slices),
-                   static_cast<long long>(n), gemm_s, fused_s, kernel == GramKernel::kFused ? "fused" : "gemm");
+                   static_cast<long long>(n), schedule_.per_thread() ? "a tile per thread" : "threads in a tile",
+                   gemm_s, fused_s, kernel == GramKernel::kFused ? "fused" : "gemm");
     }
     chosen.emplace(key, kernel);
     return kernel;
@@ -229,7 +295,7 @@ class GramTiles {
   const at::Tensor& packed_;
   const at::Tensor& norms_;
   const SliceLayout& layout_;
-  const TilePlane& plane_;
+  const TileSchedule& schedule_;
   GramKernel kernel_ = GramKernel::kGemm;
   gram::PackedColumns columns_;
 };
@@ -246,15 +312,14 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
   const auto norms = slice_norms(z, layout);
   const float* norm_data = norms.data_ptr<float>();
   const auto packed = packed_codebooks(z);
-  const TilePlane plane(n, num_codebooks, z.options(), kDhsicTileBudgetFloats);
   auto sums = at::zeros({num_kj + 1, n}, z.options().dtype(at::kDouble));
   double* row_sums = sums.data_ptr<double>();
   double* joint_row_sums = row_sums + num_kj * n;
   std::mutex column_mutex;
-  const auto tiles = plane.symmetric_tiles(row_begin, row_end);
-  const GramTiles gram(packed, norms, layout, plane, tiles);
-  for (const Tile& tile : tiles) {
-    gram.fill(tile);
+  const TileSchedule schedule(n, num_codebooks, z.options(), row_begin, row_end);
+  const GramTiles gram(packed, norms, layout, schedule);
+  schedule.run([&](const Tile& tile, const TilePlane& plane) {
+    gram.fill(tile, plane);
     const double multiplicity = tile.mirrored ? 2.0 : 1.0;
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
@@ -287,7 +352,7 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
         columns.add_to(row_sums + tile.col0, n, 1.0);
       }
     });
-  }
+  });
   return sums;
 }
 
@@ -320,15 +385,14 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
   const auto norms = slice_norms(z, layout);
   const float* norm_data = norms.data_ptr<float>();
   const auto packed = packed_codebooks(z);
-  const TilePlane plane(n, num_codebooks, z.options(), kDhsicTileBudgetFloats);
   auto grad = at::zeros_like(z);
   GradientSide side(packed, layout, grad, at::Tensor());
   double* weight_sums = side.weight_sums();  // [K, N]
   std::mutex column_mutex;
-  const auto tiles = plane.symmetric_tiles(row_begin, row_end);
-  const GramTiles gram(packed, norms, layout, plane, tiles);
-  for (const Tile& tile : tiles) {
-    gram.fill(tile);
+  const TileSchedule schedule(n, num_codebooks, z.options(), row_begin, row_end);
+  const GramTiles gram(packed, norms, layout, schedule);
+  schedule.run([&](const Tile& tile, const TilePlane& plane) {
+    gram.fill(tile, plane);
     at::parallel_for(0, tile.rows, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals flush_denormals;
       DhsicScratch scratch(num_codebooks);
@@ -389,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
     });
     side.add_rows(plane, tile, packed, 2.0, /*sum_weights=*/false);
     if (tile.mirrored) side.add_columns(plane, tile, packed, 2.0, /*sum_weights=*/false);
-  }
+  });
   side.finish();
   return {stats.loss, grad};
 }

@@ -204,6 +204,39 @@ std::vector<Tile> TilePlane::symmetric_tiles(int64_t row_begin, int64_t row_end)
   return out;
 }
 
+std::vector<std::vector<Tile>> disjoint_rounds(const std::vector<Tile>& tiles, int64_t grid) {
+  TORCH_CHECK(grid > 0, "disjoint_rounds: grid must be positive, got ", grid);
+  int64_t cells = 0;
+  for (const Tile& t : tiles) cells = std::max({cells, t.row0 + t.rows, t.col0 + t.cols});
+  cells = (cells + grid - 1) / grid;
+  std::vector<std::vector<Tile>> rounds;
+  std::vector<Tile> remaining = tiles, left;
+  std::vector<char> used(cells);
+  while (!remaining.empty()) {
+    std::fill(used.begin(), used.end(), 0);
+    std::vector<Tile> round;
+    left.clear();
+    for (const Tile& t : remaining) {
+      const int64_t ranges[2][2] = {{t.row0, t.rows}, {t.col0, t.mirrored ? t.cols : 0}};
+      bool free = true;
+      for (const auto& r : ranges) {
+        for (int64_t c = r[0] / grid; r[1] > 0 && c <= (r[0] + r[1] - 1) / grid; ++c) free = free && !used[c];
+      }
+      if (!free) {
+        left.push_back(t);
+        continue;
+      }
+      for (const auto& r : ranges) {
+        for (int64_t c = r[0] / grid; r[1] > 0 && c <= (r[0] + r[1] - 1) / grid; ++c) used[c] = 1;
+      }
+      round.push_back(t);
+    }
+    rounds.push_back(std::move(round));
+    remaining.swap(left);
+  }
+  return rounds;
+}
+
 at::Tensor TilePlane::slice(int64_t s, const Tile& tile) const {
   return buffer_.narrow(0, s * tile_floats_, tile.rows * tile.cols).view({tile.rows, tile.cols});
 }

@@ -110,6 +110,8 @@ class TilePlane {
   // r+nb/2 too when r < nb/2), so every unordered pair of blocks is computed once, every row block does the same
   // work, and any partition of the rows into ranges covers the plane exactly once (the row-range ops).
   std::vector<Tile> symmetric_tiles(int64_t row_begin = 0, int64_t row_end = -1) const;
+  // rows per block of the grid (and the columns of a symmetric tile)
+  int64_t row_block() const { return row_block_; }
   // slice s of a tile as a contiguous [rows, cols] tensor, and the start of its row i
   at::Tensor slice(int64_t s, const Tile& tile) const;
   float* row(int64_t s, const Tile& tile, int64_t i) const { return data_ + s * tile_floats_ + i * tile.cols; }
@@ -119,6 +121,13 @@ class TilePlane {
   at::Tensor buffer_;
   float* data_;
 };
+
+// The tiles in rounds whose tiles touch disjoint rows of the samples (a tile touches its rows and, when mirrored, its
+// columns: the rows its sums and gradient go to), in the given order, greedily: a round's tiles can run on different
+// threads with every write disjoint and the order of the additions into each row fixed by the round order, whatever
+// the thread count. Overlap is judged on cells of `grid` rows (conservative for ranges that start inside a cell).
+// The symmetric tiles of nb row blocks take nb rounds, the fewest possible (nb diagonal tiles, then nb / 2 pairs).
+std::vector<std::vector<Tile>> disjoint_rounds(const std::vector<Tile>& tiles, int64_t grid);
 
 // out = alpha * a @ b, or out += alpha * a @ b (accumulate): every matrix product of the CPU MMD kernels goes
 // through here (a and b may be transposed views; out may be a strided row block of a gradient).
