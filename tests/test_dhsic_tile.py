@@ -77,6 +77,44 @@ def test_tiles_one_per_thread_match_one_thread(mode, each_dhsic_tile):
     assert (grad_1 - grad_2).abs().max() <= 1e-5 * grad_1.abs().max()
 
 
+@pytest.mark.parametrize("threads", [3, 4])
+def test_more_threads_than_cores_match_one_thread(threads, each_dhsic_tile):
+    """N = 2100 is 9 row blocks (rounds of 9, then 4 tiles): at 3 threads a round's tiles do not divide evenly among
+    them, at 4 threads they do (each thread strides through the round); more threads than this machine's cores on
+    purpose. Against the 1-thread result (itself checked against the reference above)."""
+    x = make_input((3, 3, 20, 700), seed=13)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        loss_1, grad_1 = run(x, "cpp", estimator="dhsic", mode="pairwise")
+        torch.set_num_threads(threads)
+        loss_t, grad_t = run(x, "cpp", estimator="dhsic", mode="pairwise")
+    finally:
+        torch.set_num_threads(before)
+    assert abs(loss_1 - loss_t) <= 1e-6 * abs(loss_1)
+    assert (grad_1 - grad_t).abs().max() <= 1e-5 * grad_1.abs().max()
+
+
+@pytest.mark.parametrize("schedule", ["per-thread", "inside"])
+def test_forced_schedule_matches_the_reference(schedule, monkeypatch):
+    """MMDKERNELS_DHSIC_SCHEDULE forces one tile per thread even where rounds are smaller than the thread count
+    (N = 600: rounds of 3, 1, 1 and 1 tiles, the small ones run with the threads inside), or the threads inside every
+    tile."""
+    monkeypatch.setenv("MMDKERNELS_DHSIC_SCHEDULE", schedule)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_close_to_reference(make_input((2, 3, 24, 300), seed=17), "cpp", estimator="dhsic", mode="joint")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_schedule_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MMDKERNELS_DHSIC_SCHEDULE", "rounds")
+    with pytest.raises(RuntimeError, match="MMDKERNELS_DHSIC_SCHEDULE"):
+        mmdkernels.mmd_loss(make_input((2, 2, 8, 30)), estimator="dhsic", backend="cpp")
+
+
 def test_the_two_kernels_agree(monkeypatch):
     """Both obey the rule (above); here they also agree with each other to float32 rounding of the products (MKL's
     small-K kernel accumulates each dot in the same order as ours, so they may even agree bit for bit)."""

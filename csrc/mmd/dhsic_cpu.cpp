@@ -135,7 +135,11 @@ at::Tensor packed_codebooks(const at::Tensor& z) { return z.transpose(0, 1).cont
 // many tiles as threads runs one tile per thread, each on a tile plane of its own with its products and loops
 // single-threaded inside (nested at::parallel_for and MKL run inline there): no fork/join per tile and no small
 // product split over threads. A smaller round (small N, the tail of a row range) runs tile by tile with the threads
-// inside each tile. Each row gets its additions in round order either way: the same result for any thread count.
+// inside each tile. No locks: every row gets its additions from one tile at a time, in round order.
+// MMDKERNELS_DHSIC_SCHEDULE=per-thread|inside forces one way (read at every call); auto (the default): one tile per
+// thread when most tiles are in rounds of at least as many tiles as threads.
+constexpr const char* kScheduleEnv = "MMDKERNELS_DHSIC_SCHEDULE";
+
 class TileSchedule {
  public:
   // The symmetric tiles owned by the rows [row_begin, row_end) of the plane of N samples, K codebooks.
@@ -146,8 +150,16 @@ class TileSchedule {
     tiles_ = planes_.front().symmetric_tiles(row_begin, row_end);
     rounds_ = disjoint_rounds(tiles_, planes_.front().row_block());
     int64_t spread = 0;
-    for (const auto& round : rounds_) spread += static_cast<int64_t>(round.size()) >= threads_ ? round.size() : 0;
-    per_thread_ = threads_ > 1 && 2 * spread > static_cast<int64_t>(tiles_.size());
+    for (const auto& round : rounds_) {
+      const int64_t size = static_cast<int64_t>(round.size());
+      spread += size >= threads_ ? size : 0;
+    }
+    const char* env = std::getenv(kScheduleEnv);
+    const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
+    TORCH_CHECK(mode == "auto" || mode == "per-thread" || mode == "inside", kScheduleEnv,
+                " must be one of auto, per-thread, inside; got '", mode, "'");
+    const bool mostly_spread = 2 * spread > static_cast<int64_t>(tiles_.size());
+    per_thread_ = threads_ > 1 && (mode == "per-thread" || (mode == "auto" && mostly_spread));
     if (per_thread_) {
       for (int64_t t = 1; t < threads_; ++t) planes_.emplace_back(n, num_codebooks, options, kDhsicTileBudgetFloats);
     }
