@@ -94,9 +94,19 @@ def linear_blocking_chosen() -> dict:
     return {f"linear_blocking_{b}": chosen.count(b) for b in ("wide", "single")}
 
 
+def dhsic_tile_chosen() -> dict:
+    """The C++ dHSIC's measured distance-tile choices so far, as "kernel/schedule" (e.g. "gemm/per-thread")."""
+    if not _ext.available("cpu"):
+        return {}
+    from mmdkernels.mmd.ops import dhsic_tile_choices
+
+    return {"dhsic_tile_chosen": sorted({f"{c['chosen']}/{c['schedule']}" for c in dhsic_tile_choices()})}
+
+
 def machine_info() -> dict:
     """The fields every CPU benchmark records in extra_info."""
-    info = dict(cpu_model(), **gemm_chosen(), **linear_blocking_chosen(), threads=torch.get_num_threads())
+    info = dict(cpu_model(), **gemm_chosen(), **linear_blocking_chosen(), **dhsic_tile_chosen(),
+                threads=torch.get_num_threads())
     if providers():
         info["best_bare_gemm_gflops"] = round(best_gemm_gflops(*BEST_GEMM_SHAPE), 1)
         info["best_bare_gemm_shape"] = "x".join(map(str, BEST_GEMM_SHAPE))

@@ -34,6 +34,8 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def(
       "mmd_dhsic_rows(Tensor z, Tensor groups, float[] coefs, int[] chain_src, int[] chain_step, float chain_base, "
       "Tensor sums, int row_begin, int row_end, bool compute_grad) -> (Tensor, Tensor)");
+  // The C++ dHSIC's measured distance-tile choices so far, as JSON (mmdkernels.mmd.ops.dhsic_tile_choices).
+  m.def("mmd_dhsic_tile_choices() -> str");
   // Fused residual VQ (contract: docs/rvq_kernels.md, spec: mmdkernels/rvq/reference.py). x: float32 [N, D];
   // codebooks: float32 [K, C, D]; sqnorms: float32 [K, C]. Returns (codes int64 [N, K], quantized [N, K, D] or [0]).
   m.def("rvq_encode(Tensor x, Tensor codebooks, Tensor sqnorms, bool return_quantized) -> (Tensor, Tensor)");

@@ -5,6 +5,7 @@ MMDKERNELS_MMD_TILE=fused pytest tests/test_mmd.py tests/test_mmd_distributed.py
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -150,6 +151,26 @@ def test_auto_measures_once_per_shape_class_and_prints_the_choice():
     lines = _tile_lines("auto")
     assert len(lines) == 1, lines
     assert lines[0].endswith(("-> gemm", "-> fused")) and "x 128, K 4, N 600" in lines[0], lines[0]
+
+
+def test_the_choices_are_reported():
+    """ops.dhsic_tile_choices: one record per measured shape class, with the kernel, the schedule and both times
+    (what the benchmarks record as dhsic_tile_chosen); the op's schema."""
+    code = (
+        "import json, torch, mmdkernels\nfrom mmdkernels.mmd import ops\ntorch.set_num_threads(2)\n"
+        "assert ops.dhsic_tile_choices() == []\nx = torch.randn(2, 4, 128, 600)\n"
+        "for _ in range(2): mmdkernels.mmd_loss(x.requires_grad_(), estimator='dhsic', backend='cpp').backward()\n"
+        "print(json.dumps(ops.dhsic_tile_choices()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (TILE_ENV, "MMDKERNELS_DHSIC_SCHEDULE")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    (choice,) = json.loads(out.splitlines()[-1])
+    assert (choice["codebooks"], choice["width"], choice["threads"]) == (4, 128, 2), choice
+    assert choice["schedule"] == "per-thread"  # N = 1200: 5 row blocks, rounds of 5 and 2 tiles
+    assert choice["chosen"] in ("gemm", "fused") and set(choice["seconds"]) == {"gemm", "fused"}
+    best = min(choice["seconds"], key=choice["seconds"].get)
+    assert choice["chosen"] == best
+    torch.library.opcheck(torch.ops.mmdkernels.mmd_dhsic_tile_choices.default, (), test_utils=("test_schema",))
 
 
 def test_bad_tile_kernel_names_the_variable(monkeypatch):

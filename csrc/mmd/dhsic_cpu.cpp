@@ -21,6 +21,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -202,6 +203,34 @@ class TileSchedule {
 enum class GramKernel { kGemm, kFused };
 constexpr const char* kTileEnv = "MMDKERNELS_MMD_TILE";
 
+// The measured choices of the process, by shape class (tile rows and columns bucketed, K, D, threads, one tile per
+// thread): what mmd_dhsic_tile_choices reports.
+using GramKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int, bool>;
+struct GramChoice {
+  GramKernel kernel;
+  double gemm_s, fused_s;
+};
+std::mutex g_gram_mutex;
+std::map<GramKey, GramChoice> g_gram_choices;
+
+std::string gram_choices_json() {
+  const std::lock_guard<std::mutex> lock(g_gram_mutex);
+  std::ostringstream json;
+  json << "[";
+  const char* separator = "";
+  for (const auto& [key, c] : g_gram_choices) {
+    const auto& [rows, cols, codebooks, width, threads, per_thread] = key;
+    json << separator << "{\"rows\": " << rows << ", \"cols\": " << cols << ", \"codebooks\": " << codebooks
+         << ", \"width\": " << width << ", \"threads\": " << threads << ", \"schedule\": \""
+         << (per_thread ? "per-thread" : "inside") << "\", \"chosen\": \""
+         << (c.kernel == GramKernel::kFused ? "fused" : "gemm") << "\", \"seconds\": {\"gemm\": " << c.gemm_s
+         << ", \"fused\": " << c.fused_s << "}}";
+    separator = ", ";
+  }
+  json << "]";
+  return json.str();
+}
+
 // The K distance tiles of one pass over `tiles` of the plane: dot products by GEMM, or distances by the micro-kernel.
 class GramTiles {
  public:
@@ -271,13 +300,11 @@ class GramTiles {
   GramKernel measured_choice(const std::vector<Tile>& tiles) {
     const Tile& tile = tiles.front();
     const int64_t n = packed_.size(0);
-    const auto key = std::make_tuple(pow2_bucket(tile.rows), pow2_bucket(tile.cols), layout_.num_slices, layout_.width,
-                                     static_cast<int>(schedule_.threads()), schedule_.per_thread());
-    static std::mutex mutex;
-    static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, bool>, GramKernel> chosen;
-    const std::lock_guard<std::mutex> lock(mutex);
-    const auto it = chosen.find(key);
-    if (it != chosen.end()) return it->second;
+    const GramKey key{pow2_bucket(tile.rows), pow2_bucket(tile.cols), layout_.num_slices, layout_.width,
+                      static_cast<int>(schedule_.threads()), schedule_.per_thread()};
+    const std::lock_guard<std::mutex> lock(g_gram_mutex);
+    const auto it = g_gram_choices.find(key);
+    if (it != g_gram_choices.end()) return it->second.kernel;
     const double pack_s = best_seconds(1, [&] { pack(); });
     double gemm_s = std::numeric_limits<double>::infinity(), fused_s = gemm_s;
     kernel_ = GramKernel::kFused;
@@ -300,7 +327,7 @@ class GramTiles {
                    static_cast<long long>(n), schedule_.per_thread() ? "a tile per thread" : "threads in a tile",
                    gemm_s, fused_s, kernel == GramKernel::kFused ? "fused" : "gemm");
     }
-    chosen.emplace(key, kernel);
+    g_gram_choices.emplace(key, GramChoice{kernel, gemm_s, fused_s});
     return kernel;
   }
 
@@ -515,6 +542,11 @@ std::tuple<at::Tensor, at::Tensor> mmd_dhsic_rows_cpu(const at::Tensor& z, const
 }  // namespace
 }  // namespace mmd
 }  // namespace mmdkernels
+
+// No tensor arguments: dispatched through CompositeExplicitAutograd.
+TORCH_LIBRARY_IMPL(mmdkernels, CompositeExplicitAutograd, m) {
+  m.impl("mmd_dhsic_tile_choices", &mmdkernels::mmd::gram_choices_json);
+}
 
 TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) {
   m.impl("mmd_dhsic", &mmdkernels::mmd::mmd_dhsic_cpu);

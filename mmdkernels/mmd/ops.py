@@ -12,6 +12,8 @@ incoming gradient.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from mmdkernels import _ext
@@ -193,6 +195,15 @@ def row_range_ops(backend: str):
         return tuple(getattr(torch.ops.mmdkernels, f"{name}_triton") for name in names)
     _load_compiled(backend)
     return tuple(getattr(torch.ops.mmdkernels, name) for name in names)
+
+
+def dhsic_tile_choices() -> list[dict]:
+    """The C++ CPU dHSIC's measured distance-tile choices in this process, one per shape class: {"rows", "cols" (the
+    tile, bucketed to powers of two), "codebooks", "width", "threads", "schedule" ("per-thread": one tile per thread;
+    "inside": the threads inside a tile), "chosen" ("gemm" | "fused"), "seconds": {"gemm": s, "fused": s}}. Empty
+    before the first dHSIC call, or when MMDKERNELS_MMD_TILE forces a kernel (nothing is measured then)."""
+    _load_compiled("cpp")
+    return json.loads(torch.ops.mmdkernels.mmd_dhsic_tile_choices())
 
 
 def _load_compiled(backend: str) -> None:
