@@ -207,3 +207,22 @@ def test_rvq_tile_kernel_choice_is_measured_and_printed():
     lines = [line for line in result.stderr.splitlines() if line.startswith("mmdkernels rvq tile:")]
     assert len(lines) == 1 and "rows 512 entries 512 dim 64" in lines[0], result.stderr
     assert lines[0].endswith(("-> gemm", "-> fused")), lines[0]
+
+
+@pytest.mark.parametrize("frames,expected", [(300, "a block per thread"), (200, "one block")])
+def test_rvq_tile_kernel_is_measured_as_the_encode_runs(frames, expected):
+    """With 2 threads and more than one 512-row block, the encode runs every block on one thread inside a parallel
+    region (its GEMM single-threaded), so the measurement times the GEMM there too: the GEMM choice it triggers is
+    keyed "1 threads". With one block (N = 400) both run outside a region, the GEMM on both threads."""
+    code = (
+        "import torch, mmdkernels\ntorch.set_num_threads(2)\n"
+        f"x, books = torch.randn(2, 64, {frames}), torch.randn(2, 512, 64)\n"
+        "mmdkernels.rvq_encode(x, books, backend='cpp')\n"
+    )
+    result = _python(code, MMDKERNELS_GEMM_VERBOSE="1", MMDKERNELS_RVQ_TILE="auto", MMDKERNELS_GEMM="auto")
+    assert result.returncode == 0, result.stderr
+    rvq = [line for line in result.stderr.splitlines() if line.startswith("mmdkernels rvq tile:")]
+    assert len(rvq) == 1 and expected in rvq[0], result.stderr
+    gemm = [line for line in result.stderr.splitlines() if line.startswith("mmdkernels gemm:") and "x512x64" in line]
+    threads = "1 threads" if expected == "a block per thread" else "2 threads"
+    assert gemm and threads in gemm[0], result.stderr

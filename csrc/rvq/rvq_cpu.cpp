@@ -123,37 +123,62 @@ void best_by_fused(const float* residual, int64_t rows, int64_t dim, const fused
 
 // Which tile kernel encodes: MMDKERNELS_RVQ_TILE=gemm|fused forces one (read at every call, so tests can switch);
 // auto (the default) measures both on the first call of a shape class (rows per block, entries and dim bucketed to
-// powers of two, threads) and keeps the faster for the process, as the GEMM choice does (gemm.h).
+// powers of two, threads, whether blocks run one per thread) and keeps the faster for the process, as the GEMM
+// choice does (gemm.h).
 enum class TileKernel { kGemm, kFused };
 constexpr const char* kTileEnv = "MMDKERNELS_RVQ_TILE";
 
-// Times one block of rows of stage 0 both ways (inside a parallel region, so the GEMM runs as it will: 1 thread),
-// alternating rounds; the fused kernel is charged its share of the per-call packing (rows / n of one stage's pack).
+// Times one block of rows of stage 0 both ways, alternating rounds, as the encode will run it: with several blocks
+// and threads, every block runs on one thread inside a parallel region (its GEMM single-threaded), so every thread
+// times a block of its own at once (the slowest thread's time counts); with one block or one thread, the encode runs
+// outside a region and so does the measurement (the GEMM then takes every thread). (A one-iteration at::parallel_for
+// runs inline, outside any OpenMP region: MKL would take every thread there.) The fused kernel is charged its share
+// of the per-call packing (rows / n of one stage's pack).
+bool blocks_per_thread(int64_t n) {
+  return n > kRowsPerBlock && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
+
 TileKernel measure_tile_kernel(const float* x, int64_t n, int64_t dim, const float* book, const float* norms,
                                int64_t num_entries, int64_t chunk) {
   const int64_t rows = std::min(n, kRowsPerBlock);
-  std::vector<float> dots(rows * chunk);
-  std::vector<ScoredIndex> best(rows);
-  fused::LaneBest lanes;
-  double gemm_s = std::numeric_limits<double>::infinity(), fused_s = gemm_s, pack_s = gemm_s;
-  at::parallel_for(0, 1, 1, [&](int64_t, int64_t) {
-    fused::PackedStage packed;
-    pack_s = best_seconds(2, [&] { packed = fused::pack_stage(book, norms, num_entries, dim); });
+  const bool spread = blocks_per_thread(n);
+  const int64_t workers = spread ? at::get_num_threads() : 1;
+  constexpr double kNever = std::numeric_limits<double>::infinity();
+  std::vector<double> gemm_times(workers, kNever), fused_times(workers, kNever);
+  fused::PackedStage packed;
+  const double pack_s = best_seconds(2, [&] { packed = fused::pack_stage(book, norms, num_entries, dim); });
+  const auto measure = [&](int64_t worker) {
+    std::vector<float> dots(rows * chunk);
+    std::vector<ScoredIndex> best(rows);
+    fused::LaneBest lanes;
     for (int round = 0; round < 3; ++round) {
-      gemm_s = std::min(gemm_s, best_seconds(1, [&] {
-                          std::fill(best.begin(), best.end(), no_candidate());
-                          best_by_gemm(x, rows, dim, book, norms, num_entries, chunk, dots.data(), best.data());
-                        }));
-      fused_s = std::min(fused_s, best_seconds(1, [&] { best_by_fused(x, rows, dim, packed, lanes, best.data()); }));
+      gemm_times[worker] = std::min(gemm_times[worker], best_seconds(1, [&] {
+                                      std::fill(best.begin(), best.end(), no_candidate());
+                                      best_by_gemm(x, rows, dim, book, norms, num_entries, chunk, dots.data(),
+                                                   best.data());
+                                    }));
+      fused_times[worker] = std::min(fused_times[worker], best_seconds(1, [&] {
+                                       best_by_fused(x, rows, dim, packed, lanes, best.data());
+                                     }));
     }
-  });
+  };
+  if (spread) {
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t worker = begin; worker < end; ++worker) measure(worker);
+    });
+  } else {
+    measure(0);
+  }
+  const double gemm_s = *std::max_element(gemm_times.begin(), gemm_times.end());
+  double fused_s = *std::max_element(fused_times.begin(), fused_times.end());
   fused_s += pack_s * static_cast<double>(rows) / static_cast<double>(n);
   const TileKernel chosen = fused_s < gemm_s ? TileKernel::kFused : TileKernel::kGemm;
   const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
   if (verbose != nullptr && std::string(verbose) == "1") {
-    std::fprintf(stderr, "mmdkernels rvq tile: rows %lld entries %lld dim %lld: gemm %.3g s, fused %.3g s -> %s\n",
+    std::fprintf(stderr, "mmdkernels rvq tile: rows %lld entries %lld dim %lld, %s: gemm %.3g s, fused %.3g s -> %s\n",
                  static_cast<long long>(rows), static_cast<long long>(num_entries), static_cast<long long>(dim),
-                 gemm_s, fused_s, chosen == TileKernel::kFused ? "fused" : "gemm");
+                 spread ? "a block per thread" : "one block", gemm_s, fused_s,
+                 chosen == TileKernel::kFused ? "fused" : "gemm");
   }
   return chosen;
 }
@@ -166,9 +191,9 @@ TileKernel choose_tile_kernel(const float* x, int64_t n, int64_t dim, const floa
   if (mode == "fused") return TileKernel::kFused;
   TORCH_CHECK(mode == "auto", kTileEnv, " must be one of auto, gemm, fused; got '", mode, "'");
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int>, TileKernel> chosen;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int, bool>, TileKernel> chosen;
   const auto key = std::make_tuple(pow2_bucket(std::min(n, kRowsPerBlock)), pow2_bucket(num_entries), pow2_bucket(dim),
-                                   at::get_num_threads());
+                                   at::get_num_threads(), blocks_per_thread(n));
   std::lock_guard<std::mutex> lock(mutex);
   auto it = chosen.find(key);
   if (it == chosen.end()) {
