@@ -14,8 +14,8 @@ if [ "$(uname -m)" = x86_64 ]; then
   MMDKERNELS_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
     TORCHINDUCTOR_CACHE_DIR="$inductor_cache" .venv/bin/python -m pytest -q -p no:cacheprovider \
     tests/test_cpu_capability.py tests/test_mmd.py tests/test_mmd_ops.py tests/test_mmd_published.py \
-    tests/test_rvq.py tests/test_rvq_module.py tests/test_linear.py tests/test_sampling.py tests/test_attention.py \
-    tests/test_lm.py
+    tests/test_dhsic_tile.py tests/test_rvq.py tests/test_rvq_module.py tests/test_linear.py tests/test_sampling.py \
+    tests/test_attention.py tests/test_lm.py
   rm -rf "$inductor_cache"
 fi
 .venv/bin/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=min,mean,rounds --benchmark-sort=name
