@@ -108,6 +108,16 @@ def test_custom_bandwidths_direct_exp_path():
     assert_close_to_reference(x, "cpp", bandwidths=(3.0,), estimator="dhsic")
 
 
+@pytest.mark.parametrize("estimator", ["shuffle", "dhsic"])
+@pytest.mark.parametrize("mode", ["joint", "pairwise"])
+def test_far_apart_samples_whose_kernels_underflow(estimator, mode):
+    """8 codebooks of 1200 features: the joint distance of two samples is ~19,000, so every kernel, even the chain's
+    base exp(-0.005 d), underflows to 0 away from (near-)duplicates; per codebook (~2,400) the base survives and the
+    narrow bandwidths do not. The sums are then carried by the diagonal and the duplicates: against the reference."""
+    x = make_input((2, 8, 1200, 150), seed=21)
+    assert_close_to_reference(x, "cpp", estimator=estimator, mode=mode)
+
+
 def test_no_grad_forward_matches():
     """Without autograd the kernel skips the gradient pass: the loss still obeys the rule (another code path, so
     not bit for bit)."""
