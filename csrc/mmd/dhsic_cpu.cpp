@@ -134,9 +134,9 @@ at::Tensor packed_codebooks(const at::Tensor& z) { return z.transpose(0, 1).cont
 
 // One pass's tiles and where they run: rounds of tiles on disjoint rows (disjoint_rounds). A round with at least as
 // many tiles as threads runs one tile per thread, each on a tile plane of its own with its products and loops
-// single-threaded inside (nested at::parallel_for and MKL run inline there): no fork/join per tile and no small
-// product split over threads. A smaller round (small N, the tail of a row range) runs tile by tile with the threads
-// inside each tile. No locks: every row gets its additions from one tile at a time, in round order.
+// single-threaded inside (a nested at::parallel_for runs inline there, MKL on one thread): no fork/join per tile, no
+// small product split over threads. A smaller round (small N, the tail of a row range) runs tile by tile with the
+// threads inside each tile. No locks: every row gets its additions from one tile at a time, in round order.
 // MMDKERNELS_DHSIC_SCHEDULE=per-thread|inside forces one way (read at every call); auto (the default): one tile per
 // thread when most tiles are in rounds of at least as many tiles as threads.
 constexpr const char* kScheduleEnv = "MMDKERNELS_DHSIC_SCHEDULE";
@@ -197,9 +197,9 @@ class TileSchedule {
 
 // Which kernel fills a pass's distance tiles: MMDKERNELS_MMD_TILE=gemm|fused forces one (read at every call, so tests
 // can switch); auto (the default) measures both on the first tile of the first call of a shape class (tile rows and
-// columns bucketed to powers of two, K, D, threads) and keeps the faster for the process, as the RVQ encoder and the
-// GEMM choice do (MMDKERNELS_GEMM_VERBOSE=1 prints the measurement). "gemm": K products per tile (tile_product: MKL
-// or oneDNN), converted to distances by the passes; "fused": gram_fused.h on columns packed once per pass.
+// columns bucketed to powers of two, K, D, threads, schedule) and keeps the faster for the process, as the RVQ encoder
+// and the GEMM choice do (MMDKERNELS_GEMM_VERBOSE=1 prints the measurement). "gemm": K products per tile (tile_product:
+// MKL or oneDNN), converted to distances by the passes; "fused": gram_fused.h on columns packed once per pass.
 enum class GramKernel { kGemm, kFused };
 constexpr const char* kTileEnv = "MMDKERNELS_MMD_TILE";
 
