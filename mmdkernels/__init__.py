@@ -10,7 +10,14 @@ Importing is lean: no compiled extension is loaded, no CUDA initialised, nothing
 from mmdkernels import metrics, patterns
 from mmdkernels._ext import cpu_capability
 from mmdkernels.attention import decode_attention, decode_attention_ref
-from mmdkernels.decode import DecoderLayerWeights, decode_layers, decode_layers_backend, decode_layers_ref
+from mmdkernels.decode import (
+    DecoderLayerWeights,
+    PreparedDecoderLayers,
+    decode_layers,
+    decode_layers_backend,
+    decode_layers_ref,
+    prepare_decode_layers,
+)
 from mmdkernels.gemm import gemm_path, set_gemm_path
 from mmdkernels.linear import decode_linear, decode_linear_ref
 from mmdkernels.linear.quantize import QuantizedLinearWeight, pack_decode_weight
@@ -28,6 +35,8 @@ __all__ = [
     "decode_layers_backend",
     "decode_layers_ref",
     "DecoderLayerWeights",
+    "PreparedDecoderLayers",
+    "prepare_decode_layers",
     "decode_linear",
     "decode_linear_ref",
     "QuantizedLinearWeight",

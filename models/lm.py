@@ -127,6 +127,20 @@ class KVCache:
     cross_lengths: torch.Tensor | None = None
 
 
+# Parameter and submodule registrations anywhere in the process (torch's global registration hooks): a model's cached
+# decode preparation (MusicLM.prepared_decode_layers) is rebuilt after any, so a replaced weight or layer is never
+# streamed in place of the new one.
+_registrations = [0]
+
+
+def _count_registration(*_) -> None:
+    _registrations[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
 @dataclass(frozen=True)
 class DecodeWeight:
     """A parameter's copy in a decode precision (quantize_for_decode), with the parameter's version when packed: an
@@ -430,10 +444,11 @@ class MusicLM(nn.Module):
         graphed = isinstance(step, torch.Tensor)
         positions = step if graphed else torch.tensor([step], device=tokens.device)
         x = self._embed(tokens[:, :, None], positions)
-        if not graphed and self._fused_decode_runs(x, cache):
+        prepared = None if graphed else self._fused_decode_layers(x, cache)
+        if prepared is not None:
             x = mmdkernels.decode_layers(
                 x[:, 0],
-                decode_layer_weights(self.layers),
+                prepared,
                 cache.self_k,
                 cache.self_v,
                 cache.cross_k,
@@ -447,16 +462,42 @@ class MusicLM(nn.Module):
             return self.final_norm(x[:, None]), positions
         return self._layers(x, self._cached_cross(cache, prefix_lengths=not graphed), cache, step), positions
 
-    def _fused_decode_runs(self, x: torch.Tensor, cache: KVCache) -> bool:
-        """Whether an int decode step runs all layers in mmdkernels.decode_layers' compiled CPU op: inference, a
-        prefix-masked condition, and the dispatcher choosing "cpp" for the input (float32 CPU rows, no autograd, the
-        extension loaded; MMDKERNELS_BACKEND_DECODE_LAYERS=reference keeps the per-layer path)."""
-        return (
-            not self.training
-            and cache.cross_lengths is not None
-            and self.decode_precision != "fp16"  # the C++ step streams fp32, bf16 or int8 projections
-            and decode_layers_backend(x[:, 0], decode_layer_weights(self.layers)) == "cpp"
-        )
+    def _fused_decode_layers(self, x: torch.Tensor, cache: KVCache) -> mmdkernels.PreparedDecoderLayers | None:
+        """The prepared layers when an int decode step runs all layers in mmdkernels.decode_layers' compiled CPU op
+        (inference, a prefix-masked condition, and the dispatcher choosing "cpp" for the input: float32 CPU rows, no
+        autograd, the extension loaded; MMDKERNELS_BACKEND_DECODE_LAYERS=reference keeps the per-layer path); else
+        None."""
+        if self.training or cache.cross_lengths is None or self.decode_precision == "fp16":
+            return None  # fp16: the C++ step streams fp32, bf16 or int8 projections
+        prepared = self.prepared_decode_layers()
+        return prepared if decode_layers_backend(x[:, 0], prepared) == "cpp" else None
+
+    def prepared_decode_layers(self) -> mmdkernels.PreparedDecoderLayers:
+        """The decoder layers' inference weights checked and flattened once for mmdkernels.decode_layers (a decode
+        step then spends no Python on its 12 L tensors), cached. Rebuilt when the model changes mode (train / eval),
+        decode precision (quantize_for_decode), device or dtype (.to()), when a parameter or module is registered
+        anywhere (a weight or layer replaced), and when a parameter with a packed copy changed in place (which then
+        raises, as every inference use of a stale copy does). In-place changes of float32 weights need nothing: the
+        preparation holds the parameters themselves."""
+        key = (id(self), self.training, self.decode_precision, _registrations[0])
+        cached = self.__dict__.get("_prepared_layers")
+        if cached is not None and cached[0] == key and all(p._version == v for p, v in cached[2]):
+            return cached[1]
+        prepared = mmdkernels.prepare_decode_layers(decode_layer_weights(self.layers))
+        watched = [
+            (linear.weight, linear.decode_weight.version)
+            for linear in self.layers.modules()
+            if isinstance(linear, Linear) and not linear.training and linear.decode_weight is not None
+        ]
+        self.__dict__["_prepared_layers"] = (key, prepared, watched)
+        return prepared
+
+    def _forget_prepared_layers(self) -> None:
+        self.__dict__.pop("_prepared_layers", None)
+
+    def _apply(self, fn, recurse=True):
+        self._forget_prepared_layers()  # .to(), .double(), ...: the preparation's dtype and device
+        return super()._apply(fn, recurse)
 
     def _cached_cross(self, cache: KVCache, prefix_lengths: bool) -> list[tuple]:
         """The cache's cross-attention K/V per layer; with its prefix lengths unless a CUDA-graph step (SDPA)."""
@@ -506,6 +547,7 @@ def quantize_for_decode(model: MusicLM, precision: str) -> MusicLM:
             module.decode_weight = pack(module.weight)
     model.decode_heads = pack(model.heads)
     model.decode_precision = precision
+    model._forget_prepared_layers()
     return model
 
 

@@ -3,14 +3,21 @@ order shared by Python and C++, the dispatcher's row rule, opcheck and clear err
 
 import pytest
 import torch
+from tolerances import assert_close_to_reference
 
 import mmdkernels
 from mmdkernels import _ext
-from mmdkernels.decode import DecoderLayerWeights, decode_layers, decode_layers_backend, decode_layers_ref
+from mmdkernels.decode import (
+    DecoderLayerWeights,
+    PreparedDecoderLayers,
+    decode_layers,
+    decode_layers_backend,
+    decode_layers_ref,
+    prepare_decode_layers,
+)
 from mmdkernels.decode import ops as decode_ops
 from mmdkernels.decode.reference import PROJECTIONS
 from mmdkernels.linear import QuantizedLinearWeight, pack_decode_weight
-from tolerances import assert_close_to_reference
 
 needs_cpu_kernels = pytest.mark.skipif(not _ext.available("cpu"), reason="no compiled CPU library")
 
@@ -173,5 +180,48 @@ def test_wrapper_errors_name_the_argument():
         decode_layers(x, weights, *caches, step, num_heads=heads, backend="sdpa")
 
 
+@pytest.mark.parametrize("precision", [None, "int8"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpu_kernels), "reference"])
+def test_prepared_layers_give_the_list_s_answer_exactly(precision, backend):
+    """prepare_decode_layers checks and flattens once: the step on it is the step on the list, bit for bit, on each
+    backend; an in-place change of a weight is seen (it holds the tensors themselves)."""
+    problem = make_problem(3, seed=7)
+    if precision is not None:
+        problem = packed(problem, precision)
+    x, weights, caches, step, heads = problem
+    prepared = prepare_decode_layers(weights)
+    assert isinstance(prepared, PreparedDecoderLayers) and len(prepared.tensors) == 12 * len(weights)
+    assert (len(prepared.scales) == len(prepared.tensors)) == (precision == "int8")
+    with torch.no_grad():
+        assert decode_layers_backend(x, prepared) == decode_layers_backend(x, weights)
+        for _ in range(2):  # the second time after an in-place change of a norm weight
+            outs = [
+                decode_layers(x, layers, *[c.clone() for c in caches], step, num_heads=heads, backend=backend)
+                for layers in (weights, prepared)
+            ]
+            torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+            weights[1].mlp_norm_weight.mul_(1.5)
+
+
+def test_prepared_layers_check_once_and_name_the_argument():
+    x, weights, caches, step, heads = make_problem(2)
+    with pytest.raises(ValueError, match=r"layers\[1\].qkv must have shape \[96, 32\]"):
+        prepare_decode_layers([weights[0], weights[1]._replace(qkv=weights[1].qkv[:-1])])
+    with pytest.raises(TypeError, match=r"layers\[1\].fc1 must be a tensor of the layers' dtype and device"):
+        prepare_decode_layers([weights[0], weights[1]._replace(fc1=weights[1].fc1.double())])
+    with pytest.raises(TypeError, match="layers must be a non-empty list of DecoderLayerWeights"):
+        prepare_decode_layers([])
+    prepared = prepare_decode_layers(weights)
+    with pytest.raises(TypeError, match=r"x must be a torch.float32 tensor \[B, D=32\] on cpu \(the prepared lay"):
+        decode_layers(torch.zeros(2, 16), prepared, *caches, step, num_heads=heads)
+    with pytest.raises(TypeError, match=r"x must be a torch.float32 tensor \[B, D=32\]"):
+        decode_layers(x.double(), prepared, *caches, step, num_heads=heads)
+    with pytest.raises(ValueError, match="self_k must have shape"):  # the step's state is still checked every call
+        decode_layers(x, prepared, caches[0][:1], *caches[1:], step, num_heads=heads)
+    x.requires_grad_(True)
+    assert decode_layers_backend(x, prepared) == "reference"  # autograd: the spec is differentiable
+
+
 def test_public_names():
     assert mmdkernels.decode_layers is decode_layers and mmdkernels.decode_layers_ref is decode_layers_ref
+    assert mmdkernels.prepare_decode_layers is prepare_decode_layers

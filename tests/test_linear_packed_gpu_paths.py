@@ -269,7 +269,7 @@ def test_fp16_model_on_cpu_takes_the_per_layer_path(seeded):
     inputs, _, _ = teacher_forcing(codes, "delay", model.config.special)
     with torch.no_grad():
         x = model._embed(inputs[:, :, :1], torch.tensor([0]))
-        assert not model._fused_decode_runs(x, model.new_cache(condition, 2))
+        assert model._fused_decode_layers(x, model.new_cache(condition, 2)) is None
     logits = decode_all(model, inputs, ["a", None])
     spec64, baseline = (decode_all(dequantized_copy(model, dtype), inputs, ["a", None])
                         for dtype in (torch.float64, torch.float32))  # fmt: skip

@@ -13,11 +13,13 @@ from mmdkernels import _ext
 from mmdkernels.patterns import PATTERNS
 from models.checkpoints import load_hf_musicgen
 from models.lm import (
+    DecoderLayer,
     LMConfig,
     MusicLM,
     code_log_likelihoods,
     lm_loss,
     nll_per_frame,
+    quantize_for_decode,
     teacher_forcing,
 )
 from models.text_encoder import Condition
@@ -243,7 +245,7 @@ def test_fused_cpu_decode_step_equals_the_python_layers(pattern, batch, seeded):
                     env.setenv("MMDKERNELS_BACKEND_DECODE_LAYERS", "reference")
                 cache = model.new_cache(model.encode_condition(prompts), inputs.shape[2] + 2)
                 x = model._embed(inputs[:, :, :1], torch.tensor([0]))
-                assert model._fused_decode_runs(x, cache) == fused
+                assert (model._fused_decode_layers(x, cache) is not None) == fused
                 steps = [model.decode_step(inputs[:, :, s], s, cache) for s in range(inputs.shape[2])]
             runs[fused] = torch.stack(steps, 2)
             runs[fused, "cache"] = cache.self_k.clone()
@@ -264,17 +266,79 @@ def test_fused_decode_only_where_it_can_run(seeded):
     x = torch.zeros(2, 1, 32)
     with torch.no_grad():
         cache = model.new_cache(condition, 4)
-        assert model._fused_decode_runs(x, cache)
-        assert not model._fused_decode_runs(x.double(), cache)
-        assert not model._fused_decode_runs(torch.zeros(17, 1, 32), cache)
+        assert model._fused_decode_layers(x, cache) is not None
+        assert model._fused_decode_layers(x.double(), cache) is None
+        assert model._fused_decode_layers(torch.zeros(17, 1, 32), cache) is None
         holes = Condition(condition.embeddings, torch.tensor([[True, False, True], [True, True, True]]))
         holes_cache = model.new_cache(holes, 4)
         assert holes_cache.cross_lengths is None  # not a prefix mask: SDPA with the mask
-        assert not model._fused_decode_runs(x, holes_cache)
+        assert model._fused_decode_layers(x, holes_cache) is None
         model.train()
-        assert not model._fused_decode_runs(x, cache)
+        assert model._fused_decode_layers(x, cache) is None
         model.eval()
-    assert not model._fused_decode_runs(x, cache)  # autograd recording
+    assert model._fused_decode_layers(x, cache) is None  # autograd recording
+
+
+@pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
+def test_prepared_decode_layers_follow_every_change_of_the_weights(seeded):
+    """The fused step's preparation is cached (MusicLM.prepared_decode_layers, the same object step after step) but
+    never streams stale weights: after an in-place change, a replaced parameter, a replaced layer, quantize_for_decode
+    and .to(), the fused step equals the Python layers' step on the model as it is now (and differs from before the
+    change); a packed copy whose parameter changed in place raises."""
+    model = tiny_model("delay", dtype=torch.float32)
+    tokens = torch.randint(0, 17, (2, 3), generator=seeded)
+    condition = model.encode_condition(["a prompt", None])
+
+    def step(fused: bool) -> torch.Tensor:
+        with pytest.MonkeyPatch.context() as env, torch.no_grad():
+            if not fused:
+                env.setenv("MMDKERNELS_BACKEND_DECODE_LAYERS", "reference")
+            cache = model.new_cache(Condition(condition.embeddings.to(model.heads.dtype), condition.mask), 4)
+            model.decode_step(tokens, 0, cache)
+            return model.decode_step(tokens, 1, cache)
+
+    before = [step(True)]
+
+    def check(change: str, tolerance: float = 1e-4) -> None:
+        fused, layers = step(True), step(False)
+        scale = layers.abs().max()
+        assert (fused - layers).abs().max() <= tolerance * scale, f"{change}: the fused step streams stale weights"
+        assert (fused - before[0]).abs().max() >= 1e-2 * scale, f"{change}: the change did not reach the output"
+        before[0] = fused
+
+    prepared = model.prepared_decode_layers()
+    assert model.prepared_decode_layers() is prepared
+    with torch.no_grad():
+        model.layers[0].fc1.weight.mul_(3)
+    check("in-place change")
+    assert model.prepared_decode_layers() is prepared  # the preparation holds the parameters themselves
+    qkv = model.layers[1].self_attn.qkv
+    qkv.weight = torch.nn.Parameter(0.2 * torch.randn_like(qkv.weight))
+    check("replaced parameter")
+    layer = DecoderLayer(model.config)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2, generator=seeded)
+    model.layers[0] = layer.eval()
+    check("replaced layer")
+    with torch.no_grad():
+        model.layers[1].fc2.weight.mul_(-2)
+    quantize_for_decode(model, "int8")
+    check("quantize_for_decode", tolerance=1e-3)  # both paths stream the same int8 copies
+    with torch.no_grad():
+        model.layers[1].fc2.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="changed since quantize_for_decode"):
+        step(True)
+    quantize_for_decode(model, "fp32")
+    model.double()
+    with torch.no_grad():
+        assert model._fused_decode_layers(torch.zeros(2, 1, 32, dtype=torch.float64), model.new_cache(
+            Condition(condition.embeddings.double(), condition.mask), 4)) is None  # fmt: skip
+    before[0] = step(False).float()
+    with torch.no_grad():
+        model.layers[0].fc2.weight.mul_(-1)
+    model.float()
+    check(".double(), a change, then .float()")
 
 
 @pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")

@@ -67,7 +67,7 @@ def test_quantized_decode_matches_the_dequantized_spec(precision, pattern, fused
     prompts = ["a prompt", None, "another, longer prompt"][:batch]
     with torch.no_grad():
         x = model._embed(inputs[:, :, :1], torch.tensor([0]))
-        assert model._fused_decode_runs(x, model.new_cache(model.encode_condition(prompts), 2)) == fused
+        assert (model._fused_decode_layers(x, model.new_cache(model.encode_condition(prompts), 2)) is not None) == fused
     logits = decode_all(model, inputs, prompts)
     spec64 = decode_all(dequantized_copy(model, torch.float64), inputs, prompts)
     baseline = decode_all(dequantized_copy(model, torch.float32), inputs, prompts)

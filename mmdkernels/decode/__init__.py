@@ -9,6 +9,8 @@ once, in `DecoderLayerWeights`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mmdkernels._dispatch import LINEAR_MAX_ROWS, choose_backend, linear_rows_prefer_torch
@@ -16,16 +18,18 @@ from mmdkernels.decode import ops
 from mmdkernels.decode.reference import PROJECTIONS, DecoderLayerWeights, decode_layers_ref
 from mmdkernels.linear.quantize import QuantizedLinearWeight
 
-__all__ = ["DecoderLayerWeights", "decode_layers", "decode_layers_backend", "decode_layers_ref"]
+__all__ = [
+    "DecoderLayerWeights",
+    "PreparedDecoderLayers",
+    "decode_layers",
+    "decode_layers_backend",
+    "decode_layers_ref",
+    "prepare_decode_layers",
+]
 
 
-def _check_inputs(x, layers, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
-        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"x must be a floating tensor [B, D], got {got}")
-    batch, dim = x.shape
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
-        raise ValueError(f"num_heads must be a positive int dividing D = {dim}, got {num_heads!r}")
+def _check_layers(layers, dim: int, dtype: torch.dtype, device: torch.device, whose: str) -> None:
+    """The layers' types and shapes for model dim D, dtype and device (`whose`: where those come from, for errors)."""
     if (
         not isinstance(layers, (list, tuple))
         or not layers
@@ -35,11 +39,11 @@ def _check_inputs(x, layers, self_k, self_v, cross_k, cross_v, cross_lengths, st
     for index, w in enumerate(layers):
         for name, tensor in w._asdict().items():
             if name in PROJECTIONS and isinstance(tensor, QuantizedLinearWeight):
-                if tensor.device != x.device:
-                    raise TypeError(f"layers[{index}].{name} must be on x's device {x.device}, got {tensor.device}")
-            elif not isinstance(tensor, torch.Tensor) or tensor.dtype != x.dtype or tensor.device != x.device:
+                if tensor.device != device:
+                    raise TypeError(f"layers[{index}].{name} must be on {whose} device {device}, got {tensor.device}")
+            elif not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.device != device:
                 raise TypeError(
-                    f"layers[{index}].{name} must be a tensor of x's dtype and device ({x.dtype}, {x.device})"
+                    f"layers[{index}].{name} must be a tensor of {whose} dtype and device ({dtype}, {device})"
                     + (" or a QuantizedLinearWeight" if name in PROJECTIONS else "")
                 )
         expected = {"qkv": (3 * dim, dim), "self_out": (dim, dim), "cross_q": (dim, dim), "cross_out": (dim, dim)}
@@ -50,13 +54,26 @@ def _check_inputs(x, layers, self_k, self_v, cross_k, cross_v, cross_lengths, st
                 raise ValueError(
                     f"layers[{index}].{name} must have shape {list(shape)}, got {list(getattr(w, name).shape)}"
                 )
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating tensor [B, D], got {got}")
+
+
+def _check_state(x, num_layers, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads) -> None:
+    """The step's arguments besides the layers (x already checked by _check_x)."""
+    batch, dim = x.shape
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing D = {dim}, got {num_heads!r}")
     head_dim = dim // num_heads
     for name, cache in (("self_k", self_k), ("self_v", self_v), ("cross_k", cross_k), ("cross_v", cross_v)):
         if not isinstance(cache, torch.Tensor) or cache.dtype != x.dtype or cache.device != x.device:
             raise TypeError(f"{name} must be a tensor of x's dtype and device ({x.dtype}, {x.device})")
-        if cache.dim() != 5 or tuple(cache.shape[:3]) != (len(layers), batch, num_heads) or cache.shape[4] != head_dim:
+        if cache.dim() != 5 or tuple(cache.shape[:3]) != (num_layers, batch, num_heads) or cache.shape[4] != head_dim:
             raise ValueError(
-                f"{name} must have shape [L={len(layers)}, B={batch}, H={num_heads}, S, Dh={head_dim}], "
+                f"{name} must have shape [L={num_layers}, B={batch}, H={num_heads}, S, Dh={head_dim}], "
                 f"got {list(cache.shape)}"
             )
     if self_v.shape != self_k.shape or cross_v.shape != cross_k.shape:
@@ -67,6 +84,64 @@ def _check_inputs(x, layers, self_k, self_v, cross_k, cross_v, cross_lengths, st
         raise ValueError(f"cross_lengths must have shape [B={batch}] on x's device, got {list(cross_lengths.shape)}")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self_k.shape[3]:
         raise ValueError(f"step must be an int in [0, S_max = {self_k.shape[3]}), got {step!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedDecoderLayers:
+    """A stack of DecoderLayerWeights checked once and flattened in the compiled op's order (prepare_decode_layers):
+    what a generation loop hands decode_layers at every step, so that the step does not re-check and re-flatten
+    12 L tensors in Python (~1 ms a step for 24 layers). Holds the tensors themselves: an in-place change of a
+    weight is seen; replacing one needs a new preparation."""
+
+    layers: tuple[DecoderLayerWeights, ...]
+    tensors: tuple[torch.Tensor, ...]  # the stored tensor of every field, layer by layer: [12 L]
+    scales: tuple[torch.Tensor | None, ...]  # int8 projections' scales, None elsewhere; () when there are none
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool  # whether any tensor requires grad
+    contiguous: bool  # whether every tensor is contiguous
+
+
+def prepare_decode_layers(layers: list[DecoderLayerWeights]) -> PreparedDecoderLayers:
+    """Check and flatten L layers' weights once for decode_layers (every step after takes the result as is).
+
+    Args:
+        layers: L DecoderLayerWeights of one dtype and device (the norms'); projections may be QuantizedLinearWeight.
+    Returns:
+        PreparedDecoderLayers, accepted wherever decode_layers and decode_layers_backend take `layers`.
+
+    Example:
+        >>> prepared = mmdkernels.prepare_decode_layers(weights)
+        >>> h = mmdkernels.decode_layers(emb, prepared, *caches, step, num_heads=16)
+    """
+    if not isinstance(layers, (list, tuple)) or not layers or not isinstance(layers[0], DecoderLayerWeights):
+        raise TypeError("layers must be a non-empty list of DecoderLayerWeights")
+    norm = layers[0].self_norm_weight
+    if not isinstance(norm, torch.Tensor) or norm.dim() != 1:
+        raise TypeError("layers[0].self_norm_weight must be a 1-d tensor [D]")
+    _check_layers(layers, norm.shape[0], norm.dtype, norm.device, "the layers'")
+    flat = [pair for w in layers for pair in _flat(w)]
+    tensors = tuple(t for t, _ in flat)
+    scales = tuple(scale for _, scale in flat)
+    return PreparedDecoderLayers(
+        layers=tuple(layers),
+        tensors=tensors,
+        scales=scales if any(scale is not None for scale in scales) else (),
+        dim=norm.shape[0],
+        dtype=norm.dtype,
+        device=norm.device,
+        requires_grad=any(t.requires_grad for t in tensors),
+        contiguous=all(t.is_contiguous() for t in tensors),
+    )
+
+
+def _check_prepared_matches(x: torch.Tensor, prepared: PreparedDecoderLayers) -> None:
+    if x.dtype != prepared.dtype or x.device != prepared.device or x.shape[1] != prepared.dim:
+        raise TypeError(
+            f"x must be a {prepared.dtype} tensor [B, D={prepared.dim}] on {prepared.device} (the prepared layers'), "
+            f"got {x.dtype} {list(x.shape)} on {x.device}"
+        )
 
 
 def _flat(w: DecoderLayerWeights) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -82,15 +157,20 @@ def _kernel_reasons(x, layers, backend: str) -> list[str]:
         reasons.append(f"dtype {x.dtype}: the fused step takes float32")
     if x.shape[0] > LINEAR_MAX_ROWS:
         reasons.append(f"{x.shape[0]} rows: the fused step takes at most {LINEAR_MAX_ROWS}")
-    tensors = [x] + [t for w in layers for t, _ in _flat(w)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if isinstance(layers, PreparedDecoderLayers):
+        requires_grad, contiguous = layers.requires_grad, layers.contiguous
+    else:
+        tensors = [t for w in layers for t, _ in _flat(w)]
+        requires_grad = any(t.requires_grad for t in tensors)
+        contiguous = all(t.is_contiguous() for t in tensors)
+    if torch.is_grad_enabled() and (x.requires_grad or requires_grad):
         reasons.append("autograd is recording: the fused step has no backward (use it under torch.no_grad)")
-    if not all(t.is_contiguous() for t in tensors[1:]):
+    if not contiguous:
         reasons.append("a layer weight is not contiguous")
     return reasons
 
 
-def decode_layers_backend(x: torch.Tensor, layers: list[DecoderLayerWeights]) -> str:
+def decode_layers_backend(x: torch.Tensor, layers: list[DecoderLayerWeights] | PreparedDecoderLayers) -> str:
     """The backend decode_layers(x, layers, ...) would run ("cpp" or "reference"): a model that keeps its own layers
     as the slow path asks this first."""
     return choose_backend(x, None, "decode_layers", op_reasons=lambda name: _kernel_reasons(x, layers, name))
@@ -98,7 +178,7 @@ def decode_layers_backend(x: torch.Tensor, layers: list[DecoderLayerWeights]) ->
 
 def decode_layers(
     x: torch.Tensor,
-    layers: list[DecoderLayerWeights],
+    layers: list[DecoderLayerWeights] | PreparedDecoderLayers,
     self_k: torch.Tensor,
     self_v: torch.Tensor,
     cross_k: torch.Tensor,
@@ -115,7 +195,8 @@ def decode_layers(
     Args:
         x: [B, D] the step's input embeddings; the C++ op serves float32 CPU inputs of at most 16 rows.
         layers: L DecoderLayerWeights (x's dtype and device); projections may be QuantizedLinearWeight (bf16, or int8
-            with per-output-channel scales: mmdkernels.linear.pack_decode_weight), streamed as stored by the C++ op.
+            with per-output-channel scales: mmdkernels.linear.pack_decode_weight), streamed as stored by the C++ op;
+            or their prepare_decode_layers (checked once: what a generation loop passes at every step).
         self_k, self_v: [L, B, H, S_max, Dh] self-attention caches, written at `step` (in place).
         cross_k, cross_v: [L, B, H, Tc, Dh] the condition's keys/values; cross_lengths: int64 [B] valid entries.
         step: this step's position (a Python int), 0 <= step < S_max.
@@ -128,16 +209,24 @@ def decode_layers(
         >>> h = mmdkernels.decode_layers(emb, weights, cache.self_k, cache.self_v, cache.cross_k, cache.cross_v,
         ...                              cache.cross_lengths, step, num_heads=16)
     """
-    _check_inputs(x, layers, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads)
+    _check_x(x)
+    prepared = layers if isinstance(layers, PreparedDecoderLayers) else None
+    if prepared is None:
+        _check_layers(layers, x.shape[1], x.dtype, x.device, "x's")
+    else:
+        _check_prepared_matches(x, prepared)
+    num_layers = len(layers.layers) if prepared is not None else len(layers)
+    _check_state(x, num_layers, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads)
     backend = choose_backend(x, backend, "decode_layers", op_reasons=lambda name: _kernel_reasons(x, layers, name))
     if backend == "reference":
-        return decode_layers_ref(x, list(layers), self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads, eps)
-    flat = [pair for w in layers for pair in _flat(w)]
-    scales = [scale for _, scale in flat]
+        weights = list(prepared.layers) if prepared is not None else list(layers)
+        return decode_layers_ref(x, weights, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads, eps)
+    if prepared is None:
+        prepared = prepare_decode_layers(layers)
     return ops.decode_layers_op()(
         x,
-        [t for t, _ in flat],
-        scales if any(scale is not None for scale in scales) else [],
+        list(prepared.tensors),
+        list(prepared.scales),
         self_k,
         self_v,
         cross_k,
