@@ -287,12 +287,8 @@ class GramTiles {
   // thread filling a tile on its own plane at once (the slowest thread's time).
   template <class F>
   double timed(const F& fill_with) const {
-    if (!schedule_.per_thread()) return best_seconds(1, [&] { fill_with(schedule_.plane(0)); });
-    std::vector<double> seconds(schedule_.threads());
-    at::parallel_for(0, schedule_.threads(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) seconds[t] = best_seconds(1, [&] { fill_with(schedule_.plane(t)); });
-    });
-    return *std::max_element(seconds.begin(), seconds.end());
+    const int64_t workers = schedule_.per_thread() ? schedule_.threads() : 1;
+    return slowest_worker_seconds(workers, [&](int64_t t) { fill_with(schedule_.plane(t)); });
   }
 
   // Times the first tile both ways, alternating rounds; the fused kernel is charged its share of the packing (the

@@ -130,10 +130,9 @@ constexpr const char* kTileEnv = "MMDKERNELS_RVQ_TILE";
 
 // Times one block of rows of stage 0 both ways, alternating rounds, as the encode will run it: with several blocks
 // and threads, every block runs on one thread inside a parallel region (its GEMM single-threaded), so every thread
-// times a block of its own at once (the slowest thread's time counts); with one block or one thread, the encode runs
-// outside a region and so does the measurement (the GEMM then takes every thread). (A one-iteration at::parallel_for
-// runs inline, outside any OpenMP region: MKL would take every thread there.) The fused kernel is charged its share
-// of the per-call packing (rows / n of one stage's pack).
+// times a block of its own at once (on_every_worker, common/measure.h; the slowest thread's time counts); with one
+// block or one thread, the encode runs outside a region and so does the measurement (the GEMM then takes every
+// thread). The fused kernel is charged its share of the per-call packing (rows / n of one stage's pack).
 bool blocks_per_thread(int64_t n) {
   return n > kRowsPerBlock && at::get_num_threads() > 1 && !at::in_parallel_region();
 }
@@ -162,13 +161,7 @@ TileKernel measure_tile_kernel(const float* x, int64_t n, int64_t dim, const flo
                                      }));
     }
   };
-  if (spread) {
-    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t worker = begin; worker < end; ++worker) measure(worker);
-    });
-  } else {
-    measure(0);
-  }
+  on_every_worker(workers, measure);
   const double gemm_s = *std::max_element(gemm_times.begin(), gemm_times.end());
   double fused_s = *std::max_element(fused_times.begin(), fused_times.end());
   fused_s += pack_s * static_cast<double>(rows) / static_cast<double>(n);
