@@ -85,6 +85,31 @@ def test_bias_and_gelu_epilogue(rows, with_bias):
 
 
 @needs_cpp
+@pytest.mark.parametrize("amx", ["1", "0"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 4, 5, 13, 16])
+def test_gelu_over_its_whole_range(precision, rows, amx, monkeypatch):
+    """The fused GELU (erf by Abramowitz & Stegun 7.1.26, csrc/linear/linear_kernel.h) on pre-activations from -12 to
+    12 (signed zeros, tiny values), on every path (FMA kernel, AMX tiles from 5 rows for bf16 / int8, 13 for fp32):
+    against float64 F.gelu of the kernel's own pre-activation, within 1e-7 |x| (the approximation's 1.5e-7 error in
+    erf, halved by GELU's 0.5 x) plus 4 roundings of the result, element by element; the negative tail keeps its
+    sign and stays finite (it is computed as x erfc(|x| / sqrt 2) / 2, not as 1 + erf, which cancels)."""
+    monkeypatch.setenv("MMDKERNELS_LINEAR_AMX", amx)
+    dim = 384
+    x = torch.linspace(-12, 12, rows * dim).view(rows, dim)
+    x[0, :6] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7])
+    weight = pack_decode_weight(torch.eye(dim), precision)
+    pre = decode_linear(x, weight, backend="cpp").double()
+    y = decode_linear(x, weight, activation="gelu", backend="cpp").double()
+    ref = F.gelu(pre)
+    err = (y - ref).abs()
+    bound = 1e-7 * pre.abs() + 4 * torch.finfo(torch.float32).eps * ref.abs()
+    at = int((err - bound).argmax())
+    assert bool((err <= bound).all()), f"x = {pre.flatten()[at]:.6g}: {y.flatten()[at]:.8g} vs {ref.flatten()[at]:.8g}"
+    assert bool((y[pre < 0] <= 0).all()) and bool(torch.isfinite(y).all())
+
+
+@needs_cpp
 def test_leading_dims_bias_and_strided_rows():
     g = torch.Generator().manual_seed(1)
     storage = torch.randn(3, 1, 70, generator=g)

@@ -132,9 +132,8 @@ static inline void finish_tile(float (*sums)[kTileRows * kMaxRows], const float*
     if (epilogue.scale != nullptr) out = _mm512_mul_ps(out, _mm512_loadu_ps(epilogue.scale + n0));
     if (epilogue.bias != nullptr) out = _mm512_add_ps(out, _mm512_loadu_ps(epilogue.bias + n0));
     _mm512_storeu_ps(y + m * ldy, out);
-    if (epilogue.gelu)
-      for (int r = 0; r < kTileRows; ++r) y[m * ldy + r] = epilogue.activate(y[m * ldy + r]);
   }
+  epilogue.activate_rows(y, ldy, rows, 0, kTileRows);
 }
 
 // float32 weights, split exactly into three bfloat16 parts by truncation (w = hi + mid + lo: each part the top 8

@@ -1,5 +1,5 @@
 // Few-row linear layer on the CPU: y [M, N] = act(scale * (x [M, D] @ weight [N, D]^T) + bias) for the M <= 16 rows
-// of one decode step (act: identity or the exact GELU, fused so that the MLP's activation costs no extra pass).
+// of one decode step (act: identity or GELU in its erf form, linear_kernel.h; fused: the MLP costs no extra pass).
 // Weights float32, bfloat16 or int8 with a float32 scale per output channel; x and the accumulation are float32.
 //
 // At decode time a step multiplies a handful of rows by every weight matrix of the model once, so it is bound by

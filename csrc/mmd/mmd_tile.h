@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "common/fast_exp.h"
+
 #if defined(__CUDACC__)
 #define MMD_HD __host__ __device__ __forceinline__
 #else
@@ -37,39 +39,7 @@ struct BandwidthPlan {
   int step[kMaxBandwidths];
 };
 
-MMD_HD float bits_to_float(int32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
-#else
-  return __builtin_bit_cast(float, bits);
-#endif
-}
-
-// exp(x) for x <= 0 (the only range the Gaussian kernels need); 0 below -87 (float underflow).
-// Host: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial (max rel. error ~2e-7),
-// branch-free so the compiler vectorises loops over it. Device: the hardware __expf.
-MMD_HD float fast_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return __expf(x);
-#else
-  const bool in_range = x > -87.0f;
-  x = in_range ? x : -87.0f;
-  // Round x / ln2 to the nearest integer by adding and subtracting 1.5 * 2^23 (floorf does not vectorise).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  float p = 1.98412698412698413e-04f;
-  p = p * r + 1.38888888888888889e-03f;
-  p = p * r + 8.33333333333333333e-03f;
-  p = p * r + 4.16666666666666667e-02f;
-  p = p * r + 1.66666666666666667e-01f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-  return in_range ? p * scale : 0.0f;
-#endif
-}
+// fast_exp: common/fast_exp.h (the host version vectorises; the hardware __expf on the device).
 
 MMD_HD float int_power(float base, int exponent) {
   float result = 1.0f;
