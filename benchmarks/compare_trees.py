@@ -6,12 +6,13 @@ refactor kept the speed (the numbers in benchmarks/RESULTS.md, "One house: befor
       for tree in /path/before /path/after; do PYTHONPATH=$tree .venv/bin/python benchmarks/compare_trees.py 1; done
     done
 
-Argument: threads (default 1: then times are CPU time, which a loaded machine disturbs least). Only public APIs that
-both trees have are used.
+Arguments: threads (default 1: then times are CPU time, which a loaded machine disturbs least); --decode-only (only
+the decode steps); --weights fp32,int8 (the decode step per weight precision, models.lm.quantize_for_decode; default
+fp32). Only public APIs that both trees have are used.
 """
 
+import argparse
 import json
-import sys
 import time
 
 import torch
@@ -32,10 +33,9 @@ def best_ms(fn, reps: int) -> float:
     return 1e3 * min(times)
 
 
-def main() -> None:
-    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+def kernels(res: dict) -> None:
+    """The default-path kernels, one shape each."""
     g = torch.Generator().manual_seed(0)
-    res = {"mmdkernels": mmdkernels.__file__}
     q = torch.randn(8, 4, 128, 260, generator=g, requires_grad=True)  # N = 8 * 257 = 2056 after the delay alignment
 
     def shuffle():
@@ -56,18 +56,37 @@ def main() -> None:
     x, w = torch.randn(8, 1024, generator=g), torch.randn(4096, 1024, generator=g)
     res["linear_M8_1024x4096"] = best_ms(lambda: mmdkernels.decode_linear(x, w), 50)
 
+
+def decode_steps(res: dict, weights: list[str]) -> None:
+    """ms per step of a 1-second generation (B = 4, top-k 250, no CFG) of the benchmark decoder, per precision."""
     from models.generate import generate
-    from models.lm import LMConfig, MusicLM
+    from models.lm import LMConfig, MusicLM, quantize_for_decode
 
-    torch.manual_seed(0)
-    model = MusicLM(LMConfig(pattern="delay", dim=512, num_layers=8, num_heads=8, ffn_dim=2048, codebook_size=2048))
-    model.eval()
-    steps = 50 + model.config.num_codebooks - 1
+    for precision in weights:
+        torch.manual_seed(0)
+        config = LMConfig(pattern="delay", dim=512, num_layers=8, num_heads=8, ffn_dim=2048, codebook_size=2048)
+        model = quantize_for_decode(MusicLM(config).eval(), precision)
+        steps = 50 + model.config.num_codebooks - 1
 
-    def decode():
-        generate(model, ["a", "b", "c", "d"], 1.0, top_k=250, cfg_coef=None, generator=torch.Generator().manual_seed(0))
+        def decode():
+            prompts = ["a", "b", "c", "d"]
+            generate(model, prompts, 1.0, top_k=250, cfg_coef=None, generator=torch.Generator().manual_seed(0))
 
-    res["decode_step_d512_L8_B4"] = best_ms(decode, 3) / steps
+        key = "decode_step_d512_L8_B4" + ("" if precision == "fp32" else f"_{precision}")
+        res[key] = best_ms(decode, 3) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("threads", nargs="?", type=int, default=1)
+    parser.add_argument("--decode-only", action="store_true")
+    parser.add_argument("--weights", default="fp32", help="comma-separated: fp32, bf16, int8")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    res = {"mmdkernels": mmdkernels.__file__}
+    if not args.decode_only:
+        kernels(res)
+    decode_steps(res, args.weights.split(","))
     print(json.dumps(res))
 
 
