@@ -158,6 +158,10 @@ def test_compiled_op_checks_its_arguments():
             op(x, flat, [None], *caches, 0, heads, 1e-5, False)
         with pytest.raises(RuntimeError, match="a scale belongs to int8 weights only"):
             op(x, flat, [torch.ones(96) if i == 2 else None for i in range(len(flat))], *caches, 0, heads, 1e-5, False)
+        bad_norms = ((12 + 4, torch.ones(31)), (1, torch.ones(32, dtype=torch.float64)), (8, torch.ones(64)[::2]))
+        for index, bad in bad_norms:
+            with pytest.raises(RuntimeError, match=rf"weights\[{index}\] \(a LayerNorm weight or bias of layer"):
+                op(x, [bad if i == index else t for i, t in enumerate(flat)], [], *caches, 0, heads, 1e-5, False)
 
 
 def test_wrapper_errors_name_the_argument():

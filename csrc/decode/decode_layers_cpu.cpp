@@ -3,7 +3,8 @@
 // ops a layer) gone. The heavy parts are this library's own ops, called through the dispatcher:
 // mmdkernels::small_batch_linear (every projection, GELU fused into fc1; small_batch_linear_quantized for bfloat16
 // or int8 projections, mmdkernels/linear/quantize.py) and mmdkernels::decode_attention (self- and cross-attention);
-// the rest is at::layer_norm, a cache write and in-place residual adds.
+// the rest is the LayerNorms (each fused with the residual add before it, residual_norm below), a cache write and
+// the last residual add.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -67,6 +68,43 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return op.call(q, k, v, lengths, scale);
 }
 
+// x += delta (when defined), then LayerNorm(x) * weight + bias (at::layer_norm's maths: biased variance, eps inside
+// the square root), row by row on the calling thread: a decode step's B <= 16 rows of D are too little to share, and
+// at::layer_norm, which forks for them, took 3x as long at 2 threads as at 1 on [4, 512] (session 13). Moments in
+// double. x: float32 [B, D] contiguous, updated in place; returns h [B, D].
+at::Tensor residual_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, const at::Tensor& bias,
+                         double eps) {
+  const int64_t rows = x.size(0), dim = x.size(1);
+  at::Tensor h = at::empty_like(x);
+  float* xp = x.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  const at::Tensor delta_rows = delta.defined() ? delta.reshape({rows, dim}).contiguous() : delta;
+  const float* dp = delta.defined() ? delta_rows.data_ptr<float>() : nullptr;
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = xp + r * dim;
+    if (dp != nullptr) {
+      const float* d = dp + r * dim;
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) row[i] += d[i];
+    }
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < dim; ++i) sum += row[i];
+    const double mean = sum / static_cast<double>(dim);
+    double squares = 0.0;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < dim; ++i) squares += (row[i] - mean) * (row[i] - mean);
+    const double rstd = 1.0 / std::sqrt(squares / static_cast<double>(dim) + eps);
+    const float mean_f = static_cast<float>(mean), rstd_f = static_cast<float>(rstd);
+    float* out = hp + r * dim;
+#pragma omp simd
+    for (int64_t i = 0; i < dim; ++i) out[i] = (row[i] - mean_f) * rstd_f * wp[i] + bp[i];
+  }
+  return h;
+}
+
 void check_args(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                 const at::Tensor& self_k, const at::Tensor& self_v,
                 const at::Tensor& cross_k, const at::Tensor& cross_v, const at::Tensor& cross_lengths, int64_t step,
@@ -81,6 +119,17 @@ void check_args(const at::Tensor& x, at::TensorList weights, const c10::List<std
   const int64_t layers = static_cast<int64_t>(weights.size()) / kWeightsPerLayer;
   TORCH_CHECK(scales.empty() || scales.size() == weights.size(), "scales must be empty or hold one entry per weight (",
               weights.size(), "), got ", scales.size());
+  for (int64_t layer = 0; layer < layers; ++layer) {  // the norms, read through raw pointers by residual_norm
+    for (const int64_t index : {kSelfNormWeight, kSelfNormBias, kCrossNormWeight, kCrossNormBias, kMlpNormWeight,
+                                kMlpNormBias}) {
+      const at::Tensor& norm = weights[layer * kWeightsPerLayer + index];
+      TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.device().is_cpu() && norm.dim() == 1 &&
+                      norm.size(0) == dim && norm.is_contiguous(),
+                  "weights[", layer * kWeightsPerLayer + index, "] (a LayerNorm weight or bias of layer ", layer,
+                  ") must be a contiguous float32 CPU tensor [D = ", dim, "], got ", norm.scalar_type(), " ",
+                  norm.sizes());
+    }
+  }
   for (const auto* cache : {&self_k, &self_v, &cross_k, &cross_v}) {
     MMD_CHECK_DTYPE(*cache, at::kFloat);
     TORCH_CHECK(cache->dim() == 5 && cache->size(0) == layers && cache->size(1) == batch &&
@@ -106,6 +155,7 @@ at::Tensor lm_decode_layers_cpu(const at::Tensor& x_in, at::TensorList weights,
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   const auto self_lengths = at::full({batch}, step + 1, x_in.options().dtype(at::kLong));
   at::Tensor x = x_in.contiguous().clone();  // the residual stream, updated in place
+  at::Tensor pending;  // the previous layer's MLP output, added to x by this layer's first residual_norm
   for (int64_t layer = 0; layer < layers; ++layer) {
     const at::Tensor* w = weights.data() + layer * kWeightsPerLayer;
     // projection i of this layer with its scale (int8) or none
@@ -115,22 +165,21 @@ at::Tensor lm_decode_layers_cpu(const at::Tensor& x_in, at::TensorList weights,
       return project(h, w[i], scale, torch_linear, gelu);
     };
     // self-attention: K/V of this step written into the cache, then one query per row over steps 0..step
-    auto h = at::layer_norm(x, {dim}, w[kSelfNormWeight], w[kSelfNormBias], eps);
+    auto h = residual_norm(x, pending, w[kSelfNormWeight], w[kSelfNormBias], eps);
     const auto qkv = proj(h, kQkv).view({batch, 3, num_heads, head_dim});
     const auto layer_k = self_k.select(0, layer), layer_v = self_v.select(0, layer);
     layer_k.select(2, step).copy_(qkv.select(1, 1));
     layer_v.select(2, step).copy_(qkv.select(1, 2));
     auto attended = attend(qkv.select(1, 0), layer_k, layer_v, self_lengths, scale);
-    x.add_(proj(attended.view({batch, dim}), kSelfOut));
     // cross-attention over the condition's fixed K/V
-    h = at::layer_norm(x, {dim}, w[kCrossNormWeight], w[kCrossNormBias], eps);
+    h = residual_norm(x, proj(attended.view({batch, dim}), kSelfOut), w[kCrossNormWeight], w[kCrossNormBias], eps);
     const auto q = proj(h, kCrossQ).view({batch, num_heads, head_dim});
     attended = attend(q, cross_k.select(0, layer), cross_v.select(0, layer), cross_lengths, scale);
-    x.add_(proj(attended.view({batch, dim}), kCrossOut));
     // MLP, GELU fused into fc1
-    h = at::layer_norm(x, {dim}, w[kMlpNormWeight], w[kMlpNormBias], eps);
-    x.add_(proj(proj(h, kFc1, /*gelu=*/true), kFc2));
+    h = residual_norm(x, proj(attended.view({batch, dim}), kCrossOut), w[kMlpNormWeight], w[kMlpNormBias], eps);
+    pending = proj(proj(h, kFc1, /*gelu=*/true), kFc2);
   }
+  x.add_(pending);
   return x;
 }
 
