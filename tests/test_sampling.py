@@ -78,6 +78,22 @@ def test_every_setting_combination_with_ties(vocab):
                 assert torch.equal(mmdkernels.sample(logits, backend="cpp", **kwargs), sample_ref(logits, **kwargs))
 
 
+def test_top_k_boundary_among_signed_zeros_negatives_and_infinities():
+    """top-k's k-th largest (found by bisection on order keys in the C++ kernel) wherever k falls: among ties of
+    -0.0 and +0.0 (equal logits), negative values (whose keys are bit-inverted), subnormals, huge values and -inf
+    (never drawn): the same tokens as the reference, for every k."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.tensor([float("-inf"), -1e38, -3.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, 1e38])
+    logits = values[torch.randint(0, len(values), (6, 2, 64), generator=g)]
+    logits[0, 0] = -0.0  # a row of ties only
+    logits[0, 1] = -7.0  # all negative and equal
+    u = uniforms_for(6, 2, seed=3)
+    for temperature in (1.0, 0.5):
+        for top_k in range(1, 66):
+            kwargs = dict(temperature=temperature, top_k=top_k, uniforms=u)
+            assert torch.equal(mmdkernels.sample(logits, backend="cpp", **kwargs), sample_ref(logits, **kwargs)), top_k
+
+
 def chi2_quantile(df: int, upper_tail: float) -> float:
     """Wilson-Hilferty approximation of the chi-square quantile (good to ~1% for df >= 3)."""
     z = -math.sqrt(2.0) * torch.erfinv(torch.tensor(2.0 * upper_tail - 1.0, dtype=torch.float64)).item()
