@@ -222,8 +222,11 @@ def test_prepared_layers_check_once_and_name_the_argument():
         decode_layers(x.double(), prepared, *caches, step, num_heads=heads)
     with pytest.raises(ValueError, match="self_k must have shape"):  # the step's state is still checked every call
         decode_layers(x, prepared, caches[0][:1], *caches[1:], step, num_heads=heads)
-    x.requires_grad_(True)
+    assert decode_layers_backend(x, prepared) == "cpp" or not _ext.available("cpu")
+    weights[1].fc2.requires_grad_(True)  # unfrozen after the preparation: read at the call
     assert decode_layers_backend(x, prepared) == "reference"  # autograd: the spec is differentiable
+    with torch.no_grad():
+        assert decode_layers_backend(x, prepared) == decode_layers_backend(x, weights)
 
 
 def test_public_names():

@@ -99,7 +99,6 @@ class PreparedDecoderLayers:
     dim: int
     dtype: torch.dtype
     device: torch.device
-    requires_grad: bool  # whether any tensor requires grad
     contiguous: bool  # whether every tensor is contiguous
 
 
@@ -131,7 +130,6 @@ def prepare_decode_layers(layers: list[DecoderLayerWeights]) -> PreparedDecoderL
         dim=norm.shape[0],
         dtype=norm.dtype,
         device=norm.device,
-        requires_grad=any(t.requires_grad for t in tensors),
         contiguous=all(t.is_contiguous() for t in tensors),
     )
 
@@ -158,12 +156,12 @@ def _kernel_reasons(x, layers, backend: str) -> list[str]:
     if x.shape[0] > LINEAR_MAX_ROWS:
         reasons.append(f"{x.shape[0]} rows: the fused step takes at most {LINEAR_MAX_ROWS}")
     if isinstance(layers, PreparedDecoderLayers):
-        requires_grad, contiguous = layers.requires_grad, layers.contiguous
+        tensors, contiguous = layers.tensors, layers.contiguous
     else:
         tensors = [t for w in layers for t, _ in _flat(w)]
-        requires_grad = any(t.requires_grad for t in tensors)
         contiguous = all(t.is_contiguous() for t in tensors)
-    if torch.is_grad_enabled() and (x.requires_grad or requires_grad):
+    # requires_grad is read now, not at preparation (a weight may be unfrozen since); only when grad mode is on
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
         reasons.append("autograd is recording: the fused step has no backward (use it under torch.no_grad)")
     if not contiguous:
         reasons.append("a layer weight is not contiguous")
