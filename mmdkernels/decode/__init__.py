@@ -119,7 +119,12 @@ def prepare_decode_layers(layers: list[DecoderLayerWeights]) -> PreparedDecoderL
     norm = layers[0].self_norm_weight
     if not isinstance(norm, torch.Tensor) or norm.dim() != 1:
         raise TypeError("layers[0].self_norm_weight must be a 1-d tensor [D]")
-    _check_layers(layers, norm.shape[0], norm.dtype, norm.device, "the layers'")
+    return _prepare(layers, norm.shape[0], norm.dtype, norm.device, "the layers'")
+
+
+def _prepare(layers, dim: int, dtype: torch.dtype, device: torch.device, whose: str) -> PreparedDecoderLayers:
+    """prepare_decode_layers for model dim D, dtype and device (`whose`: where those come from, for errors)."""
+    _check_layers(layers, dim, dtype, device, whose)
     flat = [pair for w in layers for pair in _flat(w)]
     tensors = tuple(t for t, _ in flat)
     scales = tuple(scale for _, scale in flat)
@@ -127,9 +132,9 @@ def prepare_decode_layers(layers: list[DecoderLayerWeights]) -> PreparedDecoderL
         layers=tuple(layers),
         tensors=tensors,
         scales=scales if any(scale is not None for scale in scales) else (),
-        dim=norm.shape[0],
-        dtype=norm.dtype,
-        device=norm.device,
+        dim=dim,
+        dtype=dtype,
+        device=device,
         contiguous=all(t.is_contiguous() for t in tensors),
     )
 
@@ -208,19 +213,16 @@ def decode_layers(
         ...                              cache.cross_lengths, step, num_heads=16)
     """
     _check_x(x)
-    prepared = layers if isinstance(layers, PreparedDecoderLayers) else None
-    if prepared is None:
-        _check_layers(layers, x.shape[1], x.dtype, x.device, "x's")
-    else:
+    if isinstance(layers, PreparedDecoderLayers):
+        prepared = layers
         _check_prepared_matches(x, prepared)
-    num_layers = len(layers.layers) if prepared is not None else len(layers)
-    _check_state(x, num_layers, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads)
-    backend = choose_backend(x, backend, "decode_layers", op_reasons=lambda name: _kernel_reasons(x, layers, name))
+    else:  # checked and flattened once, for the backend's reasons and the call
+        prepared = _prepare(layers, x.shape[1], x.dtype, x.device, "x's")
+    _check_state(x, len(prepared.layers), self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads)
+    backend = choose_backend(x, backend, "decode_layers", op_reasons=lambda name: _kernel_reasons(x, prepared, name))
     if backend == "reference":
-        weights = list(prepared.layers) if prepared is not None else list(layers)
+        weights = list(prepared.layers)
         return decode_layers_ref(x, weights, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads, eps)
-    if prepared is None:
-        prepared = prepare_decode_layers(layers)
     return ops.decode_layers_op()(
         x,
         list(prepared.tensors),
