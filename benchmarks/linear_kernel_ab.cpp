@@ -22,9 +22,11 @@
 #include <type_traits>
 
 #include "old/linear/old_linear_kernel.h"
+namespace old_linear = mmdkernels::old_linear;  // the script renames the old commit's namespace to this
 #include "linear/linear_kernel.h"
 #if defined(__AVX512F__)
 #include "linear/linear_amx.h"
+#include "linear/linear_amx_int8.h"
 #if __has_include("old/linear/old_linear_amx.h")
 #include "old/linear/old_linear_amx.h"
 #define HAVE_OLD_AMX 1
@@ -33,7 +35,7 @@ static bool g_amx = mmdkernels::linear::amx::available();
 #endif
 
 namespace nl = mmdkernels::linear;
-namespace ol = old_linear;
+namespace ol = mmdkernels::old_linear;
 
 static bool g_cpu_time = true;  // 1 thread: this thread's CPU time (the load of other jobs is not counted)
 static double now() {
@@ -173,7 +175,8 @@ static std::vector<Variant> variants() {
                                         ol::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
                     }, {}});
 #endif
-    vs.push_back({"amx", [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+    if constexpr (!std::is_same_v<T, int8_t>)  // int8: "amx8" below (the bfloat16 tiles took int8 until 2026-12)
+      vs.push_back({"amx", [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
                     namespace ax = mmdkernels::linear::amx;
                     thread_local std::vector<uint16_t> packed;
                     packed.resize(ax::packed_size(M, D));
@@ -181,6 +184,17 @@ static std::vector<Variant> variants() {
                     ax::rows_block<T>(packed.data(), x, D, M, static_cast<const T*>(w), D, y, N, n0, n1,
                                       nl::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
                   }, {}});
+    if constexpr (std::is_same_v<T, int8_t>)  // "amx8": int8 weights on AMX-INT8 tiles, x as four 8-bit digits
+      if (nl::amx::int8_available())
+        vs.push_back({"amx8", [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+                        namespace ax = mmdkernels::linear::amx;
+                        thread_local std::vector<int8_t> packed;
+                        double inverse_scale[16];
+                        packed.resize(ax::digits_packed_bytes(M, D));
+                        ax::pack_digits(x, D, M, D, packed.data(), inverse_scale);
+                        ax::digit_rows_kernel(M)(packed.data(), inverse_scale, x, D, M, static_cast<const int8_t*>(w),
+                                                 D, y, N, n0, n1, nl::Epilogue{scale_buf.data(), nullptr, false});
+                      }, {}});
   }
 #endif
   return vs;

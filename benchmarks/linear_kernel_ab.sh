@@ -9,16 +9,17 @@ isa=${1:-avx512}
 shift || true
 old_commit=${MMDKERNELS_AB_OLD:-ed472bb}
 dir=$(mktemp -d)
-trap 'rm -rf "$dir"' EXIT
+[ -n "${MMDKERNELS_AB_KEEP:-}" ] || trap 'rm -rf "$dir"' EXIT
 mkdir -p "$dir/old/linear"
 git show "$old_commit:csrc/linear/linear_kernel.h" |
-  sed 's/namespace mmdkernels::linear/namespace old_linear/; s#"linear/linear_vec.h"#"old_linear_vec.h"#' \
+  sed 's/namespace mmdkernels::linear/namespace mmdkernels::old_linear/; s/linear::gelu/old_linear::gelu/;
+       s#"linear/linear_vec.h"#"old_linear_vec.h"#' \
     > "$dir/old/linear/old_linear_kernel.h"
-git show "$old_commit:csrc/linear/linear_vec.h" | sed 's/namespace mmdkernels::linear/namespace old_linear/' \
+git show "$old_commit:csrc/linear/linear_vec.h" | sed 's/namespace mmdkernels::linear/namespace mmdkernels::old_linear/' \
   > "$dir/old/linear/old_linear_vec.h"
 if git cat-file -e "$old_commit:csrc/linear/linear_amx.h" 2>/dev/null; then  # "amxold": the old commit's AMX tiles
   git show "$old_commit:csrc/linear/linear_amx.h" |
-    sed 's/namespace mmdkernels::linear/namespace old_linear/; s#"linear/linear_kernel.h"#"old_linear_kernel.h"#' \
+    sed 's/namespace mmdkernels::linear/namespace mmdkernels::old_linear/; s#"linear/linear_kernel.h"#"old_linear_kernel.h"#' \
       > "$dir/old/linear/old_linear_amx.h"
 fi
 flags="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mprefer-vector-width=512"

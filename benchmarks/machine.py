@@ -94,6 +94,15 @@ def linear_blocking_chosen() -> dict:
     return {f"linear_blocking_{b}": chosen.count(b) for b in ("wide", "single")}
 
 
+def linear_tile_paths() -> dict:
+    """The AMX tile paths the few-row linear takes on this CPU ("bf16", "int8"; linear_amx.h, linear_amx_int8.h)."""
+    if not _ext.available("cpu"):
+        return {}
+    from mmdkernels.linear.ops import tile_paths
+
+    return {"linear_tile_paths": ",".join(tile_paths()) or "none"}
+
+
 def dhsic_tile_chosen() -> dict:
     """The C++ dHSIC's measured distance-tile choices so far, as "kernel/schedule" (e.g. "gemm/per-thread")."""
     if not _ext.available("cpu"):
@@ -105,8 +114,14 @@ def dhsic_tile_chosen() -> dict:
 
 def machine_info() -> dict:
     """The fields every CPU benchmark records in extra_info."""
-    info = dict(cpu_model(), **gemm_chosen(), **linear_blocking_chosen(), **dhsic_tile_chosen(),
-                threads=torch.get_num_threads())
+    info = dict(
+        cpu_model(),
+        **gemm_chosen(),
+        **linear_blocking_chosen(),
+        **linear_tile_paths(),
+        **dhsic_tile_chosen(),
+        threads=torch.get_num_threads(),
+    )
     if providers():
         info["best_bare_gemm_gflops"] = round(best_gemm_gflops(*BEST_GEMM_SHAPE), 1)
         info["best_bare_gemm_shape"] = "x".join(map(str, BEST_GEMM_SHAPE))

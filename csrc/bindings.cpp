@@ -61,6 +61,9 @@ TORCH_LIBRARY(mmdkernels, m) {
   m.def("small_batch_linear_quantized(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, bool gelu) -> Tensor");
   // The few-row linear's measured choice of weight-row blocking (csrc/linear/blocking.h), as JSON.
   m.def("linear_blocking_choices() -> str");
+  // The AMX tile paths the few-row linear takes on this CPU now (csrc/linear/linear_amx*.h; MMDKERNELS_LINEAR_AMX=0
+  // turns them off): "bf16" (bfloat16 weights from 5 rows, float32 from 13), "int8" (int8 weights at every row count).
+  m.def("linear_tile_paths() -> str[]");
   // One KV-cached decode step through a stack of decoder layers (CPU; spec: mmdkernels/decode/reference.py,
   // decode_layers_ref). x float32 [B, D] (the step's embeddings, B <= 16); weights: 12 tensors per layer in the order
   // of DecoderLayerWeights, the projections float32, bfloat16 or int8 (the norms float32); scales: empty, or one entry

@@ -43,10 +43,11 @@ def test_kernel_matches_float64(rows, dim, out):
 @needs_cpp
 @pytest.mark.parametrize("amx", ["1", "0"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("rows", [2, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16])
 def test_every_path(precision, rows, amx, monkeypatch):
-    """Weights where the CPU has AMX tiles (csrc/linear/linear_amx.h: bfloat16 and int8 from 5 rows, float32 split in
-    three bfloat16 parts from 13; 16-row tiles, 32-column steps, then the rows and columns left over) and with
+    """Weights where the CPU has AMX tiles (csrc/linear/linear_amx.h: bfloat16 from 5 rows, float32 split in three
+    bfloat16 parts from 13; 16-row tiles, 32-column steps, then the rows and columns left over; int8 on AMX-INT8 tiles
+    at every row count, csrc/linear/linear_amx_int8.h, 64-column steps and a float32 tail) and with
     MMDKERNELS_LINEAR_AMX=0 (the FMA kernel, where rows past one pass reuse the weights the first pass widened), over
     several chunks of D (x's: 16 KiB for all rows) plus lines, vectors and a tail, and row blocks plus leftover rows;
     1 and 2 threads; every row count from 5 (x's packing for the tiles masks the rows it stores). float32 weights
@@ -90,9 +91,10 @@ def test_bias_and_gelu_epilogue(rows, with_bias):
 @pytest.mark.parametrize("rows", [1, 4, 5, 13, 16])
 def test_gelu_over_its_whole_range(precision, rows, amx, monkeypatch):
     """The fused GELU (erf by Abramowitz & Stegun 7.1.26, csrc/linear/linear_kernel.h) on pre-activations from -12 to
-    12 (signed zeros, tiny values), on every path (FMA kernel, AMX tiles from 5 rows for bf16 / int8, 13 for fp32):
-    against float64 F.gelu of the kernel's own pre-activation, within 1e-7 |x| (the approximation's 1.5e-7 error in
-    erf, halved by GELU's 0.5 x) plus 4 roundings of the result, element by element; the negative tail keeps its
+    12 (signed zeros, tiny values), on every path (FMA kernel; AMX tiles from 5 rows for bf16, 13 for fp32, every row
+    count for int8): against float64 F.gelu of the kernel's own pre-activation, within 1e-7 |x| (the
+    approximation's 1.5e-7 error in erf, halved by GELU's 0.5 x) plus 4 roundings of the result, element by element;
+    the negative tail keeps its
     sign and stays finite (it is computed as x erfc(|x| / sqrt 2) / 2, not as 1 + erf, which cancels)."""
     monkeypatch.setenv("MMDKERNELS_LINEAR_AMX", amx)
     dim = 384

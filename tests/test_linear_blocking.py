@@ -17,6 +17,13 @@ ENV = "MMDKERNELS_LINEAR_BLOCKING"
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
+@pytest.fixture(autouse=True)
+def fma_kernel(monkeypatch):
+    """The blockings are the FMA kernel's: AMX tiles off (int8 weights take them at every row count where the CPU
+    has AMX-INT8, csrc/linear/linear_amx_int8.h)."""
+    monkeypatch.setenv("MMDKERNELS_LINEAR_AMX", "0")
+
+
 def _run(x, weight, bias, gelu):
     """The C++ op for a float32 weight or a packed bfloat16 / int8 one (QuantizedLinearWeight)."""
     if isinstance(weight, torch.Tensor):

@@ -1,9 +1,9 @@
-// The few-row linear with bfloat16, int8 or float32 weights on AMX tiles (x86 CPUs with AMX-BF16: Intel Sapphire Rapids and
-// later), for the row counts where the FMA kernel (linear_kernel.h) is bound by its FMAs rather than by memory.
+// The few-row linear with bfloat16 or float32 weights on AMX tiles (x86 CPUs with AMX-BF16: Intel Sapphire Rapids and
+// later), for the row counts where the FMA kernel (linear_kernel.h) is bound by its FMAs rather than by memory (int8
+// weights: AMX-INT8 tiles, linear_amx_int8.h).
 // x is split once per call into three bfloat16 parts, x = hi + mid + lo to float32 precision (each part rounds what
 // the earlier ones left: 3 x 8 significant bits), laid out as AMX B tiles (pairs of columns, one per row of x).
-// An A tile holds 16 weight rows x 32 columns: bfloat16 weights are loaded in place (stride D), int8 ones widened to
-// bfloat16 first (exact: |q| <= 127). Three TDPBF16PS per step accumulate the hi, mid and lo products in three C tiles
+// An A tile holds 16 weight rows x 32 columns of bfloat16 weights, loaded in place (stride D). Three TDPBF16PS per step accumulate the hi, mid and lo products in three C tiles
 // of 16 weight rows x M float32 (a product of two bfloat16 is exact in float32; each C element is a float32 FMA
 // chain), summed at the end as hi + (mid + lo); columns past the last 32 are added in float32. Activations are not
 // quantised: the three parts carry x's float32 value. float32 weights (from more rows on, linear_cpu.cpp) are split
@@ -157,7 +157,7 @@ static inline void split_weights(const float* w, int64_t dim, uint16_t (*out)[kT
   }
 }
 
-// Weight rows [n_begin, n_end) (multiples of 16) of y for the rows of x. Narrow weights: tiles 0-2 C (x's hi, mid,
+// Weight rows [n_begin, n_end) (multiples of 16) of y for the rows of x. bfloat16 weights: tiles 0-2 C (x's hi, mid,
 // lo parts), 3 A (the weights), 4-6 B (x's parts). float32 weights: tiles 3, 2, 7 A (the weights' hi, mid, lo parts),
 // 0 C of hi x hi and 1 C of the five next products (down to ~2^-16 of |x||w|; the three left out, w mid x x lo,
 // w lo x x mid and w lo x x lo, are below 2^-22 of it: |mid| < 2^-7 |w|, |lo| < 2^-15 |w| after truncation, x's
@@ -165,6 +165,7 @@ static inline void split_weights(const float* w, int64_t dim, uint16_t (*out)[kT
 template <typename T>
 void rows_block(const uint16_t* packed, const float* x, int64_t ldx, int rows, const T* weight, int64_t dim,
                 float* y, int64_t ldy, int64_t n_begin, int64_t n_end, const Epilogue& epilogue) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, uint16_t>, "float32 or bfloat16 weights");
   constexpr bool kFloat = std::is_same_v<T, float>;
   TileConfig config;
   for (int t = 0; t < (kFloat ? 8 : 7); ++t) {
@@ -176,31 +177,20 @@ void rows_block(const uint16_t* packed, const float* x, int64_t ldx, int rows, c
   asm volatile("" : : "r"(&config), "r"(packed) : "memory");
   _tile_loadconfig(&config);
   const int64_t steps = dim / kTileColumns, b_stride = kTileColumns * rows;  // bfloat16 per B tile
-  // Weights that go through the widening buffer (int8, float32): each step prefetches its share of the next tile's
-  // weights (16 rows x D, contiguous) into L2, in address order, a whole tile ahead (a fixed distance ahead of each
-  // row reaches only half a tile at D = 512: int8 1.1-1.4x faster this way, RESULTS.md session 7). bfloat16 tiles,
-  // loaded straight from the weights, kept the fixed distance per row, which measured better for them at 16 rows.
+  // float32 weights (split through a buffer): each step prefetches its share of the next tile's weights (16 rows x D,
+  // contiguous) into L2, in address order, a whole tile ahead (a fixed distance ahead of each row reaches only half a
+  // tile at D = 512: int8, when it ran here, 1.1-1.4x faster this way, RESULTS.md session 7). bfloat16 tiles, loaded
+  // straight from the weights, kept the fixed distance per row, which measured better for them at 16 rows.
   constexpr int64_t kStepBytes = kTileRows * kTileColumns * sizeof(T);
   auto prefetch_next = [&](const T* next, int64_t step) __attribute__((always_inline)) {
     const char* bytes = reinterpret_cast<const char*>(next) + step * kStepBytes;
 #pragma GCC unroll 32
     for (int64_t line = 0; line < kStepBytes; line += 64) __builtin_prefetch(bytes + line, 0, 1);
   };
-  // Narrow weights widened (int8) or float32 ones split into A tiles one step ahead (two buffers), so that the stores
-  // drain while the tiles work.
+  // float32 weights split into A tiles one step ahead (two buffers), so that the stores drain while the tiles work.
   alignas(64) uint16_t widened[2][kFloat ? kParts : 1][kTileRows * kTileColumns];
   auto widen = [&](const T* w, int64_t step) __attribute__((always_inline)) {
-    const int64_t k = step * kTileColumns;
-    if constexpr (kFloat) {
-      split_weights(w + k, dim, widened[step % 2]);
-    } else {
-      for (int r = 0; r < kTileRows; ++r) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * dim + k));
-        const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-        const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-        _mm512_store_si512(widened[step % 2][0] + r * kTileColumns, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-      }
-    }
+    if constexpr (kFloat) split_weights(w + step * kTileColumns, dim, widened[step % 2]);
   };
   alignas(64) float sums[kParts][kTileRows * kMaxRows];  // C tiles: [weight row r][row m of x], rows apart
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileRows) {
@@ -209,20 +199,18 @@ void rows_block(const uint16_t* packed, const float* x, int64_t ldx, int rows, c
     _tile_zero(1);
     if constexpr (!kFloat) _tile_zero(2);
     const T* next = n0 + kTileRows < n_end ? w + kTileRows * dim : nullptr;
-    if constexpr (sizeof(T) != 2) widen(w, 0);
+    if constexpr (kFloat) widen(w, 0);
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t k = step * kTileColumns;
-      if constexpr (sizeof(T) == 2) {
+      if constexpr (!kFloat) {
         for (int r = 0; r < kTileRows; ++r) __builtin_prefetch(w + r * dim + k + kPrefetchBytes / 2, 0, 1);
         _tile_loadd(3, w + k, dim * 2);
       } else {
         if (next != nullptr) prefetch_next(next, step);
         asm volatile("" : : "r"(widened[step % 2]) : "memory");
         _tile_loadd(3, widened[step % 2][0], 64);
-        if constexpr (kFloat) {
-          _tile_loadd(2, widened[step % 2][1], 64);
-          _tile_loadd(7, widened[step % 2][2], 64);
-        }
+        _tile_loadd(2, widened[step % 2][1], 64);
+        _tile_loadd(7, widened[step % 2][2], 64);
         asm volatile("" : : : "memory");
         if (step + 1 < steps) widen(w, step + 1);
       }

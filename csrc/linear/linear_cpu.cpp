@@ -16,10 +16,13 @@
 // summed by one thread, in an order that does not depend on the thread count. R, the weight rows of a block: several
 // (fewest loads per FMA) or one (a single sequential stream of weights), whichever streams faster for the shape on
 // this machine, measured on the first calls (csrc/linear/blocking.h); the order of summation is the same in both.
-// From 5 rows on, bfloat16 and int8 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h:
-// x split into three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows:
-// one FMA per weight and row, against 2 bytes or 1 byte of weight) rather than by memory; float32 weights from 13
-// rows on (split exactly into three bfloat16 parts too: 16 rows of float32 FMAs exceed this CPU's FMA rate).
+// From 5 rows on, bfloat16 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h: x split
+// into three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows: one FMA
+// per weight and row, against 2 bytes of weight) rather than by memory; float32 weights from 13 rows on (split
+// exactly into three bfloat16 parts too: 16 rows of float32 FMAs exceed this CPU's FMA rate). int8 weights go through
+// AMX-INT8 tiles at every row count where the CPU has them (csrc/linear/linear_amx_int8.h: x as four 8-bit digits on
+// a fixed-point grid of its row, the weights multiplied as stored; the FMA kernel widens every int8 weight with two
+// instructions and is bound by them already at one row).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,21 +33,23 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "common/checks.h"
 #include "linear/blocking.h"
 #include "linear/linear_amx.h"
+#include "linear/linear_amx_int8.h"
 #include "linear/linear_checks.h"
 #include "linear/linear_kernel.h"
 
 namespace mmdkernels::linear {
 
-// Rows of x from which bfloat16 and int8 weights go through AMX tiles where the CPU has them (linear_amx.h): the
-// tiles cost the same at any row count up to 16, the FMA kernel's work grows with the rows. Measured (RESULTS.md,
-// session 6): the tiles 0.64-0.97x as fast as the FMA kernel at 1-2 rows, 0.92-1.04x at 4, 1.13-1.27x at 5, 1.3-2.0x
-// at 8-16.
+// Rows of x from which bfloat16 weights go through AMX tiles where the CPU has them (linear_amx.h): the tiles cost
+// the same at any row count up to 16, the FMA kernel's work grows with the rows. Measured (RESULTS.md, session 6):
+// the tiles 0.64-0.97x as fast as the FMA kernel at 1-2 rows, 0.92-1.04x at 4, 1.13-1.27x at 5, 1.3-2.0x at 8-16.
 constexpr int64_t kAmxMinRows = 5;
 // float32 weights need six tile products and an exact three-part split of every weight (linear_amx.h): measured
 // (RESULTS.md, session 7) 0.7-0.86x as fast as the FMA kernel at 5-8 rows, 0.92-1.04x at 12, 1.02-1.4x at 16.
@@ -87,7 +92,26 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
   const int64_t groups = (out_features + 7) / 8;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(dim * static_cast<int64_t>(sizeof(T)) * 8, 1));
 #if defined(MMDKERNELS_LINEAR_AMX)
-  {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    if (dim >= amx::kDigitColumns && dim <= amx::kMaxDigitDim && out_features >= amx::kTileRows &&
+        amx::int8_available()) {
+      at::Tensor packed = at::empty({amx::digits_packed_bytes(rows, dim)}, x.options().dtype(at::kChar));
+      int8_t* packed_x = packed.data_ptr<int8_t>();
+      std::array<double, kMaxRows> inverse_scale;
+      if (amx::pack_digits(xp, ldx, rows, dim, packed_x, inverse_scale.data())) {
+        const int64_t tiles = out_features / amx::kTileRows, tiled = tiles * amx::kTileRows;
+        const auto block = amx::digit_rows_kernel(rows);
+        at::parallel_for(0, tiles, std::max<int64_t>(1, grain / 2), [&](int64_t begin, int64_t end) {
+          block(packed_x, inverse_scale.data(), xp, ldx, rows, weight, dim, yp, out_features, begin * amx::kTileRows,
+                end * amx::kTileRows, epilogue);
+        });
+        if (tiled < out_features)
+          rows_kernel<T>(rows, Blocking::kWide)(xp, ldx, weight, dim, yp, out_features, tiled, out_features, epilogue);
+        return y;
+      }
+    }
+  }
+  if constexpr (!std::is_same_v<T, int8_t>) {
     const int64_t min_rows = std::is_same_v<T, float> ? kAmxFloatMinRows : kAmxMinRows;
     if (rows >= min_rows && dim >= amx::kTileColumns && out_features >= amx::kTileRows && amx::available()) {
       at::Tensor packed = at::empty({amx::packed_size(rows, dim)}, x.options().dtype(at::kShort));
@@ -138,7 +162,20 @@ at::Tensor small_batch_linear_quantized_cpu(const at::Tensor& x, const at::Tenso
   return run<int8_t>(x, weight.data_ptr<int8_t>(), out_features, scale->data_ptr<float>(), bias, gelu);
 }
 
+std::vector<std::string> tile_paths() {
+  std::vector<std::string> paths;
+#if defined(MMDKERNELS_LINEAR_AMX)
+  if (amx::available()) paths.emplace_back("bf16");
+  if (amx::int8_available()) paths.emplace_back("int8");
+#endif
+  return paths;
+}
+
 }  // namespace mmdkernels::linear
+
+TORCH_LIBRARY_IMPL(mmdkernels, CompositeExplicitAutograd, m) {
+  m.impl("linear_tile_paths", &mmdkernels::linear::tile_paths);
+}
 
 TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) {
   m.impl("small_batch_linear", &mmdkernels::linear::small_batch_linear_cpu);

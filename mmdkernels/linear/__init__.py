@@ -106,9 +106,10 @@ def decode_linear(
             float16, or int8 with per-output-channel float32 scales), whose kernels (float32 x, 1 to 16 rows: C++ on
             CPU for bfloat16 and int8, Triton or CUDA on a GPU for all three) widen the weights to float32 in
             registers and accumulate in float32 (on CPUs with AMX-BF16, from 5 rows, the C++ kernel runs AMX tiles
-            on x split into three bfloat16 parts that carry its float32 value, accumulating in float32;
-            MMDKERNELS_LINEAR_AMX=0 turns that off); elsewhere "torch" dequantises the weight to x's dtype, then
-            F.linear.
+            on x split into three bfloat16 parts that carry its float32 value, accumulating in float32; int8 weights
+            on AMX-INT8 tiles at every row count, x as four 8-bit digits on a grid of 2^-30 of its row's largest
+            element, summed exactly in int32; MMDKERNELS_LINEAR_AMX=0 turns both off, ops.tile_paths() says which
+            run); elsewhere "torch" dequantises the weight to x's dtype, then F.linear.
         bias: [N] or None, x's dtype.
         activation: None or "gelu" (exact, erf-based, as F.gelu), applied in the kernel's epilogue.
         backend: None (the C++ kernel where it can run and measured faster, for packed weights on CUDA the Triton

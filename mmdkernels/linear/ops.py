@@ -53,3 +53,10 @@ def blocking_choices() -> list[dict]:
     shape, {"dtype", "rows", "dim", "out_features", "threads", "chosen": "wide" | "single", "gb_per_s": {...}}.
     ``MMDKERNELS_LINEAR_BLOCKING=auto|wide|single`` forces one (read at every call; both sum in the same order)."""
     return json.loads(_ext.compiled_op("linear_blocking_choices", "cpp")())
+
+
+def tile_paths() -> list[str]:
+    """The AMX tile paths the few-row C++ kernel takes on this CPU now: "bf16" (bfloat16 weights from 5 rows, float32
+    from 13; csrc/linear/linear_amx.h) and "int8" (int8 weights at every row count: x as four 8-bit digits on
+    AMX-INT8 tiles, csrc/linear/linear_amx_int8.h); [] without AMX or under ``MMDKERNELS_LINEAR_AMX=0``."""
+    return list(_ext.compiled_op("linear_tile_paths", "cpp")())
