@@ -6,10 +6,11 @@
 // weights as stored (no widening: the bfloat16 tiles of linear_amx.h widen every int8 weight, ~3 vector instructions
 // per 16, which bound them near the FMA kernel's rate) by all digits of four rows of x, exactly in int32. At the end
 //     y = scale * 2^-s * (C0 + 256 C1 + 65536 C2 + 2^24 C3)   (in double, then rounded to float32),
-// plus the columns past the last 64 in float32. So the only rounding before the last is x's to the grid: an error of at
-// most 2^-31 max |x_row| per element, i.e. |y - exact| <= 2^-31 max|x_row| sum|w_row| scale + one float32 rounding,
-// below what float32 accumulation of the same dot product rounds on rows of ordinary range (tests/test_linear.py,
-// tests/test_linear_quantized.py check it against float64 by the tolerance rule, rows of 2^-30..2^30 included).
+// plus the columns past the last 64 in float32. So the only rounding before the last two is x's to the grid: at most
+// 2^-30 max |x_row| per element, i.e. |y - exact| <= 2^-30 max|x_row| sum|w_row| scale + two float32 roundings,
+// below what float32 accumulation of the same dot product rounds on rows of ordinary range
+// (tests/test_linear_int8_tiles.py: bit for bit against this formula, the bound on rows of 2^-30..2^30, the tolerance
+// rule against float64).
 // int32 cannot overflow: |d w| <= 2^14 per product, so D <= kMaxDigitDim. Rows holding inf or NaN are not written
 // (pack_digits returns false) and the caller takes another path, which propagates them as float32 arithmetic does.
 #pragma once
@@ -98,8 +99,8 @@ inline void finish_digit_tile(int32_t (*sums)[16 * 16], const double* inverse_sc
                               int rows, const int8_t* w, int64_t dim, int64_t columns, float* y, int64_t ldy,
                               int64_t n0, const Epilogue& epilogue) {
   alignas(64) float tail[16];
-  const __m512i weight_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                 _mm512_set1_epi32(16));
+  const __m512i weight_rows =  // lane r: the C tile's row r, 16 int32 apart
+      _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
   for (int g = 0; g < digit_groups(rows); ++g) {
     for (int i = 0; i < kDigitRowsPerGroup && kDigitRowsPerGroup * g + i < rows; ++i) {
       __m512i c[4];  // c[p]: digit p of row 4 g + i, lane r: weight row r
