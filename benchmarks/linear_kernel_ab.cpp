@@ -165,7 +165,7 @@ static std::vector<Variant> variants() {
 #if defined(__AVX512F__)
   if (g_amx) {
 #if defined(HAVE_OLD_AMX)
-    if constexpr (!std::is_same_v<T, float>)
+    if constexpr (!std::is_same_v<T, float> && (OLD_AMX_INT8 || !std::is_same_v<T, int8_t>))
       vs.push_back({"amxold", [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
                       namespace ax = old_linear::amx;
                       thread_local std::vector<uint16_t> packed;

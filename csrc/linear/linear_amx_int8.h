@@ -3,8 +3,9 @@
 //     v = round(x * 2^s) (|v| <= 2^30, s from the row's largest |x|),  v = d0 + 256 d1 + 65536 d2 + 2^24 d3,
 // d_p in [-128, 127] (balanced base 256: the bytes of v + 0x80808080, each minus 128). A B tile holds four rows of x
 // as 16 columns (row, digit), 64 columns of D deep, so one TDPBSSD multiplies 16 weight rows x 64 columns of the
-// weights as stored (no widening: the bfloat16 tiles of linear_amx.h widen every int8 weight, ~3 vector instructions
-// per 16, which bound them near the FMA kernel's rate) by all digits of four rows of x, exactly in int32. At the end
+// weights as stored by all digits of four rows of x, exactly in int32. (No widening: int8 weights through the
+// bfloat16 tiles of linear_amx.h cost ~3 vector instructions per 16 weights to widen, which bound them near the FMA
+// kernel's rate; those tiles no longer take int8.) At the end
 //     y = scale * 2^-s * (C0 + 256 C1 + 65536 C2 + 2^24 C3)   (in double, then rounded to float32),
 // plus the columns past the last 64 in float32. So the only rounding before the last two is x's to the grid: at most
 // 2^-30 max |x_row| per element, i.e. |y - exact| <= 2^-30 max|x_row| sum|w_row| scale + two float32 roundings,

@@ -77,6 +77,21 @@ static RowsBlockFn<T> rows_kernel(int64_t rows, Blocking blocking) {
   return blocking == Blocking::kWide ? wide[rows - 1] : single[rows - 1];
 }
 
+#if defined(MMDKERNELS_LINEAR_AMX)
+// Weight rows in whole tiles of 16 across the threads through `tile_rows(row0, row1)`, the last out_features % 16
+// through the FMA kernel.
+template <typename T, typename TileRows>
+static void run_tiles(const float* xp, int64_t ldx, int64_t rows, const T* weight, int64_t dim, float* yp,
+                      int64_t out_features, int64_t grain, const Epilogue& epilogue, const TileRows& tile_rows) {
+  const int64_t tiles = out_features / amx::kTileRows, tiled = tiles * amx::kTileRows;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, grain / 2), [&](int64_t begin, int64_t end) {
+    tile_rows(begin * amx::kTileRows, end * amx::kTileRows);
+  });
+  if (tiled < out_features)
+    rows_kernel<T>(rows, Blocking::kWide)(xp, ldx, weight, dim, yp, out_features, tiled, out_features, epilogue);
+}
+#endif
+
 template <typename T>
 static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features, const float* scale,
                       const std::optional<at::Tensor>& bias, bool gelu) {
@@ -99,14 +114,10 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
       int8_t* packed_x = packed.data_ptr<int8_t>();
       std::array<double, kMaxRows> inverse_scale;
       if (amx::pack_digits(xp, ldx, rows, dim, packed_x, inverse_scale.data())) {
-        const int64_t tiles = out_features / amx::kTileRows, tiled = tiles * amx::kTileRows;
         const auto block = amx::digit_rows_kernel(rows);
-        at::parallel_for(0, tiles, std::max<int64_t>(1, grain / 2), [&](int64_t begin, int64_t end) {
-          block(packed_x, inverse_scale.data(), xp, ldx, rows, weight, dim, yp, out_features, begin * amx::kTileRows,
-                end * amx::kTileRows, epilogue);
+        run_tiles<T>(xp, ldx, rows, weight, dim, yp, out_features, grain, epilogue, [&](int64_t row0, int64_t row1) {
+          block(packed_x, inverse_scale.data(), xp, ldx, rows, weight, dim, yp, out_features, row0, row1, epilogue);
         });
-        if (tiled < out_features)
-          rows_kernel<T>(rows, Blocking::kWide)(xp, ldx, weight, dim, yp, out_features, tiled, out_features, epilogue);
         return y;
       }
     }
@@ -117,13 +128,9 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
       at::Tensor packed = at::empty({amx::packed_size(rows, dim)}, x.options().dtype(at::kShort));
       auto* packed_x = reinterpret_cast<uint16_t*>(packed.data_ptr<int16_t>());
       amx::pack_x(xp, ldx, rows, dim, packed_x);
-      const int64_t tiles = out_features / amx::kTileRows, tiled = tiles * amx::kTileRows;
-      at::parallel_for(0, tiles, std::max<int64_t>(1, grain / 2), [&](int64_t begin, int64_t end) {
-        amx::rows_block<T>(packed_x, xp, ldx, rows, weight, dim, yp, out_features, begin * amx::kTileRows,
-                           end * amx::kTileRows, epilogue);
+      run_tiles<T>(xp, ldx, rows, weight, dim, yp, out_features, grain, epilogue, [&](int64_t row0, int64_t row1) {
+        amx::rows_block<T>(packed_x, xp, ldx, rows, weight, dim, yp, out_features, row0, row1, epilogue);
       });
-      if (tiled < out_features)
-        rows_kernel<T>(rows, Blocking::kWide)(xp, ldx, weight, dim, yp, out_features, tiled, out_features, epilogue);
       return y;
     }
   }
