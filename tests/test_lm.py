@@ -9,6 +9,7 @@ import torch
 from tolerances import assert_close_to_reference
 
 import mmdkernels
+import models.lm as lm_module
 from mmdkernels import _ext
 from mmdkernels.patterns import PATTERNS
 from models.checkpoints import load_hf_musicgen
@@ -20,6 +21,7 @@ from models.lm import (
     lm_loss,
     nll_per_frame,
     quantize_for_decode,
+    sinusoidal_positions,
     teacher_forcing,
 )
 from models.text_encoder import Condition
@@ -355,3 +357,23 @@ def test_decode_step_takes_the_fused_path_only_for_int_steps(seeded, monkeypatch
         assert calls == []
         model.decode_step(tokens, 1, cache)
         assert calls == [1]
+
+
+@pytest.mark.parametrize("dim", [6, 64, 512, 1536])
+def test_decode_positions_from_the_cached_table_equal_the_formula(dim, monkeypatch):
+    """A single CPU position is read from a cached table (grown by doubling); it must equal the formula bit for bit
+    at the edges of every size the table grows through, inside and outside inference mode."""
+    monkeypatch.setattr(lm_module, "_SINUSOID_TABLES", {})
+    for position in (0, 1, 1023, 1024, 1025, 2047, 2048, 5000, 4095):
+        direct = lm_module._sinusoids(torch.tensor([position]), dim)
+        assert torch.equal(sinusoidal_positions(torch.tensor([position]), dim), direct)
+        with torch.inference_mode():
+            assert torch.equal(sinusoidal_positions(torch.tensor([position]), dim), direct)
+    assert lm_module._SINUSOID_TABLES[dim].shape == (8192, dim)
+    many = torch.arange(3, 40)  # several positions go through the formula: the same rows
+    assert torch.equal(torch.cat([sinusoidal_positions(p[None], dim) for p in many]), sinusoidal_positions(many, dim))
+    # and the formula is the textbook one (float64, angles p / 10000^(i / (half - 1)))
+    half = dim // 2
+    angles = many.double()[:, None] / 10000.0 ** (torch.arange(half, dtype=torch.float64) / (half - 1))
+    expected = torch.cat([angles.cos(), angles.sin()], dim=1)
+    torch.testing.assert_close(sinusoidal_positions(many, dim).double(), expected, rtol=0, atol=1e-5)
