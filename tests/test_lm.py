@@ -361,15 +361,16 @@ def test_decode_step_takes_the_fused_path_only_for_int_steps(seeded, monkeypatch
 
 @pytest.mark.parametrize("dim", [6, 64, 512, 1536])
 def test_decode_positions_from_the_cached_table_equal_the_formula(dim, monkeypatch):
-    """A single CPU position is read from a cached table (grown by doubling); it must equal the formula bit for bit
-    at the edges of every size the table grows through, inside and outside inference mode."""
-    monkeypatch.setattr(lm_module, "_SINUSOID_TABLES", {})
-    for position in (0, 1, 1023, 1024, 1025, 2047, 2048, 5000, 4095):
+    """A single CPU position is read from a cached block of rows; it must equal the formula bit for bit at the edges
+    of the blocks, after a jump back, inside and outside inference mode."""
+    monkeypatch.setattr(lm_module, "_SINUSOID_BLOCKS", {})
+    for position in (0, 1, 1023, 1024, 1025, 2047, 2048, 70000, 5000, 4095, 3):
         direct = lm_module._sinusoids(torch.tensor([position]), dim)
         assert torch.equal(sinusoidal_positions(torch.tensor([position]), dim), direct)
         with torch.inference_mode():
             assert torch.equal(sinusoidal_positions(torch.tensor([position]), dim), direct)
-    assert lm_module._SINUSOID_TABLES[dim].shape == (8192, dim)
+        first, block = lm_module._SINUSOID_BLOCKS[dim]
+        assert first == position - position % 1024 and block.shape == (1024, dim)
     many = torch.arange(3, 40)  # several positions go through the formula: the same rows
     assert torch.equal(torch.cat([sinusoidal_positions(p[None], dim) for p in many]), sinusoidal_positions(many, dim))
     # and the formula is the textbook one (float64, angles p / 10000^(i / (half - 1)))
