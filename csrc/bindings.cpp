@@ -75,6 +75,15 @@ TORCH_LIBRARY(mmdkernels, m) {
       "lm_decode_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor(a!) self_k, Tensor(b!) self_v, "
       "Tensor cross_k, Tensor cross_v, Tensor cross_lengths, int step, int num_heads, float eps, bool torch_linear) "
       "-> Tensor");
+  // A whole decode step of the model, tokens to logits (CPU; spec: mmdkernels/decode/reference.py,
+  // decode_logits_ref): x[b] = sum_r embedding[tokens[b, r] + offsets[r]] + position (tokens, offsets int64 [B, R],
+  // [R]; embedding float32 [V, D]; position float32 [D]), then lm_decode_layers' layers, the final LayerNorm and the
+  // heads: head [C, D] float32, bfloat16 or int8 (with head_scale float32 [C]). Returns float32 logits [B, C].
+  m.def(
+      "lm_decode_logits(Tensor tokens, Tensor position, Tensor embedding, Tensor offsets, Tensor final_norm_weight, "
+      "Tensor final_norm_bias, Tensor head, Tensor? head_scale, Tensor[] weights, Tensor?[] scales, "
+      "Tensor(a!) self_k, Tensor(b!) self_v, Tensor cross_k, Tensor cross_v, Tensor cross_lengths, int step, "
+      "int num_heads, float eps, bool torch_linear) -> Tensor");
   // The GEMM inside the CPU kernels (csrc/gemm/gemm.h, mmdkernels/gemm.py). gemm_mm: float32 a [M, K] @ b [K, N]
   // (each row-major or a transposed view) -> [M, N] on provider "mkl" / "onednn", or "" for the current choice.
   // gemm_set_mode / gemm_mode: "auto" | "mkl" | "onednn" (MMDKERNELS_GEMM); gemm_choices: the measured shape

@@ -11,11 +11,15 @@ from mmdkernels import metrics, patterns
 from mmdkernels._ext import cpu_capability
 from mmdkernels.attention import decode_attention, decode_attention_ref
 from mmdkernels.decode import (
+    DecoderEnds,
     DecoderLayerWeights,
     PreparedDecoderLayers,
     decode_layers,
     decode_layers_backend,
     decode_layers_ref,
+    decode_logits,
+    decode_logits_backend,
+    decode_logits_ref,
     prepare_decode_layers,
 )
 from mmdkernels.gemm import gemm_path, set_gemm_path
@@ -34,6 +38,10 @@ __all__ = [
     "decode_layers",
     "decode_layers_backend",
     "decode_layers_ref",
+    "decode_logits",
+    "decode_logits_backend",
+    "decode_logits_ref",
+    "DecoderEnds",
     "DecoderLayerWeights",
     "PreparedDecoderLayers",
     "prepare_decode_layers",

@@ -115,6 +115,7 @@ OPS = {
     "decode_linear": OpBackends(("reference", "torch", "cpp"), _linear_priority),
     "decode_linear_quantized": OpBackends(("reference", "torch", "cpp", "triton", "cuda"), _quantized_linear_priority),
     "decode_layers": OpBackends(("reference", "cpp"), _cpu_float32_priority, warn_on_any_fallback=False),
+    "decode_logits": OpBackends(("reference", "cpp"), _cpu_float32_priority, warn_on_any_fallback=False),
 }
 
 

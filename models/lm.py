@@ -15,8 +15,9 @@ Decoding uses a static KV cache (`new_cache`): self-attention keys/values live i
 buffers written in place at each step; cross-attention keys/values are computed once from the condition.
 `decode_step` is one path: embed, the decoder layers, the heads. Every kernel on it is chosen by the library's
 dispatcher (mmdkernels/_dispatch.py; force one with MMDKERNELS_BACKEND_<OP>, e.g. DECODE_ATTENTION=sdpa, or
-DECODE_LAYERS=reference to run the layers one op at a time): on CPU the layers run as one `mmdkernels.decode_layers`
-call. Its one variant is the CUDA-graph step: the step is a device tensor and attention runs over the whole cache
+DECODE_LAYERS=reference to run the layers one op at a time): on CPU a step of a model with one table per codebook
+(delay, parallel) runs as one `mmdkernels.decode_logits` call, tokens to logits, and the layers of any other as one
+`mmdkernels.decode_layers` call (DECODE_LOGITS=reference forces that too). Its one variant is the CUDA-graph step: the step is a device tensor and attention runs over the whole cache
 under a length mask (fixed shapes, no host read of a length).
 
 `quantize_for_decode(model, "bf16" | "fp16" | "int8")` stores a copy of every decoder projection and the heads in
@@ -36,7 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmdkernels
-from mmdkernels import QuantizedLinearWeight, decode_layers_backend, decode_linear, pack_decode_weight
+from mmdkernels import (
+    DecoderEnds,
+    QuantizedLinearWeight,
+    decode_layers_backend,
+    decode_linear,
+    decode_logits_backend,
+    pack_decode_weight,
+)
 from mmdkernels.linear import PRECISIONS
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
 from models.depth_head import DepthHead
@@ -105,14 +113,19 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     for bit: tests/test_lm.py)."""
     if positions.dim() == 1 and positions.numel() == 1 and positions.device.type == "cpu":
         if positions.dtype == torch.int64 and (position := int(positions)) >= 0:
-            first, block = _SINUSOID_BLOCKS.get(dim, (-1, None))
-            if block is None or not first <= position < first + _SINUSOID_BLOCK_ROWS:
-                first = position - position % _SINUSOID_BLOCK_ROWS
-                with torch.inference_mode(False):
-                    block = _sinusoids(torch.arange(first, first + _SINUSOID_BLOCK_ROWS), dim)
-                _SINUSOID_BLOCKS[dim] = (first, block)
-            return block[position - first : position - first + 1].clone()
+            return _position_row(position, dim)[None].clone()
     return _sinusoids(positions, dim)
+
+
+def _position_row(position: int, dim: int) -> torch.Tensor:
+    """The float32 CPU embedding [dim] of one position >= 0: a view into the cached block of rows (read only)."""
+    first, block = _SINUSOID_BLOCKS.get(dim, (-1, None))
+    if block is None or not first <= position < first + _SINUSOID_BLOCK_ROWS:
+        first = position - position % _SINUSOID_BLOCK_ROWS
+        with torch.inference_mode(False):
+            block = _sinusoids(torch.arange(first, first + _SINUSOID_BLOCK_ROWS), dim)
+        _SINUSOID_BLOCKS[dim] = (first, block)
+    return block[position - first]
 
 
 def _sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -448,6 +461,10 @@ class MusicLM(nn.Module):
         """One KV-cached step: tokens [B, R] (the codes of step - 1, or the special token at step 0) -> logits
         [B, R, C] for step `step`. step: int, or an int64 tensor [1] on the model's device (the CUDA-graph variant:
         fixed shapes, attention under a length mask)."""
+        if isinstance(step, int):
+            logits = self._fused_decode_step(tokens, step, cache)
+            if logits is not None:
+                return logits
         h, positions = self._decode_backbone(tokens, step, cache)
         return self._logits(h, positions, step if isinstance(step, int) else None)[:, :, 0]
 
@@ -483,6 +500,32 @@ class MusicLM(nn.Module):
             )
             return self.final_norm(x[:, None]), positions
         return self._layers(x, self._cached_cross(cache, prefix_lengths=not graphed), cache, step), positions
+
+    def _fused_decode_step(self, tokens: torch.Tensor, step: int, cache: KVCache) -> torch.Tensor | None:
+        """Logits [B, K, C] of a whole decode step in mmdkernels.decode_logits' compiled CPU op (tokens to logits in
+        one call: the embedding sum, the layers, the final norm, the heads) where it runs: a delay/parallel model
+        (one table per codebook, no target embedding or depth head) under the conditions of _fused_decode_layers;
+        else None (the step then runs in parts)."""
+        if self.target_embedding is not None or self.depth_head is not None or tokens.device.type != "cpu":
+            return None
+        if self.training or cache.cross_lengths is None or self.decode_precision == "fp16" or step < 0:
+            return None
+        eps = self.layers[0].self_norm.eps
+        if self.final_norm.eps != eps or not self.final_norm.elementwise_affine:
+            return None  # the op normalises with one epsilon, every norm with weight and bias
+        prepared = self.prepared_decode_layers()
+        ends = DecoderEnds(
+            self.token_embedding.weight, self.table_offset, self.final_norm.weight, self.final_norm.bias,
+            self.head_weight(),
+        )  # fmt: skip
+        position = _position_row(step, self.config.dim)
+        if decode_logits_backend(tokens, position, ends, prepared) != "cpp":
+            return None
+        logits = mmdkernels.decode_logits(
+            tokens, position, ends, prepared, cache.self_k, cache.self_v, cache.cross_k, cache.cross_v,
+            cache.cross_lengths, step, num_heads=self.config.num_heads, eps=eps, backend="cpp",
+        )  # fmt: skip
+        return logits.view(tokens.shape[0], self.config.num_codebooks, -1)
 
     def _fused_decode_layers(self, x: torch.Tensor, cache: KVCache) -> mmdkernels.PreparedDecoderLayers | None:
         """The prepared layers when an int decode step runs all layers in mmdkernels.decode_layers' compiled CPU op

@@ -233,32 +233,45 @@ def test_bad_codes_raise(seeded):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fused_cpu_decode_step_equals_the_python_layers(pattern, batch, seeded):
-    """mmdkernels.decode_layers (all layers in one C++ call) against the Python layers and the full forward."""
+    """The fused CPU decode steps against the Python layers and the full forward: mmdkernels.decode_logits (tokens to
+    logits in one C++ call: delay / parallel models) and mmdkernels.decode_layers (the layers in one call: every
+    pattern; forced for the former by MMDKERNELS_BACKEND_DECODE_LOGITS=reference)."""
     model = tiny_model(pattern, dtype=torch.float32)
     model64 = copy.deepcopy(model).double()  # the same weights: the float64 reference
     codes = torch.randint(0, 17, (batch, 3, 7), generator=seeded)
     inputs, _, _ = teacher_forcing(codes, pattern, model.config.special)
     prompts = ["a prompt", None, "another, longer prompt"][:batch]
+    modes = {
+        "step": {},
+        "layers": {"MMDKERNELS_BACKEND_DECODE_LOGITS": "reference"},
+        "python": {"MMDKERNELS_BACKEND_DECODE_LAYERS": "reference"},
+    }
+    whole_step = model.target_embedding is None  # one table per codebook: the whole step in one call
     with torch.no_grad():
         runs = {}
-        for fused in (True, False):
+        for mode, variables in modes.items():
             with pytest.MonkeyPatch.context() as env:
-                if not fused:
-                    env.setenv("MMDKERNELS_BACKEND_DECODE_LAYERS", "reference")
+                for name, value in variables.items():
+                    env.setenv(name, value)
                 cache = model.new_cache(model.encode_condition(prompts), inputs.shape[2] + 2)
                 x = model._embed(inputs[:, :, :1], torch.tensor([0]))
-                assert (model._fused_decode_layers(x, cache) is not None) == fused
+                assert (model._fused_decode_layers(x, cache) is not None) == (mode != "python")
+                fused_step = model._fused_decode_step(inputs[:, :, 0], 0, copy.deepcopy(cache))
+                assert (fused_step is not None) == (mode == "step" and whole_step)
                 steps = [model.decode_step(inputs[:, :, s], s, cache) for s in range(inputs.shape[2])]
-            runs[fused] = torch.stack(steps, 2)
-            runs[fused, "cache"] = cache.self_k.clone()
+            runs[mode] = torch.stack(steps, 2)
+            runs[mode, "cache"] = cache.self_k.clone()
         cache64 = model64.new_cache(model64.encode_condition(prompts), inputs.shape[2] + 2)
         runs64 = torch.stack([model64.decode_step(inputs[:, :, s], s, cache64) for s in range(inputs.shape[2])], 2)
         full64 = model64(inputs, model64.encode_condition(prompts))
     assert_close64(runs64, full64, "float64 decode steps vs full forward")
     # the rule: the fused C++ steps against float64, with the Python layers in float32 (PyTorch's own computation of
     # the same steps) as the baseline; the caches likewise
-    assert_close_to_reference(runs[True], runs64, runs[False], name="fused decode logits")
-    assert_close_to_reference(runs[True, "cache"], cache64.self_k, runs[False, "cache"], name="fused decode K cache")
+    for mode in ("step", "layers"):
+        assert_close_to_reference(runs[mode], runs64, runs["python"], name=f"fused decode logits ({mode})")
+        assert_close_to_reference(
+            runs[mode, "cache"], cache64.self_k, runs["python", "cache"], name=f"fused decode K cache ({mode})"
+        )
 
 
 @pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
@@ -279,6 +292,35 @@ def test_fused_decode_only_where_it_can_run(seeded):
         assert model._fused_decode_layers(x, cache) is None
         model.eval()
     assert model._fused_decode_layers(x, cache) is None  # autograd recording
+
+
+@pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
+def test_whole_step_in_one_call_only_where_it_can_run(seeded):
+    """MusicLM._fused_decode_step (mmdkernels.decode_logits) takes a step only where the one-call step computes what
+    the model does; else the step runs in parts (and still answers)."""
+    model = tiny_model("delay", dtype=torch.float32)
+    condition = model.encode_condition(["a prompt", None])
+    tokens = torch.full((2, 3), model.config.special)
+    with torch.no_grad():
+        cache = model.new_cache(condition, 4)
+        assert model._fused_decode_step(tokens, 0, cache) is not None
+        assert model._fused_decode_step(torch.zeros(17, 3, dtype=torch.long), 0, model.new_cache(condition, 4)) is None
+        holes = Condition(condition.embeddings, torch.tensor([[True, False, True], [True, True, True]]))
+        assert model._fused_decode_step(tokens, 0, model.new_cache(holes, 4)) is None
+        model.final_norm.eps = 1e-6  # one epsilon for every norm in the op
+        assert model._fused_decode_step(tokens, 1, cache) is None
+        model.final_norm.eps = model.layers[0].self_norm.eps
+        with pytest.raises(RuntimeError, match=r"tokens\[0, 2\] \+ offsets\[2\] = 54 is outside the embedding's 54 rows"):
+            model._fused_decode_step(torch.full((2, 3), 18), 1, cache)  # the last table's row 18: past its end
+        model.train()
+        assert model._fused_decode_step(tokens, 1, cache) is None
+        model.eval()
+        assert model._fused_decode_step(tokens, 1, cache) is not None
+        for pattern in ("flatten",):
+            other = tiny_model(pattern, dtype=torch.float32)
+            assert other._fused_decode_step(tokens[:, :1], 0, other.new_cache(condition, 4)) is None
+        assert tiny_model("delay", dtype=torch.float64)._fused_decode_step(tokens, 0, cache) is None
+    assert model._fused_decode_step(tokens, 2, cache) is None  # autograd recording
 
 
 @pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
@@ -345,18 +387,23 @@ def test_prepared_decode_layers_follow_every_change_of_the_weights(seeded):
 
 @pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ extension is not built")
 def test_decode_step_takes_the_fused_path_only_for_int_steps(seeded, monkeypatch):
-    """The CUDA-graph variant (a tensor step) never calls decode_layers: it runs the layers under a length mask."""
+    """The CUDA-graph variant (a tensor step) never calls decode_logits or decode_layers: it runs the layers under a
+    length mask. An int step calls decode_logits (delay model), or decode_layers when that is forced to run."""
     model = tiny_model("delay", dtype=torch.float32)
     calls = []
-    original = mmdkernels.decode_layers
-    monkeypatch.setattr(mmdkernels, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("decode_layers", "decode_logits"):
+        original = getattr(mmdkernels, name)
+        monkeypatch.setattr(mmdkernels, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
     tokens = torch.full((2, 3), model.config.special)
     with torch.no_grad():
         cache = model.new_cache(model.encode_condition(["a prompt", None]), 4)
         model.decode_step(tokens, torch.tensor([0]), cache)
         assert calls == []
         model.decode_step(tokens, 1, cache)
-        assert calls == [1]
+        assert calls == ["decode_logits"]
+        monkeypatch.setenv("MMDKERNELS_BACKEND_DECODE_LOGITS", "reference")
+        model.decode_step(tokens, 2, cache)
+        assert calls == ["decode_logits", "decode_layers"]
 
 
 @pytest.mark.parametrize("dim", [6, 64, 512, 1536])

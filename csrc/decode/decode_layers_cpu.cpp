@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -144,17 +145,17 @@ void check_args(const at::Tensor& x, at::TensorList weights, const c10::List<std
   MMD_CHECK_SHAPE(cross_lengths, batch);
 }
 
-at::Tensor lm_decode_layers_cpu(const at::Tensor& x_in, at::TensorList weights,
-                                const c10::List<std::optional<at::Tensor>>& scales, const at::Tensor& self_k,
-                                const at::Tensor& self_v, const at::Tensor& cross_k, const at::Tensor& cross_v,
-                                const at::Tensor& cross_lengths, int64_t step, int64_t num_heads, double eps,
-                                bool torch_linear) {
-  check_args(x_in, weights, scales, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads);
-  const int64_t batch = x_in.size(0), dim = x_in.size(1), head_dim = dim / num_heads;
+// The layers of one step on the residual stream x (float32 [B, D] contiguous, updated in place), arguments checked.
+// Returns the last layer's MLP output, not yet added to x: the caller adds it (lm_decode_layers) or fuses the add
+// into the final norm (lm_decode_logits).
+at::Tensor run_layers(at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                      const at::Tensor& self_k, const at::Tensor& self_v, const at::Tensor& cross_k,
+                      const at::Tensor& cross_v, const at::Tensor& cross_lengths, int64_t step, int64_t num_heads,
+                      double eps, bool torch_linear) {
+  const int64_t batch = x.size(0), dim = x.size(1), head_dim = dim / num_heads;
   const int64_t layers = static_cast<int64_t>(weights.size()) / kWeightsPerLayer;
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  const auto self_lengths = at::full({batch}, step + 1, x_in.options().dtype(at::kLong));
-  at::Tensor x = x_in.contiguous().clone();  // the residual stream, updated in place
+  const auto self_lengths = at::full({batch}, step + 1, x.options().dtype(at::kLong));
   at::Tensor pending;  // the previous layer's MLP output, added to x by this layer's first residual_norm
   for (int64_t layer = 0; layer < layers; ++layer) {
     const at::Tensor* w = weights.data() + layer * kWeightsPerLayer;
@@ -179,11 +180,101 @@ at::Tensor lm_decode_layers_cpu(const at::Tensor& x_in, at::TensorList weights,
     h = residual_norm(x, proj(attended.view({batch, dim}), kCrossOut), w[kMlpNormWeight], w[kMlpNormBias], eps);
     pending = proj(proj(h, kFc1, /*gelu=*/true), kFc2);
   }
-  x.add_(pending);
+  return pending;
+}
+
+at::Tensor lm_decode_layers_cpu(const at::Tensor& x_in, at::TensorList weights,
+                                const c10::List<std::optional<at::Tensor>>& scales, const at::Tensor& self_k,
+                                const at::Tensor& self_v, const at::Tensor& cross_k, const at::Tensor& cross_v,
+                                const at::Tensor& cross_lengths, int64_t step, int64_t num_heads, double eps,
+                                bool torch_linear) {
+  check_args(x_in, weights, scales, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads);
+  at::Tensor x = x_in.contiguous().clone();  // the residual stream, updated in place
+  const at::Tensor last = run_layers(x, weights, scales, self_k, self_v, cross_k, cross_v, cross_lengths, step,
+                                     num_heads, eps, torch_linear);
+  x.add_(last);
   return x;
+}
+
+// The step's input embeddings: x[b] = sum_r embedding[tokens[b, r] + offsets[r]] + position, the rows added in order r,
+// then the position (the order of models/lm.py's _embed). Every row index is checked before any is read.
+at::Tensor embed_tokens(const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& embedding,
+                        const at::Tensor& position) {
+  MMD_CHECK_DIM(tokens, 2);
+  MMD_CHECK_DTYPE(tokens, at::kLong);
+  MMD_CHECK_DEVICE(tokens, at::Device(at::kCPU));
+  MMD_CHECK_DTYPE(offsets, at::kLong);
+  const int64_t batch = tokens.size(0), streams = tokens.size(1);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == streams, "offsets must have shape [R = ", streams,
+              "] (one table offset per column of tokens), got ", offsets.sizes());
+  MMD_CHECK_DTYPE(embedding, at::kFloat);
+  TORCH_CHECK(embedding.dim() == 2 && embedding.is_contiguous(), "embedding must be a contiguous float32 tensor [V, D], got ",
+              embedding.sizes());
+  const int64_t rows = embedding.size(0), dim = embedding.size(1);
+  MMD_CHECK_DTYPE(position, at::kFloat);
+  TORCH_CHECK(position.dim() == 1 && position.size(0) == dim && position.stride(0) == 1,
+              "position must be a float32 tensor [D = ", dim, "] of unit stride, got ", position.sizes());
+  TORCH_CHECK(batch >= 1 && streams >= 1, "tokens must have shape [B, R] with B, R >= 1, got ", tokens.sizes());
+  const auto tokens_c = tokens.contiguous(), offsets_c = offsets.contiguous();
+  const int64_t* token_data = tokens_c.data_ptr<int64_t>();
+  const int64_t* offset_data = offsets_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t r = 0; r < streams; ++r) {
+      const int64_t row = token_data[b * streams + r] + offset_data[r];
+      TORCH_CHECK(row >= 0 && row < rows, "tokens[", b, ", ", r, "] + offsets[", r, "] = ", row,
+                  " is outside the embedding's ", rows, " rows");
+    }
+  }
+  at::Tensor x = at::empty({batch, dim}, embedding.options());
+  float* out = x.data_ptr<float>();
+  const float* table_data = embedding.data_ptr<float>();
+  const float* pos = position.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    float* o = out + b * dim;
+    const float* first = table_data + (token_data[b * streams] + offset_data[0]) * dim;
+    std::copy(first, first + dim, o);
+    for (int64_t r = 1; r < streams; ++r) {
+      const float* e = table_data + (token_data[b * streams + r] + offset_data[r]) * dim;
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) o[i] += e[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < dim; ++i) o[i] += pos[i];
+  }
+  return x;
+}
+
+// A whole decode step of the model, tokens to logits: the embeddings (embed_tokens), the layers (run_layers), the
+// final LayerNorm fused with the last residual add, and the heads (one projection over all codebooks' rows).
+at::Tensor lm_decode_logits_cpu(const at::Tensor& tokens, const at::Tensor& position, const at::Tensor& embedding,
+                                const at::Tensor& offsets, const at::Tensor& final_norm_weight,
+                                const at::Tensor& final_norm_bias, const at::Tensor& head,
+                                const std::optional<at::Tensor>& head_scale, at::TensorList weights,
+                                const c10::List<std::optional<at::Tensor>>& scales, const at::Tensor& self_k,
+                                const at::Tensor& self_v, const at::Tensor& cross_k, const at::Tensor& cross_v,
+                                const at::Tensor& cross_lengths, int64_t step, int64_t num_heads, double eps,
+                                bool torch_linear) {
+  at::Tensor x = embed_tokens(tokens, offsets, embedding, position);
+  check_args(x, weights, scales, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads);
+  const int64_t dim = x.size(1);
+  for (const auto* norm : {&final_norm_weight, &final_norm_bias}) {
+    TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->dim() == 1 && norm->size(0) == dim &&
+                    norm->is_contiguous(),
+                "final_norm_weight / final_norm_bias must be contiguous float32 tensors [D = ", dim, "], got ",
+                norm->scalar_type(), " ", norm->sizes());
+  }
+  TORCH_CHECK(head.dim() == 2 && head.size(1) == dim && head.is_contiguous(),
+              "head must be a contiguous tensor [C, D = ", dim, "], got ", head.sizes());
+  const at::Tensor last = run_layers(x, weights, scales, self_k, self_v, cross_k, cross_v, cross_lengths, step,
+                                     num_heads, eps, torch_linear);
+  const at::Tensor h = residual_norm(x, last, final_norm_weight, final_norm_bias, eps);
+  return project(h, head, head_scale, torch_linear);
 }
 
 }  // namespace
 }  // namespace mmdkernels::decode
 
-TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) { m.impl("lm_decode_layers", &mmdkernels::decode::lm_decode_layers_cpu); }
+TORCH_LIBRARY_IMPL(mmdkernels, CPU, m) {
+  m.impl("lm_decode_layers", &mmdkernels::decode::lm_decode_layers_cpu);
+  m.impl("lm_decode_logits", &mmdkernels::decode::lm_decode_logits_cpu);
+}

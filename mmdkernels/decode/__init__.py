@@ -13,17 +13,33 @@ from dataclasses import dataclass
 
 import torch
 
-from mmdkernels._dispatch import LINEAR_MAX_ROWS, choose_backend, linear_rows_prefer_torch
+from mmdkernels._dispatch import (
+    LINEAR_MAX_ROWS,
+    checking_values,
+    choose_backend,
+    env_backend,
+    linear_rows_prefer_torch,
+)
 from mmdkernels.decode import ops
-from mmdkernels.decode.reference import PROJECTIONS, DecoderLayerWeights, decode_layers_ref
+from mmdkernels.decode.reference import (
+    PROJECTIONS,
+    DecoderEnds,
+    DecoderLayerWeights,
+    decode_layers_ref,
+    decode_logits_ref,
+)
 from mmdkernels.linear.quantize import QuantizedLinearWeight
 
 __all__ = [
+    "DecoderEnds",
     "DecoderLayerWeights",
     "PreparedDecoderLayers",
     "decode_layers",
     "decode_layers_backend",
     "decode_layers_ref",
+    "decode_logits",
+    "decode_logits_backend",
+    "decode_logits_ref",
     "prepare_decode_layers",
 ]
 
@@ -236,4 +252,161 @@ def decode_layers(
         num_heads,
         float(eps),
         linear_rows_prefer_torch(x.shape[0]),
+    )
+
+
+def _check_ends(tokens, position, ends, prepared: PreparedDecoderLayers) -> None:
+    """The tokens, position and ends of decode_logits against the prepared layers' dim, dtype and device."""
+    dim, dtype, device = prepared.dim, prepared.dtype, prepared.device
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64 or tokens.dim() != 2:
+        got = f"{tokens.dtype} tensor of shape {list(tokens.shape)}" if isinstance(tokens, torch.Tensor) else tokens
+        raise TypeError(f"tokens must be an int64 tensor [B, R], got {got}")
+    if tokens.device != device or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be [B, R] with B, R >= 1 on {device} (the layers'), got {list(tokens.shape)}")
+    if not isinstance(ends, DecoderEnds):
+        raise TypeError(f"ends must be a DecoderEnds, got {type(ends).__name__}")
+    for name, tensor, shape in (
+        ("position", position, (dim,)),
+        ("ends.final_norm_weight", ends.final_norm_weight, (dim,)),
+        ("ends.final_norm_bias", ends.final_norm_bias, (dim,)),
+        ("ends.embedding", ends.embedding, None),
+    ):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.device != device:
+            raise TypeError(f"{name} must be a tensor of the layers' dtype and device ({dtype}, {device})")
+        if shape is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+    if ends.embedding.dim() != 2 or ends.embedding.shape[1] != dim:
+        raise ValueError(f"ends.embedding must have shape [V, D={dim}], got {list(ends.embedding.shape)}")
+    offsets = ends.offsets
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64 or offsets.device != device:
+        raise TypeError(f"ends.offsets must be an int64 tensor [R] on {device}")
+    if tuple(offsets.shape) != (tokens.shape[1],):
+        raise ValueError(f"ends.offsets must have shape [R={tokens.shape[1]}], got {list(offsets.shape)}")
+    head = ends.head
+    if isinstance(head, QuantizedLinearWeight):
+        if head.device != device:
+            raise TypeError(f"ends.head must be on the layers' device {device}, got {head.device}")
+    elif not isinstance(head, torch.Tensor) or head.dtype != dtype or head.device != device:
+        raise TypeError(
+            f"ends.head must be a tensor of the layers' dtype and device ({dtype}, {device}) or a QuantizedLinearWeight"
+        )
+    if len(head.shape) != 2 or head.shape[1] != dim:
+        raise ValueError(f"ends.head must have shape [C, D={dim}], got {list(head.shape)}")
+
+
+def _ends_tensors(ends: DecoderEnds) -> list[torch.Tensor]:
+    head = ends.head.data if isinstance(ends.head, QuantizedLinearWeight) else ends.head
+    return [ends.embedding, ends.final_norm_weight, ends.final_norm_bias, head]
+
+
+def _logits_reasons(tokens, position, ends, prepared: PreparedDecoderLayers, backend: str) -> list[str]:
+    if backend != "cpp":
+        return []
+    reasons = []
+    if prepared.dtype != torch.float32:
+        reasons.append(f"dtype {prepared.dtype}: the fused step takes float32")
+    if tokens.shape[0] > LINEAR_MAX_ROWS:
+        reasons.append(f"{tokens.shape[0]} rows: the fused step takes at most {LINEAR_MAX_ROWS}")
+    ends_tensors = _ends_tensors(ends)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*prepared.tensors, *ends_tensors, position)):
+        reasons.append("autograd is recording: the fused step has no backward (use it under torch.no_grad)")
+    if not prepared.contiguous or not all(t.is_contiguous() for t in ends_tensors):
+        reasons.append("a layer weight, the embedding, the final norm or the head is not contiguous")
+    return reasons
+
+
+def _choose_logits_backend(tokens, position, ends, prepared: PreparedDecoderLayers, requested: str | None) -> str:
+    # The environment's choice for decode_layers holds for the layers inside the whole step too: forcing
+    # MMDKERNELS_BACKEND_DECODE_LAYERS=reference (the per-layer path) sends an automatic decode_logits to its reference.
+    if requested is None and env_backend("decode_logits") is None and env_backend("decode_layers") == "reference":
+        requested = "reference"
+    return choose_backend(
+        position, requested, "decode_logits",
+        op_reasons=lambda name: _logits_reasons(tokens, position, ends, prepared, name),
+    )  # fmt: skip
+
+
+def decode_logits_backend(
+    tokens: torch.Tensor, position: torch.Tensor, ends: DecoderEnds, layers: PreparedDecoderLayers
+) -> str:
+    """The backend decode_logits(tokens, position, ends, layers, ...) would run ("cpp" or "reference"); an automatic
+    choice follows MMDKERNELS_BACKEND_DECODE_LAYERS=reference (the layers' reference) unless _DECODE_LOGITS is set."""
+    return _choose_logits_backend(tokens, position, ends, layers, None)
+
+
+def decode_logits(
+    tokens: torch.Tensor,
+    position: torch.Tensor,
+    ends: DecoderEnds,
+    layers: list[DecoderLayerWeights] | PreparedDecoderLayers,
+    self_k: torch.Tensor,
+    self_v: torch.Tensor,
+    cross_k: torch.Tensor,
+    cross_v: torch.Tensor,
+    cross_lengths: torch.Tensor,
+    step: int,
+    *,
+    num_heads: int,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One whole KV-cached decode step, tokens to logits, in one call (see decode_logits_ref for the maths): the
+    embedding sum, every layer (as decode_layers), the final LayerNorm and the stacked heads.
+
+    Args:
+        tokens: int64 [B, R] this step's input tokens, row ids within each stream's table (B <= 16 for the C++ op).
+        position: [D] this step's position embedding (the layers' dtype; float32 for the C++ op).
+        ends: DecoderEnds: embedding [V, D], offsets int64 [R], final_norm_weight / _bias [D], head [C, D] (a
+            tensor, or a QuantizedLinearWeight: bf16, or int8 with per-row scales).
+        layers: as decode_layers (a prepare_decode_layers result is what a generation loop passes every step).
+        self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads, eps: as decode_layers.
+        backend: None (the C++ op where it can run, else the reference), "cpp" or "reference".
+    Returns:
+        logits [B, C] (float32 from the C++ op).
+
+    Example:
+        >>> ends = mmdkernels.DecoderEnds(table, offsets, norm.weight, norm.bias, heads.view(-1, d))
+        >>> logits = mmdkernels.decode_logits(tokens, pos_row, ends, prepared, *caches, step, num_heads=16)
+    """
+    prepared = layers if isinstance(layers, PreparedDecoderLayers) else prepare_decode_layers(layers)
+    _check_ends(tokens, position, ends, prepared)
+    batch = tokens.shape[0]
+    _check_state(
+        position.new_empty(batch, prepared.dim), len(prepared.layers), self_k, self_v, cross_k, cross_v,
+        cross_lengths, step, num_heads,
+    )  # fmt: skip
+    backend = _choose_logits_backend(tokens, position, ends, prepared, backend)
+    if backend == "reference":  # the C++ op checks the rows itself
+        rows = tokens + ends.offsets
+        if checking_values() and bool(((rows < 0) | (rows >= ends.embedding.shape[0])).any()):
+            raise ValueError(
+                f"tokens + ends.offsets must index the embedding's {ends.embedding.shape[0]} rows, got rows "
+                f"{int(rows.min())}..{int(rows.max())}"
+            )
+        return decode_logits_ref(
+            tokens, position, ends, list(prepared.layers), self_k, self_v, cross_k, cross_v, cross_lengths, step,
+            num_heads, eps,
+        )  # fmt: skip
+    head = ends.head
+    head_data, head_scale = (head.data, head.scale) if isinstance(head, QuantizedLinearWeight) else (head, None)
+    return ops.decode_logits_op()(
+        tokens,
+        position,
+        ends.embedding,
+        ends.offsets,
+        ends.final_norm_weight,
+        ends.final_norm_bias,
+        head_data,
+        head_scale,
+        list(prepared.tensors),
+        list(prepared.scales),
+        self_k,
+        self_v,
+        cross_k,
+        cross_v,
+        cross_lengths,
+        step,
+        num_heads,
+        float(eps),
+        linear_rows_prefer_torch(batch),
     )

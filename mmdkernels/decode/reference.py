@@ -93,3 +93,52 @@ def decode_layers_ref(
         h = F.layer_norm(x, (dim,), w.mlp_norm_weight, w.mlp_norm_bias, eps)
         x = x + _project(F.gelu(_project(h, w.fc1)), w.fc2)
     return x
+
+
+class DecoderEnds(NamedTuple):
+    """What a decode step adds around the layers to go from tokens to logits, in the order the compiled op takes
+    them (csrc/decode/decode_layers_cpu.cpp, lm_decode_logits). D = model dim, R = token streams, C = logits."""
+
+    embedding: torch.Tensor  # [V, D]: the stacked token tables
+    offsets: torch.Tensor  # int64 [R]: the first row of stream r's table
+    final_norm_weight: torch.Tensor  # [D]
+    final_norm_bias: torch.Tensor  # [D]
+    head: torch.Tensor  # [C, D] (every codebook's head stacked), or a QuantizedLinearWeight (bf16, int8 + scales)
+
+
+def embed_tokens_ref(tokens: torch.Tensor, position: torch.Tensor, ends: DecoderEnds) -> torch.Tensor:
+    """tokens int64 [B, R], position [D] -> the step's input embeddings [B, D]: the rows tokens[b, r] + offsets[r]
+    of the embedding summed over r, plus the position's embedding."""
+    return ends.embedding[tokens + ends.offsets].sum(1) + position
+
+
+def decode_logits_ref(
+    tokens: torch.Tensor,
+    position: torch.Tensor,
+    ends: DecoderEnds,
+    layers: list[DecoderLayerWeights],
+    self_k: torch.Tensor,
+    self_v: torch.Tensor,
+    cross_k: torch.Tensor,
+    cross_v: torch.Tensor,
+    cross_lengths: torch.Tensor,
+    step: int,
+    num_heads: int,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """One whole decode step, tokens to logits: embed_tokens_ref, decode_layers_ref, the final LayerNorm, the heads.
+
+    Args:
+        tokens: int64 [B, R] this step's input tokens (row ids within each stream's table).
+        position: [D] this step's position embedding.
+        ends: DecoderEnds (embedding, offsets, final norm, heads).
+        layers, self_k, self_v, cross_k, cross_v, cross_lengths, step, num_heads, eps: as decode_layers_ref.
+    Returns:
+        logits [B, C].
+    """
+    x = decode_layers_ref(
+        embed_tokens_ref(tokens, position, ends), layers, self_k, self_v, cross_k, cross_v, cross_lengths, step,
+        num_heads, eps,
+    )  # fmt: skip
+    h = F.layer_norm(x, (x.shape[1],), ends.final_norm_weight, ends.final_norm_bias, eps)
+    return _project(h, ends.head)
