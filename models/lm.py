@@ -17,8 +17,9 @@ buffers written in place at each step; cross-attention keys/values are computed 
 dispatcher (mmdkernels/_dispatch.py; force one with MMDKERNELS_BACKEND_<OP>, e.g. DECODE_ATTENTION=sdpa, or
 DECODE_LAYERS=reference to run the layers one op at a time): on CPU a step of a model with one table per codebook
 (delay, parallel) runs as one `mmdkernels.decode_logits` call, tokens to logits, and the layers of any other as one
-`mmdkernels.decode_layers` call (DECODE_LOGITS=reference forces that too). Its one variant is the CUDA-graph step: the step is a device tensor and attention runs over the whole cache
-under a length mask (fixed shapes, no host read of a length).
+`mmdkernels.decode_layers` call (DECODE_LOGITS=reference forces that too). Its one variant is the CUDA-graph step:
+the step is a device tensor and attention runs over the whole cache under a length mask (fixed shapes, no host read
+of a length).
 
 `quantize_for_decode(model, "bf16" | "fp16" | "int8")` stores a copy of every decoder projection and the heads in
 that precision (mmdkernels.pack_decode_weight), which inference (model.eval()) then uses: decode steps, prefill and

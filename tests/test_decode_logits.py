@@ -144,7 +144,8 @@ def test_automatic_choice(monkeypatch):
 def op_args(case):
     tokens, position, ends, weights, caches, step, heads = case
     pairs = [(t.data, t.scale) if isinstance(t, QuantizedLinearWeight) else (t, None) for w in weights for t in w]
-    head, scale = (ends.head.data, ends.head.scale) if isinstance(ends.head, QuantizedLinearWeight) else (ends.head, None)
+    quantized = isinstance(ends.head, QuantizedLinearWeight)
+    head, scale = (ends.head.data, ends.head.scale) if quantized else (ends.head, None)
     return [tokens, position, ends.embedding, ends.offsets, ends.final_norm_weight, ends.final_norm_bias, head, scale,
             [t for t, _ in pairs], [s for _, s in pairs], *caches, step, heads, 1e-5, False]  # fmt: skip
 
@@ -155,7 +156,8 @@ def test_opcheck(precision):
     tokens, position, ends, weights, caches, step, heads = make_step(3, head_precision=precision)
     if precision is not None:
         _, weights, *_ = packed((position[None], weights, caches, step, heads), precision)
-    torch.library.opcheck(decode_ops.decode_logits_op(), op_args((tokens, position, ends, weights, caches, step, heads)))
+    args = op_args((tokens, position, ends, weights, caches, step, heads))
+    torch.library.opcheck(decode_ops.decode_logits_op(), args)
 
 
 @needs_cpu_kernels
