@@ -15,9 +15,9 @@ Decoding uses a static KV cache (`new_cache`): self-attention keys/values live i
 buffers written in place at each step; cross-attention keys/values are computed once from the condition.
 `decode_step` is one path: embed, the decoder layers, the heads. Every kernel on it is chosen by the library's
 dispatcher (mmdkernels/_dispatch.py; force one with MMDKERNELS_BACKEND_<OP>, e.g. DECODE_ATTENTION=sdpa, or
-DECODE_LAYERS=reference to run the layers one op at a time): on CPU a step of a model with one table per codebook
-(delay, parallel) runs as one `mmdkernels.decode_logits` call, tokens to logits, and the layers of any other as one
-`mmdkernels.decode_layers` call (DECODE_LOGITS=reference forces that too). Its one variant is the CUDA-graph step:
+DECODE_LAYERS=reference to run the layers one op at a time): on CPU a step runs as one `mmdkernels.decode_logits`
+call, tokens to logits, and the layers of a depth-head model as one `mmdkernels.decode_layers` call
+(DECODE_LOGITS=reference forces that for every model). Its one variant is the CUDA-graph step:
 the step is a device tensor and attention runs over the whole cache under a length mask (fixed shapes, no host read
 of a length).
 
@@ -503,11 +503,13 @@ class MusicLM(nn.Module):
         return self._layers(x, self._cached_cross(cache, prefix_lengths=not graphed), cache, step), positions
 
     def _fused_decode_step(self, tokens: torch.Tensor, step: int, cache: KVCache) -> torch.Tensor | None:
-        """Logits [B, K, C] of a whole decode step in mmdkernels.decode_logits' compiled CPU op (tokens to logits in
-        one call: the embedding sum, the layers, the final norm, the heads) where it runs: a delay/parallel model
-        (one table per codebook, no target embedding or depth head) under the conditions of _fused_decode_layers;
-        else None (the step then runs in parts)."""
-        if self.target_embedding is not None or self.depth_head is not None or tokens.device.type != "cpu":
+        """Logits [B, R, C] of a whole decode step in mmdkernels.decode_logits' compiled CPU op (tokens to logits in
+        one call: the embedding sum, the layers, the final norm, the heads) where it runs: any model without a depth
+        head, under the conditions of _fused_decode_layers; else None (the step then runs in parts). A delay or
+        parallel step sums one row of each codebook's table and reads all K heads; a flatten step reads the previous
+        step's code (codebook (step - 1) mod K), adds the target embedding of codebook step mod K to the position's
+        row, and reads that codebook's head."""
+        if self.depth_head is not None or tokens.device.type != "cpu":
             return None
         if self.training or cache.cross_lengths is None or self.decode_precision == "fp16" or step < 0:
             return None
@@ -515,18 +517,22 @@ class MusicLM(nn.Module):
         if self.final_norm.eps != eps or not self.final_norm.elementwise_affine:
             return None  # the op normalises with one epsilon, every norm with weight and bias
         prepared = self.prepared_decode_layers()
-        ends = DecoderEnds(
-            self.token_embedding.weight, self.table_offset, self.final_norm.weight, self.final_norm.bias,
-            self.head_weight(),
-        )  # fmt: skip
+        k = self.config.num_codebooks
         position = _position_row(step, self.config.dim)
+        if self.target_embedding is None:
+            offsets, head = self.table_offset, self.head_weight()
+        else:
+            table = (step - 1) % k
+            offsets, head = self.table_offset[table : table + 1], self.head_weight(step % k)
+            position = self.target_embedding.weight[step % k] + position
+        ends = DecoderEnds(self.token_embedding.weight, offsets, self.final_norm.weight, self.final_norm.bias, head)
         if decode_logits_backend(tokens, position, ends, prepared) != "cpp":
             return None
         logits = mmdkernels.decode_logits(
             tokens, position, ends, prepared, cache.self_k, cache.self_v, cache.cross_k, cache.cross_v,
             cache.cross_lengths, step, num_heads=self.config.num_heads, eps=eps, backend="cpp",
         )  # fmt: skip
-        return logits.view(tokens.shape[0], self.config.num_codebooks, -1)
+        return logits.view(tokens.shape[0], tokens.shape[1], -1)
 
     def _fused_decode_layers(self, x: torch.Tensor, cache: KVCache) -> mmdkernels.PreparedDecoderLayers | None:
         """The prepared layers when an int decode step runs all layers in mmdkernels.decode_layers' compiled CPU op

@@ -234,8 +234,8 @@ def test_bad_codes_raise(seeded):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fused_cpu_decode_step_equals_the_python_layers(pattern, batch, seeded):
     """The fused CPU decode steps against the Python layers and the full forward: mmdkernels.decode_logits (tokens to
-    logits in one C++ call: delay / parallel models) and mmdkernels.decode_layers (the layers in one call: every
-    pattern; forced for the former by MMDKERNELS_BACKEND_DECODE_LOGITS=reference)."""
+    logits in one C++ call) and mmdkernels.decode_layers (the layers in one call, forced by
+    MMDKERNELS_BACKEND_DECODE_LOGITS=reference)."""
     model = tiny_model(pattern, dtype=torch.float32)
     model64 = copy.deepcopy(model).double()  # the same weights: the float64 reference
     codes = torch.randint(0, 17, (batch, 3, 7), generator=seeded)
@@ -246,7 +246,6 @@ def test_fused_cpu_decode_step_equals_the_python_layers(pattern, batch, seeded):
         "layers": {"MMDKERNELS_BACKEND_DECODE_LOGITS": "reference"},
         "python": {"MMDKERNELS_BACKEND_DECODE_LAYERS": "reference"},
     }
-    whole_step = model.target_embedding is None  # one table per codebook: the whole step in one call
     with torch.no_grad():
         runs = {}
         for mode, variables in modes.items():
@@ -257,7 +256,7 @@ def test_fused_cpu_decode_step_equals_the_python_layers(pattern, batch, seeded):
                 x = model._embed(inputs[:, :, :1], torch.tensor([0]))
                 assert (model._fused_decode_layers(x, cache) is not None) == (mode != "python")
                 fused_step = model._fused_decode_step(inputs[:, :, 0], 0, copy.deepcopy(cache))
-                assert (fused_step is not None) == (mode == "step" and whole_step)
+                assert (fused_step is not None) == (mode == "step")
                 steps = [model.decode_step(inputs[:, :, s], s, cache) for s in range(inputs.shape[2])]
             runs[mode] = torch.stack(steps, 2)
             runs[mode, "cache"] = cache.self_k.clone()
@@ -316,9 +315,10 @@ def test_whole_step_in_one_call_only_where_it_can_run(seeded):
         assert model._fused_decode_step(tokens, 1, cache) is None
         model.eval()
         assert model._fused_decode_step(tokens, 1, cache) is not None
-        for pattern in ("flatten",):
-            other = tiny_model(pattern, dtype=torch.float32)
-            assert other._fused_decode_step(tokens[:, :1], 0, other.new_cache(condition, 4)) is None
+        flatten = tiny_model("flatten", dtype=torch.float32)
+        assert flatten._fused_decode_step(tokens[:, :1], 0, flatten.new_cache(condition, 4)) is not None
+        depth = tiny_model("delay", dtype=torch.float32, head="depth")  # the heads read more than the state
+        assert depth._fused_decode_step(tokens, 0, depth.new_cache(condition, 4)) is None
         assert tiny_model("delay", dtype=torch.float64)._fused_decode_step(tokens, 0, cache) is None
     assert model._fused_decode_step(tokens, 2, cache) is None  # autograd recording
 
