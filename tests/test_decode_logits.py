@@ -139,6 +139,8 @@ def test_automatic_choice(monkeypatch):
         assert decode_logits_backend(tokens, position, bad, prepared) == "reference"  # a non-contiguous head
         with pytest.raises(RuntimeError, match="cannot run this input: .*not contiguous"):
             run((tokens, position, bad, weights, *make_step(3)[4:]), "cpp")
+        strided = torch.randn(position.shape[0], 2)[:, 0]
+        assert decode_logits_backend(tokens, strided, ends, prepared) == "reference"
 
 
 def op_args(case):

@@ -310,8 +310,8 @@ def _logits_reasons(tokens, position, ends, prepared: PreparedDecoderLayers, bac
     ends_tensors = _ends_tensors(ends)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*prepared.tensors, *ends_tensors, position)):
         reasons.append("autograd is recording: the fused step has no backward (use it under torch.no_grad)")
-    if not prepared.contiguous or not all(t.is_contiguous() for t in ends_tensors):
-        reasons.append("a layer weight, the embedding, the final norm or the head is not contiguous")
+    if not prepared.contiguous or not all(t.is_contiguous() for t in (*ends_tensors, position)):
+        reasons.append("a layer weight, the embedding, the final norm, the head or the position is not contiguous")
     return reasons
 
 
