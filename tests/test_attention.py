@@ -150,6 +150,22 @@ def test_strided_cache_views(backend, dtype, layout):
     assert_matches_reference(out, q, k, v, lengths)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_query_slice_of_a_fused_projection(backend, dtype):
+    """q as a decode step has it: the q part of a fused QKV output [B, 3, H, Dh], heads packed, rows 3 H Dh apart (the
+    C++ op reads float32 ones in place); also one query row broadcast over the batch (batch stride 0)."""
+    _, k, v, lengths = make_problem((3, 4, 4, 30, 16), dtype, "varying", seed=8)
+    fused = torch.randn(3, 3, 4, 16, generator=torch.Generator().manual_seed(9)).to(dtype)
+    q = fused[:, 0]
+    assert not q.is_contiguous() and q.stride(1) == 16
+    out = mmdkernels.decode_attention(q, k, v, lengths, backend=backend)
+    assert_matches_reference(out, q, k, v, lengths)
+    torch.testing.assert_close(out, mmdkernels.decode_attention(q.contiguous(), k, v, lengths, backend=backend))
+    one = fused[:1, 1].expand(3, 4, 16)
+    assert_matches_reference(mmdkernels.decode_attention(one, k, v, lengths, backend=backend), one, k, v, lengths)
+
+
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf"), 1e4])
 @pytest.mark.parametrize("backend", ["cpp", "sdpa", "reference"])
 def test_entries_past_the_length_are_never_used(backend, garbage):

@@ -284,6 +284,7 @@ void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cach
   const int64_t kv_heads = k_cache.size(1), max_len = k_cache.size(2), group = heads / kv_heads;
   const auto k = cache_view<T>(k_cache), v = cache_view<T>(v_cache);
   const float* q = q_float.data_ptr<float>();
+  const int64_t q_batch_stride = q_float.stride(0);  // heads and elements are packed (decode_attention_cpu)
   const int64_t* length_data = lengths.data_ptr<int64_t>();
   T* out_data = out.data_ptr<T>();
   int64_t longest = 0;
@@ -301,7 +302,7 @@ void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cach
       const int64_t pair = item / splits, split = item % splits, b = pair / kv_heads, g = pair % kv_heads;
       int64_t begin, end;
       split_range(valid_length(length_data[b], max_len), splits, split, &begin, &end);
-      const float* q_group = q + (b * heads + g * group) * dim;
+      const float* q_group = q + b * q_batch_stride + g * group * dim;
       attend_range(q_group, scale, group, k, v, b, g, begin, end, dim, acc.data(), states.data(), scores.data());
       if (splits > 1) {
         std::copy(acc.begin(), acc.end(), partial_acc.begin() + item * group * dim);
@@ -350,7 +351,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   // Rows must be contiguous to be read as vectors; any other strides are followed in place.
   const auto k = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();
   const auto v = v_cache.stride(3) == 1 ? v_cache : v_cache.contiguous();
-  const auto q_float = q.to(at::kFloat).contiguous();  // exact: the kernels scale the scores, not q
+  // exact: the kernels scale the scores, not q. A float32 q whose heads are packed rows is read in place whatever
+  // its batch stride (a decode step's q is a slice of its fused QKV projection: no copy per call).
+  const bool packed_heads = q.scalar_type() == at::kFloat && q.stride(2) == 1 && q.stride(1) == q.size(2);
+  const auto q_float = packed_heads ? q : q.to(at::kFloat).contiguous();
   const auto lengths_c = lengths.contiguous();
   auto out = at::empty(q.sizes(), q.options());
   const auto dtype = q.scalar_type();  // float32, bfloat16 or float16 (checked above)

@@ -106,6 +106,26 @@ at::Tensor residual_norm(at::Tensor& x, const at::Tensor& delta, const at::Tenso
   return h;
 }
 
+// cache[:, :, step] = qkv[:, part] for qkv float32 [B, 3, H, Dh] contiguous and a float32 cache [B, H, S, Dh] of any
+// strides: a loop instead of a strided copy_ (TensorIterator's set-up cost more than the 32 rows it moves).
+void write_cache_row(const at::Tensor& qkv, int64_t part, const at::Tensor& cache, int64_t step) {
+  const int64_t batch = cache.size(0), heads = cache.size(1), head_dim = cache.size(3);
+  const float* source = qkv.data_ptr<float>() + part * heads * head_dim;
+  float* target = cache.data_ptr<float>() + step * cache.stride(2);
+  const int64_t sb = cache.stride(0), sh = cache.stride(1), sd = cache.stride(3);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* from = source + (b * 3 + 0) * heads * head_dim + h * head_dim;
+      float* to = target + b * sb + h * sh;
+      if (sd == 1) {
+        std::copy(from, from + head_dim, to);
+      } else {
+        for (int64_t d = 0; d < head_dim; ++d) to[d * sd] = from[d];
+      }
+    }
+  }
+}
+
 void check_args(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                 const at::Tensor& self_k, const at::Tensor& self_v,
                 const at::Tensor& cross_k, const at::Tensor& cross_v, const at::Tensor& cross_lengths, int64_t step,
@@ -169,8 +189,8 @@ at::Tensor run_layers(at::Tensor& x, at::TensorList weights, const c10::List<std
     auto h = residual_norm(x, pending, w[kSelfNormWeight], w[kSelfNormBias], eps);
     const auto qkv = proj(h, kQkv).view({batch, 3, num_heads, head_dim});
     const auto layer_k = self_k.select(0, layer), layer_v = self_v.select(0, layer);
-    layer_k.select(2, step).copy_(qkv.select(1, 1));
-    layer_v.select(2, step).copy_(qkv.select(1, 2));
+    write_cache_row(qkv, 1, layer_k, step);
+    write_cache_row(qkv, 2, layer_v, step);
     auto attended = attend(qkv.select(1, 0), layer_k, layer_v, self_lengths, scale);
     // cross-attention over the condition's fixed K/V
     h = residual_norm(x, proj(attended.view({batch, dim}), kSelfOut), w[kCrossNormWeight], w[kCrossNormBias], eps);
