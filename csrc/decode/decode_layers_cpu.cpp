@@ -216,8 +216,8 @@ at::Tensor lm_decode_layers_cpu(const at::Tensor& x_in, at::TensorList weights,
   return x;
 }
 
-// The step's input embeddings: x[b] = sum_r embedding[tokens[b, r] + offsets[r]] + position, the rows added in order r,
-// then the position (the order of models/lm.py's _embed). Every row index is checked before any is read.
+// The step's input embeddings: x[b] = sum_r embedding[tokens[b, r] + offsets[r]] + position, the rows added in
+// order r, then the position (the order of models/lm.py's _embed). Every row index is checked before any is read.
 at::Tensor embed_tokens(const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& embedding,
                         const at::Tensor& position) {
   MMD_CHECK_DIM(tokens, 2);
@@ -228,8 +228,8 @@ at::Tensor embed_tokens(const at::Tensor& tokens, const at::Tensor& offsets, con
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == streams, "offsets must have shape [R = ", streams,
               "] (one table offset per column of tokens), got ", offsets.sizes());
   MMD_CHECK_DTYPE(embedding, at::kFloat);
-  TORCH_CHECK(embedding.dim() == 2 && embedding.is_contiguous(), "embedding must be a contiguous float32 tensor [V, D], got ",
-              embedding.sizes());
+  TORCH_CHECK(embedding.dim() == 2 && embedding.is_contiguous(),
+              "embedding must be a contiguous float32 tensor [V, D], got ", embedding.sizes());
   const int64_t rows = embedding.size(0), dim = embedding.size(1);
   MMD_CHECK_DTYPE(position, at::kFloat);
   TORCH_CHECK(position.dim() == 1 && position.size(0) == dim && position.stride(0) == 1,
