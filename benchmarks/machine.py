@@ -1,6 +1,6 @@
 """What a CPU benchmark ran on: the CPU (model, vendor), the GEMM path the C++ kernels chose, and the machine's best
-bare float32 GEMM speed (max over the MKL and oneDNN providers), so that a kernel's time can be read as a multiple of
-the bare products it replaces, on Intel and AMD alike.
+bare float32 GEMM speed (max over the MKL, oneDNN and our own packed-kernel providers, and torch.mm), so that a
+kernel's time can be read as a multiple of the bare products it replaces, on Intel and AMD alike.
 
     python -m benchmarks.machine [rounds]     # the bare GEMM table of issue 14 on this machine
 """
@@ -40,14 +40,14 @@ def providers() -> list[str]:
         return []
     from mmdkernels.gemm import gemm_path
 
-    return ["mkl", "onednn"] if gemm_path()["onednn_available"] else ["mkl"]
+    return ["mkl", "onednn", "own"] if gemm_path()["onednn_available"] else ["mkl", "own"]
 
 
 def bare_gemm_gflops(m: int, n: int, k: int, rounds: int = 3) -> dict[str, float]:
     """GFLOP/s of a [m, k] @ [n, k]^T float32 product per provider, interleaved (A, B, A, B, ...), fastest round each.
 
     Returns:
-        {"mkl": x, "onednn": y} (the providers available), with torch's own `a @ b.t()` as "torch.mm".
+        {"mkl": x, "onednn": y, "own": z} (the providers available), with torch's own `a @ b.t()` as "torch.mm".
     """
     from mmdkernels.gemm import gemm_mm
 

@@ -85,8 +85,8 @@ TORCH_LIBRARY(mmdkernels, m) {
       "Tensor(a!) self_k, Tensor(b!) self_v, Tensor cross_k, Tensor cross_v, Tensor cross_lengths, int step, "
       "int num_heads, float eps, bool torch_linear) -> Tensor");
   // The GEMM inside the CPU kernels (csrc/gemm/gemm.h, mmdkernels/gemm.py). gemm_mm: float32 a [M, K] @ b [K, N]
-  // (each row-major or a transposed view) -> [M, N] on provider "mkl" / "onednn", or "" for the current choice.
-  // gemm_set_mode / gemm_mode: "auto" | "mkl" | "onednn" (MMDKERNELS_GEMM); gemm_choices: the measured shape
+  // (each row-major or a transposed view) -> [M, N] on provider "mkl" / "onednn" / "own", or "" for the current choice.
+  // gemm_set_mode / gemm_mode: "auto" | "mkl" | "onednn" | "own" (MMDKERNELS_GEMM); gemm_choices: the measured shape
   // classes as JSON.
   m.def("gemm_mm(Tensor a, Tensor b, str provider) -> Tensor");
   m.def("gemm_set_mode(str mode) -> ()");

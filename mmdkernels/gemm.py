@@ -1,10 +1,11 @@
 """The GEMM inside the C++ CPU kernels (csrc/gemm/gemm.h): which provider runs, and a hook to run each one.
 
 The CPU kernels (RVQ encode score tiles, MMD distance and gradient tiles) do their float32 products through one
-chooser: "mkl" (the BLAS torch's CPU library ships) or "onednn" (torch's bundled oneDNN). In "auto" mode (default)
-the first call of each shape class (M, N, K bucketed to powers of two, operand layouts, threads available) times
-both on that shape and keeps the faster for the process (oneDNN only when more than 10 % ahead: on a busy machine
-where the two are level, noise would otherwise flip the choice); ``MMDKERNELS_GEMM=mkl|onednn|auto`` (read at the first
+chooser: "mkl" (the BLAS torch's CPU library ships), "onednn" (torch's bundled oneDNN) or "own" (packed panels and a
+register-blocked micro-kernel of ours, csrc/gemm/packed_gemm.h). In "auto" mode (default) the first call of each shape
+class (M, N, K bucketed to powers of two, operand layouts, threads available) times every available provider on that
+shape and keeps the fastest for the process (another than MKL only when more than 10 % ahead: on a busy machine where
+they are level, noise would otherwise flip the choice); ``MMDKERNELS_GEMM=mkl|onednn|own|auto`` (read at the first
 product) or :func:`set_gemm_path` forces one.
 
     import mmdkernels
@@ -23,8 +24,8 @@ import torch
 from mmdkernels import _ext
 
 GEMM_ENV = "MMDKERNELS_GEMM"
-GEMM_PATHS = ("auto", "mkl", "onednn")
-PROVIDERS = ("mkl", "onednn")
+GEMM_PATHS = ("auto", "mkl", "onednn", "own")
+PROVIDERS = ("mkl", "onednn", "own")
 
 
 def check_gemm_path(path: str, source: str = GEMM_ENV) -> str:
@@ -47,9 +48,10 @@ def gemm_path() -> dict:
     """What the CPU kernels' GEMM runs on in this process.
 
     Returns:
-        {"mode": "auto" | "mkl" | "onednn", "onednn_available": bool, "choices": [...]}, where each choice is one
-        measured shape class: {"m", "n", "k" (the shape timed), "layout" ("nt": a row-major, b transposed view, ...),
-        "threads" (1 inside a parallel region), "chosen": "mkl" | "onednn", "gflops": {"mkl": x, "onednn": y}}.
+        {"mode": "auto" | "mkl" | "onednn" | "own", "onednn_available": bool, "choices": [...]}, where each choice
+        is one measured shape class: {"m", "n", "k" (the shape timed), "layout" ("nt": a row-major, b transposed
+        view, ...), "threads" (1 inside a parallel region), "chosen": "mkl" | "onednn" | "own", "gflops": {"mkl": x,
+        "onednn": y, "own": z}}.
         Empty choices until a kernel has run (or in a forced mode, which measures nothing).
     """
     ops = _ops()
@@ -61,7 +63,8 @@ def gemm_path() -> dict:
 
 
 def set_gemm_path(path: str) -> None:
-    """Force the CPU kernels' GEMM provider for this process: "mkl", "onednn", or "auto" (measure per shape class)."""
+    """Force the CPU kernels' GEMM provider for this process: "mkl", "onednn", "own", or "auto" (measure per shape
+    class)."""
     check_gemm_path(path, source="path")
     _ops().gemm_set_mode(path)
 
@@ -78,7 +81,7 @@ def forced_gemm_path(path: str):
 
 
 def gemm_mm(a: torch.Tensor, b: torch.Tensor, provider: str | None = None) -> torch.Tensor:
-    """a @ b through the kernels' GEMM: on `provider` ("mkl", "onednn"), or as the current mode chooses (None).
+    """a @ b through the kernels' GEMM: on `provider` ("mkl", "onednn", "own"), or as the current mode chooses (None).
 
     Args:
         a: float32 CPU [M, K], row-major or a transposed view (one unit stride, any leading dimension).

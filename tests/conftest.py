@@ -35,7 +35,7 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=["mkl", "onednn"])
+@pytest.fixture(params=["mkl", "onednn", "own"])
 def each_gemm_path(request):
     """Runs a module's tests once per GEMM provider of the C++ CPU kernels (mmdkernels.gemm), forced. Without the C++
     library the module runs once ("mkl", nothing to force) and "onednn" skips, as it does on a torch without it."""
@@ -55,8 +55,8 @@ def each_gemm_path(request):
 
 
 def _force_tile_kernel(param: str, env_var: str, monkeypatch):
-    """Yields with a C++ tile-kernel choice forced: param "gemm-mkl" / "gemm-onednn" (the GEMM tile on that provider)
-    or "fused" (our micro-kernel), through env_var (read by the library at every call)."""
+    """Yields with a C++ tile-kernel choice forced: param "gemm-mkl" / "gemm-onednn" / "gemm-own" (the GEMM tile on
+    that provider) or "fused" (our micro-kernel), through env_var (read by the library at every call)."""
     from mmdkernels import _ext
 
     kernel, _, gemm = param.partition("-")
@@ -74,14 +74,14 @@ def _force_tile_kernel(param: str, env_var: str, monkeypatch):
         yield param
 
 
-@pytest.fixture(params=["gemm-mkl", "gemm-onednn", "fused"])
+@pytest.fixture(params=["gemm-mkl", "gemm-onednn", "gemm-own", "fused"])
 def each_rvq_path(request, monkeypatch):
     """Runs a module's tests once per tile kernel of the C++ RVQ encoder (MMDKERNELS_RVQ_TILE), forced: the score
     tile on each GEMM provider, and the micro-kernel with the argmin fused (csrc/rvq/rvq_fused.h)."""
     yield from _force_tile_kernel(request.param, "MMDKERNELS_RVQ_TILE", monkeypatch)
 
 
-@pytest.fixture(params=["gemm-mkl", "gemm-onednn", "fused"])
+@pytest.fixture(params=["gemm-mkl", "gemm-onednn", "gemm-own", "fused"])
 def each_dhsic_tile(request, monkeypatch):
     """Runs a module's tests once per distance-tile kernel of the C++ dHSIC (MMDKERNELS_MMD_TILE), forced: the GEMM
     tile on each provider, and the micro-kernel with the distance epilogue fused (csrc/mmd/gram_fused.h)."""

@@ -1,5 +1,6 @@
 """The CPU kernels' GEMM (csrc/gemm, mmdkernels/gemm.py): every provider against float64 on odd shapes, layouts and
-strided operands; the auto choice and its report; MMDKERNELS_GEMM errors; oneDNN really running oneDNN.
+strided operands; our packed kernel across its blocking and thread counts; the auto choice and its report;
+MMDKERNELS_GEMM errors; oneDNN really running oneDNN.
 (tests/test_rvq.py and tests/test_mmd.py run their kernels with each provider forced: the each_gemm_path fixture.)"""
 
 import os
@@ -20,16 +21,19 @@ pytestmark = pytest.mark.skipif(not _ext.available("cpu"), reason="the C++ CPU l
 
 
 def providers() -> list[str]:
-    """The providers this torch has (oneDNN is absent from some builds)."""
+    """The providers this torch and CPU have (oneDNN is absent from some builds and refuses CPUs without AVX-512)."""
     if not _ext.available("cpu"):
         return ["mkl"]
-    return ["mkl", "onednn"] if gemm_path()["onednn_available"] else ["mkl"]
+    return ["mkl", "onednn", "own"] if gemm_path()["onednn_available"] else ["mkl", "own"]
 
 
 def operand(rows, cols, layout, g):
-    """A float32 [rows, cols] operand: "n" row-major, "t" a transposed view, "s" rows strided inside a wider one."""
+    """A float32 [rows, cols] operand: "n" row-major, "t" a transposed view, "s" rows strided inside a wider one,
+    "x" no unit stride at all."""
     if layout == "t":
         return torch.randn(cols, rows, generator=g).t()
+    if layout == "x":
+        return torch.randn(2 * rows, 3 * cols, generator=g)[::2, ::3]
     if layout == "s":
         return torch.randn(rows, cols + 5, generator=g)[:, 2 : 2 + cols]
     return torch.randn(rows, cols, generator=g)
@@ -38,7 +42,7 @@ def operand(rows, cols, layout, g):
 SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 2), (3, 4, 1), (17, 31, 13), (64, 97, 128), (257, 130, 67)]
 
 
-@pytest.mark.parametrize("provider", ["mkl", "onednn"])
+@pytest.mark.parametrize("provider", ["mkl", "onednn", "own"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layouts", ["nn", "nt", "tn", "tt", "sn", "st", "ns"])
 def test_provider_matches_float64(provider, shape, layouts, seeded):
@@ -49,6 +53,35 @@ def test_provider_matches_float64(provider, shape, layouts, seeded):
     out = gemm_mm(a, b, provider)
     ref64 = a.double() @ b.double()
     assert_close_to_reference(out, ref64, a @ b, name=f"{provider} {layouts} {shape}", scale=(a.abs() @ b.abs()).max())
+
+
+# past every block of csrc/gemm/packed_gemm.h (depth 256, rows 120 / 240, columns 512) with ragged edges
+BLOCKED_SHAPES = [(7, 2100, 300), (301, 45, 513), (150, 2049, 257)]
+
+
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layouts", ["nn", "nt", "tn", "xx"])
+def test_own_kernel_across_its_blocks_matches_float64(shape, layouts, seeded):
+    m, n, k = shape
+    a, b = operand(m, k, layouts[0], seeded), operand(k, n, layouts[1], seeded)
+    out = gemm_mm(a, b, "own")
+    ref64 = a.double() @ b.double()
+    assert_close_to_reference(out, ref64, a @ b, name=f"own {layouts} {shape}", scale=(a.abs() @ b.abs()).max())
+
+
+def test_own_kernel_is_the_same_bits_at_every_thread_count(seeded):
+    """Threads take whole column panels and every element sums in the same order: 1, 2 and 3 threads agree bit for
+    bit (the MMD and RVQ results must not depend on the thread count)."""
+    a, b = torch.randn(200, 300, generator=seeded), torch.randn(900, 300, generator=seeded).t()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(gemm_mm(a, b, "own"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_empty_and_zero_depth_products():
@@ -77,8 +110,11 @@ def test_auto_measures_once_per_shape_class_and_reports(seeded):
     choice = choices[0]
     assert choice["gflops"]["mkl"] > 0
     assert (choice["gflops"]["onednn"] > 0) == ("onednn" in providers())
-    margin = 1.1  # csrc/gemm/choice_cpu.cpp: oneDNN must beat MKL by 10 %
-    assert choice["chosen"] == ("onednn" if choice["gflops"]["onednn"] > margin * choice["gflops"]["mkl"] else "mkl")
+    assert choice["gflops"]["own"] > 0
+    margin = 1.1  # csrc/gemm/choice_cpu.cpp: another provider must beat MKL by 10 %
+    gflops = choice["gflops"]
+    best_other = max(("onednn", "own"), key=lambda p: (gflops[p], p == "own"))
+    assert choice["chosen"] == (best_other if gflops[best_other] > margin * gflops["mkl"] else "mkl")
 
 
 def test_forced_path_is_reported_and_restored():
@@ -90,7 +126,7 @@ def test_forced_path_is_reported_and_restored():
 
 
 def test_bad_path_names_the_allowed_values():
-    with pytest.raises(ValueError, match="auto, mkl, onednn"):
+    with pytest.raises(ValueError, match="auto, mkl, onednn, own"):
         set_gemm_path("openblas")
     with pytest.raises(ValueError, match="provider must be one of"):
         gemm_mm(torch.randn(2, 2), torch.randn(2, 2), "auto")
@@ -111,7 +147,7 @@ def test_invalid_env_value_is_a_clear_error_in_the_kernels():
     code = "import torch, mmdkernels; mmdkernels.rvq_encode(torch.randn(1, 4, 3), torch.randn(1, 5, 4))"
     result = _python(code, **{GEMM_ENV: "fastest"})
     assert result.returncode != 0
-    assert f"{GEMM_ENV}: unknown GEMM path 'fastest'; expected one of auto, mkl, onednn" in result.stderr
+    assert f"{GEMM_ENV}: unknown GEMM path 'fastest'; expected one of auto, mkl, onednn, own" in result.stderr
 
 
 def test_env_value_forces_the_path():
@@ -145,7 +181,7 @@ def _cpu_flags() -> set[str]:
 @pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"), reason="x86 Linux flags")
 def test_onednn_is_available_exactly_where_torchs_matmul_runs_float32():
     """torch's mkldnn_matmul refuses every dtype without AVX-512 BW/VL/DQ or AVX-NE-CONVERT (e.g. AMD Zen 3): there
-    the provider is unavailable, forcing it is a clear error, and auto measures and chooses MKL alone."""
+    the provider is unavailable, forcing it is a clear error, and auto measures and chooses among MKL and ours."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip(reason="this torch has no oneDNN")
     flags = _cpu_flags()
@@ -157,7 +193,7 @@ def test_onednn_is_available_exactly_where_torchs_matmul_runs_float32():
         gemm_mm(torch.randn(3, 2), torch.randn(2, 4), "onednn")
     with forced_gemm_path("auto"):
         gemm_mm(torch.randn(300, 64), torch.randn(200, 64).t())
-    assert all(c["chosen"] == "mkl" and c["gflops"]["onednn"] == 0 for c in gemm_path()["choices"])
+    assert all(c["chosen"] in ("mkl", "own") and c["gflops"]["onednn"] == 0 for c in gemm_path()["choices"])
 
 
 def test_auto_inside_the_rvq_parallel_region_gives_the_forced_paths_codes(monkeypatch):
@@ -177,7 +213,7 @@ def test_auto_inside_the_rvq_parallel_region_gives_the_forced_paths_codes(monkey
     assert any(c["threads"] == 1 for c in inner), gemm_path()
 
 
-@pytest.mark.parametrize("provider", ["mkl", "onednn", ""])
+@pytest.mark.parametrize("provider", ["mkl", "onednn", "own", ""])
 def test_opcheck_gemm_ops(provider):
     """The GEMM's registered ops (test and report hooks): schema and autograd registration; the tensor-free control
     ops (mode, choices, availability) their schema."""

@@ -1,8 +1,8 @@
 // Which GEMM provider runs (gemm.h): the mode (MMDKERNELS_GEMM, read once, or set_mode) and, in "auto", a short
 // measurement per shape class cached for the process. The measurement runs on the first call's own shape (M shrunk
-// to ~1 GFLOP), with the same operand layouts, in the caller's context (inside a parallel region both providers run
-// single-threaded, as they will there), both providers interleaved over a few rounds, fastest round each, MKL kept
-// unless oneDNN is clearly ahead. It holds one mutex, so the other threads of a parallel region wait for it instead
+// to ~1 GFLOP), with the same operand layouts, in the caller's context (inside a parallel region every provider runs
+// single-threaded, as it will there), the providers interleaved over a few rounds, fastest round each, MKL kept
+// unless another is clearly ahead. It holds one mutex, so the other threads of a parallel region wait for it instead
 // of disturbing it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,19 +23,21 @@ namespace gemm {
 namespace {
 
 constexpr const char* kEnv = "MMDKERNELS_GEMM";
-constexpr const char* kAllowed = "auto, mkl, onednn";
+constexpr const char* kAllowed = "auto, mkl, onednn, own";
 constexpr double kMeasureFlops = 1e9;  // largest product timed per round; bigger calls are timed with fewer rows
 constexpr int kRounds = 5;
-// oneDNN must beat MKL (torch's own float32 path) by this factor to be chosen: where the two are level (Intel), noise
-// from a busy machine would otherwise flip the choice at random; where oneDNN is ahead (AMD: 1.6-2x), it still wins.
-constexpr double kOnednnMargin = 1.1;
+// Another provider must beat MKL (torch's own float32 path) by this factor to be chosen: where they are level
+// (Intel), noise from a busy machine would otherwise flip the choice at random; where one is ahead (oneDNN on AMD
+// Zen 5: 1.6-2x), it still wins.
+constexpr double kMargin = 1.1;
 
-enum class Mode { kAuto, kMkl, kOnednn };
+enum class Mode { kAuto, kMkl, kOnednn, kOwn };
 
 Mode parse_mode(const std::string& text, const char* where) {
   if (text == "auto") return Mode::kAuto;
   if (text == "mkl") return Mode::kMkl;
   if (text == "onednn") return Mode::kOnednn;
+  if (text == "own") return Mode::kOwn;
   TORCH_CHECK(false, where, ": unknown GEMM path '", text, "'; expected one of ", kAllowed);
 }
 
@@ -52,7 +54,7 @@ struct ShapeClass {
 struct Choice {
   int64_t m, n, k;  // the measured shape
   Provider chosen;
-  double gflops_mkl, gflops_onednn;
+  double gflops_mkl, gflops_onednn, gflops_own;
 };
 
 std::mutex g_mutex;  // guards everything below
@@ -98,8 +100,9 @@ Choice measure(const at::Tensor& a, const at::Tensor& b) {
   const auto tb = is_transposed(b) ? at::full({n, k}, 0.25, b.options()).t() : at::full({k, n}, 0.25, b.options());
   auto out = at::empty({m, n}, a.options());
   bool onednn = onednn_available();
-  double best_mkl = 1e30, best_onednn = 1e30;
+  double best_mkl = 1e30, best_onednn = 1e30, best_own = 1e30;
   seconds_of(Provider::kMkl, out, ta, tb);  // warm-up: first-call setup (oneDNN builds its kernel here)
+  seconds_of(Provider::kOwn, out, ta, tb);
   if (onednn) {
     try {
       seconds_of(Provider::kOnednn, out, ta, tb);
@@ -110,21 +113,36 @@ Choice measure(const at::Tensor& a, const at::Tensor& b) {
   for (int round = 0; round < kRounds; ++round) {
     best_mkl = std::min(best_mkl, seconds_of(Provider::kMkl, out, ta, tb));
     if (onednn) best_onednn = std::min(best_onednn, seconds_of(Provider::kOnednn, out, ta, tb));
+    best_own = std::min(best_own, seconds_of(Provider::kOwn, out, ta, tb));
   }
   const double flops = 2.0 * m * n * k;
-  Choice choice{m, n, k, Provider::kMkl, flops / best_mkl / 1e9, onednn ? flops / best_onednn / 1e9 : 0.0};
-  if (choice.gflops_onednn > kOnednnMargin * choice.gflops_mkl) choice.chosen = Provider::kOnednn;
+  Choice choice{m, n, k, Provider::kMkl, flops / best_mkl / 1e9, onednn ? flops / best_onednn / 1e9 : 0.0,
+                flops / best_own / 1e9};
+  const double best_other = std::max(choice.gflops_onednn, choice.gflops_own);
+  if (best_other > kMargin * choice.gflops_mkl) {
+    choice.chosen = choice.gflops_own >= choice.gflops_onednn ? Provider::kOwn : Provider::kOnednn;
+  }
   return choice;
 }
 
 }  // namespace
 
-const char* provider_name(Provider provider) { return provider == Provider::kOnednn ? "onednn" : "mkl"; }
+const char* provider_name(Provider provider) {
+  switch (provider) {
+    case Provider::kOnednn:
+      return "onednn";
+    case Provider::kOwn:
+      return "own";
+    default:
+      return "mkl";
+  }
+}
 
 Provider parse_provider(const std::string& name) {
   if (name == "mkl") return Provider::kMkl;
   if (name == "onednn") return Provider::kOnednn;
-  TORCH_CHECK(false, "gemm provider must be one of mkl, onednn; got '", name, "'");
+  if (name == "own") return Provider::kOwn;
+  TORCH_CHECK(false, "gemm provider must be one of mkl, onednn, own; got '", name, "'");
 }
 
 std::string mode() {
@@ -134,6 +152,8 @@ std::string mode() {
       return "mkl";
     case Mode::kOnednn:
       return "onednn";
+    case Mode::kOwn:
+      return "own";
     default:
       return "auto";
   }
@@ -151,6 +171,7 @@ Provider choose(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b)
   const Mode mode = current_mode_locked();
   if (mode == Mode::kMkl) return Provider::kMkl;
   if (mode == Mode::kOnednn) return Provider::kOnednn;
+  if (mode == Mode::kOwn) return Provider::kOwn;
   const ShapeClass key{bucket(a.size(0)), bucket(b.size(1)), bucket(a.size(1)), is_transposed(a), is_transposed(b),
                        at::in_parallel_region() ? 1 : at::get_num_threads()};
   auto found = g_choices.find(key);
@@ -159,10 +180,12 @@ Provider choose(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b)
     const Choice& c = found->second;
     const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
     if (verbose != nullptr && verbose[0] == '1') {
-      std::fprintf(stderr, "mmdkernels gemm: %lldx%lldx%lld (%s%s, %d threads): mkl %.1f, onednn %.1f GFLOP/s -> %s\n",
+      std::fprintf(stderr,
+                   "mmdkernels gemm: %lldx%lldx%lld (%s%s, %d threads): mkl %.1f, onednn %.1f, own %.1f GFLOP/s "
+                   "-> %s\n",
                    static_cast<long long>(c.m), static_cast<long long>(c.n), static_cast<long long>(c.k),
                    key.a_transposed ? "t" : "n", key.b_transposed ? "t" : "n", key.threads, c.gflops_mkl,
-                   c.gflops_onednn, provider_name(c.chosen));
+                   c.gflops_onednn, c.gflops_own, provider_name(c.chosen));
     }
   }
   return found->second.chosen;
@@ -177,7 +200,8 @@ std::string choices_json() {
     json << (first ? "" : ", ") << "{\"m\": " << c.m << ", \"n\": " << c.n << ", \"k\": " << c.k
          << ", \"layout\": \"" << (key.a_transposed ? "t" : "n") << (key.b_transposed ? "t" : "n")
          << "\", \"threads\": " << key.threads << ", \"chosen\": \"" << provider_name(c.chosen)
-         << "\", \"gflops\": {\"mkl\": " << c.gflops_mkl << ", \"onednn\": " << c.gflops_onednn << "}}";
+         << "\", \"gflops\": {\"mkl\": " << c.gflops_mkl << ", \"onednn\": " << c.gflops_onednn
+         << ", \"own\": " << c.gflops_own << "}}";
     first = false;
   }
   json << "]";

@@ -1,16 +1,19 @@
-// The two float32 GEMM providers behind gemm.h and the ops that expose them to Python. "mkl": the Fortran sgemm_
+// The three float32 GEMM providers behind gemm.h and the ops that expose them to Python. "mkl": the Fortran sgemm_
 // torch's CPU library exports (MKL in x86 wheels), called with the operands' own leading dimensions, so strided rows
 // and transposed views are read in place; inside at::parallel_for it runs single-threaded. "onednn": torch's bundled
 // oneDNN matmul (brgemm kernels) through at::native::mkldnn_matmul, which torch exports without a header; it also
 // runs single-threaded inside a parallel region (oneDNN checks omp_in_parallel) and copies an operand to
-// contiguous unless it is row-major or a transposed row-major view.
+// contiguous unless it is row-major or a transposed row-major view. "own": packed_gemm.h, any strides read in place,
+// the columns of C split among torch's threads outside a parallel region, single-threaded inside one.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <climits>
 
 #include "common/checks.h"
 #include "gemm/gemm.h"
+#include "gemm/packed_gemm.h"
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -67,6 +70,23 @@ void mkl_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const float one = 1.0f, zero = 0.0f;
   sgemm_(ob->transposed ? "T" : "N", oa->transposed ? "T" : "N", &im, &in, &ik, &one, ob->data, &lda, oa->data, &ldb,
          &zero, out.data_ptr<float>(), &ldo);
+}
+
+// out = alpha a @ b + beta out. Columns go to threads in whole panels, so every element is summed in the same order
+// whatever the thread count.
+void own_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float alpha, float beta) {
+  const int64_t m = a.size(0), n = b.size(1), k = a.size(1), ldc = out.size(0) == 1 ? n : out.stride(0);
+  const packed::Matrix ma{a.data_ptr<float>(), a.stride(0), a.stride(1)};
+  const packed::Matrix mb{b.data_ptr<float>(), b.stride(0), b.stride(1)};
+  float* c = out.data_ptr<float>();
+  const int64_t panels = (n + packed::kNr - 1) / packed::kNr;
+  // a thread's share must pay for packing its own copy of A: at least ~4 panels of columns each
+  at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
+    thread_local packed::Workspace work;
+    const int64_t j0 = begin * packed::kNr, j1 = std::min(n, end * packed::kNr);
+    const packed::Matrix shifted{mb.data + j0 * mb.col_stride, mb.row_stride, mb.col_stride};
+    packed::gemm(c + j0, ldc, ma, shifted, m, j1 - j0, k, alpha, beta, work);
+  });
 }
 
 void onednn_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
@@ -133,6 +153,8 @@ void run(Provider provider, const at::Tensor& out, const at::Tensor& a, const at
   }
   if (provider == Provider::kOnednn) {
     onednn_mm(out, a, b);
+  } else if (provider == Provider::kOwn) {
+    own_mm(out, a, b, 1.0f, 0.0f);
   } else {
     mkl_mm(out, a, b);
   }
@@ -148,6 +170,24 @@ void multiply_into_with(Provider provider, const at::Tensor& out, const at::Tens
 void multiply_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   check_mm_args(out, a, b);
   run(choose(out, a, b), out, a, b);
+}
+
+void accumulate_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float alpha) {
+  check_mm_args(out, a, b);
+  if (out.numel() == 0 || a.size(1) == 0) return;
+  switch (choose(out, a, b)) {
+    case Provider::kOwn:
+      own_mm(out, a, b, alpha, 1.0f);
+      return;
+    case Provider::kMkl:  // MKL's GEMM accumulates in place (beta = 1)
+      const_cast<at::Tensor&>(out).addmm_(a, b, /*beta=*/1.0, /*alpha=*/alpha);
+      return;
+    default: {  // oneDNN's matmul here has no beta: its product is added
+      auto tmp = at::empty(out.sizes(), out.options());
+      onednn_mm(tmp, a, b);
+      const_cast<at::Tensor&>(out).add_(tmp, alpha);
+    }
+  }
 }
 
 at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
@@ -166,7 +206,7 @@ void matmul_nt(float* out, int64_t ldo, const float* a, int64_t lda, const float
 
 namespace {
 
-// Test and benchmark hook: a @ b on `provider` ("mkl", "onednn"), or as the current mode decides ("").
+// Test and benchmark hook: a @ b on `provider` ("mkl", "onednn", "own"), or as the current mode decides ("").
 at::Tensor gemm_mm_op(const at::Tensor& a, const at::Tensor& b, c10::string_view provider) {
   MMD_CHECK_DIM(a, 2);
   MMD_CHECK_DIM(b, 2);

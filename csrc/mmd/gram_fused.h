@@ -2,7 +2,8 @@
 // one pair of column panels the dot products over the codebook's D features stay in vector registers, become
 // max(0, |a|^2 + |b|^2 - 2 a.b) there, and only the distances are stored (the GEMM path writes the dot tile, and the
 // passes convert it). No torch dependency; compiled once per ISA library (AVX-512: panels of 16 columns, 12 rows a
-// block, 24 zmm accumulators; AVX2 + FMA: panels of 8, 6 rows, 12 ymm). float32 throughout, as the GEMM.
+// block, 24 zmm accumulators; AVX2 + FMA: panels of 8, 6 rows, 12 ymm: common/register_block.h). float32
+// throughout, as the GEMM.
 //
 // Layout: every codebook's columns packed once per pass into pairs of panels, [K][pairs][D][2 P] (P columns side by
 // side for each feature), zero past N, with the squared norms [K][pairs * 2 P] beside them (0 past N).
@@ -14,40 +15,29 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/register_block.h"
+
 namespace mmdkernels {
 namespace mmd {
 namespace gram {
 
-#if defined(__AVX512F__)
-constexpr int kPanel = 16;
-constexpr int kBlockRows = 12;  // 12 rows x 2 panels = 24 accumulators of 32 zmm (as rvq_fused.h)
-using Vec = __m512;
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+using simd::broadcast, simd::load, simd::store, simd::Vec, simd::zero;
+constexpr int kPanel = simd::kLanes;
+constexpr int kBlockRows = simd::kBlockRows;
+constexpr int kPanels = simd::kBlockVecs;  // panels side by side in the register block
+constexpr int kPair = simd::kBlockCols;    // columns per packed group of panels
+
 // max(0, norm_a + norm_b - 2 dot), in sqdist_from_dot's order (mmd_tile.h)
+#if defined(__AVX512F__)
 inline Vec distance(Vec norm_a, Vec norm_b, Vec dot) {
   // maskz: _mm512_max_ps's undefined pass-through trips GCC 12's -Wmaybe-uninitialized
   return _mm512_maskz_max_ps(0xFFFF, _mm512_sub_ps(_mm512_add_ps(norm_a, norm_b), _mm512_add_ps(dot, dot)), zero());
 }
 #else
-constexpr int kPanel = 8;
-constexpr int kBlockRows = 6;  // 6 rows x 2 panels = 12 accumulators of 16 ymm
-using Vec = __m256;
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec distance(Vec norm_a, Vec norm_b, Vec dot) {
   return _mm256_max_ps(_mm256_sub_ps(_mm256_add_ps(norm_a, norm_b), _mm256_add_ps(dot, dot)), zero());
 }
 #endif
-
-constexpr int kPanels = 2;               // panels side by side in the register block
-constexpr int kPair = kPanels * kPanel;  // columns per packed group of panels
 
 // The columns of every codebook, packed for the micro-kernel.
 struct PackedColumns {
@@ -95,22 +85,7 @@ inline void distance_pair(const float* xt, const float* row_norms, const PackedC
   const int64_t dim = packed.dim;
   const float* panel = packed.pair(k, p);
   Vec acc[Rows][kPanels];
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < kPanels; ++q) acc[r][q] = zero();
-  }
-  for (int64_t d = 0; d < dim; ++d) {
-    Vec w[kPanels];
-#pragma GCC unroll 4
-    for (int q = 0; q < kPanels; ++q) w[q] = load(panel + d * kPair + q * kPanel);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const Vec xv = broadcast(xt[d * Rows + r]);
-#pragma GCC unroll 4
-      for (int q = 0; q < kPanels; ++q) acc[r][q] = fmadd(xv, w[q], acc[r][q]);
-    }
-  }
+  simd::accumulate_block<Rows>(dim, xt, panel, acc);
   const float* col_norms = packed.pair_norms(k, p);
   Vec norm_b[kPanels];
 #pragma GCC unroll 4

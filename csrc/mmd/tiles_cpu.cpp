@@ -247,12 +247,7 @@ void tile_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
     if (alpha != 1.0f) out.mul_(alpha);
     return;
   }
-  // MKL's GEMM accumulates in place (beta = 1); oneDNN's matmul here has no beta, so its product is added
-  if (gemm::choose(out, a, b) == gemm::Provider::kMkl) {
-    out.addmm_(a, b, /*beta=*/1.0, /*alpha=*/alpha);
-  } else {
-    out.add_(gemm::product(a, b), alpha);
-  }
+  gemm::accumulate_into(out, a, b, alpha);
 }
 
 void dot_tiles(const at::Tensor& a, const at::Tensor& b, const SliceLayout& layout, const Tile& tile,
