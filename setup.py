@@ -59,6 +59,9 @@ def _extensions():
             "-std=c++17",
             "-fopenmp",  # at::parallel_for runs serially in code compiled without it (ATen/ParallelOpenMP.h)
             "-fno-math-errno",
+            # lets GCC turn compare-and-select into blends: without it the AVX2 library's exp loops (fast_exp's
+            # range clamp) stayed scalar, "control flow in loop" (AVX-512's masked moves were converted either way)
+            "-fno-trapping-math",
             "-Wall",
             f"-DMMDKERNELS_CPU_VARIANT={variant}",
             *isa_flags,
