@@ -33,52 +33,28 @@ constexpr int64_t kNc = 512;             // columns of B packed at once: kKc x k
 struct Matrix {
   const float* data;
   int64_t row_stride, col_stride;
-  float at(int64_t i, int64_t j) const { return data[i * row_stride + j * col_stride]; }
 };
 
-// rows [i0, i0 + rows) x depth [p0, p0 + depth) of A into panels of kMr rows, [panel][depth][kMr], zero past `rows`.
-inline void pack_a(const Matrix& a, int64_t i0, int64_t rows, int64_t p0, int64_t depth, float* out) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kMr) {
-    const int64_t height = std::min<int64_t>(kMr, rows - r0);
+// rows [i0, i0 + rows) x depth [p0, p0 + depth) of m into panels of Width rows, [panel][depth][Width], zero past
+// `rows`: A's row panels (Width = kMr), and B's column panels as the rows of B^T (Width = kNr).
+template <int Width>
+inline void pack_panels(const Matrix& m, int64_t i0, int64_t rows, int64_t p0, int64_t depth, float* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += Width) {
+    const int64_t height = std::min<int64_t>(Width, rows - r0);
     float* panel = out + r0 * depth;
-    if (a.row_stride == 1) {  // transposed view: a panel's kMr rows are contiguous at each depth
+    if (m.row_stride == 1) {  // a panel's rows are contiguous at each depth
       for (int64_t p = 0; p < depth; ++p) {
-        const float* src = a.data + (p0 + p) * a.col_stride + i0 + r0;
-        for (int64_t r = 0; r < height; ++r) panel[p * kMr + r] = src[r];
-        for (int64_t r = height; r < kMr; ++r) panel[p * kMr + r] = 0.0f;
+        const float* src = m.data + (p0 + p) * m.col_stride + i0 + r0;
+        for (int64_t r = 0; r < height; ++r) panel[p * Width + r] = src[r];
+        for (int64_t r = height; r < Width; ++r) panel[p * Width + r] = 0.0f;
       }
     } else {
-      for (int64_t r = 0; r < kMr; ++r) {
+      for (int64_t r = 0; r < Width; ++r) {
         if (r < height) {
-          const float* src = a.data + (i0 + r0 + r) * a.row_stride + p0 * a.col_stride;
-          for (int64_t p = 0; p < depth; ++p) panel[p * kMr + r] = src[p * a.col_stride];
+          const float* src = m.data + (i0 + r0 + r) * m.row_stride + p0 * m.col_stride;
+          for (int64_t p = 0; p < depth; ++p) panel[p * Width + r] = src[p * m.col_stride];
         } else {
-          for (int64_t p = 0; p < depth; ++p) panel[p * kMr + r] = 0.0f;
-        }
-      }
-    }
-  }
-}
-
-// depth [p0, p0 + depth) x columns [j0, j0 + cols) of B into panels of kNr columns, [panel][depth][kNr], zero past
-// `cols`.
-inline void pack_b(const Matrix& b, int64_t p0, int64_t depth, int64_t j0, int64_t cols, float* out) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kNr) {
-    const int64_t width = std::min<int64_t>(kNr, cols - c0);
-    float* panel = out + c0 * depth;
-    if (b.col_stride == 1) {  // row-major: a panel's columns are contiguous at each depth
-      for (int64_t p = 0; p < depth; ++p) {
-        const float* src = b.data + (p0 + p) * b.row_stride + j0 + c0;
-        for (int64_t c = 0; c < width; ++c) panel[p * kNr + c] = src[c];
-        for (int64_t c = width; c < kNr; ++c) panel[p * kNr + c] = 0.0f;
-      }
-    } else {
-      for (int64_t c = 0; c < kNr; ++c) {
-        if (c < width) {
-          const float* src = b.data + p0 * b.row_stride + (j0 + c0 + c) * b.col_stride;
-          for (int64_t p = 0; p < depth; ++p) panel[p * kNr + c] = src[p * b.row_stride];
-        } else {
-          for (int64_t p = 0; p < depth; ++p) panel[p * kNr + c] = 0.0f;
+          for (int64_t p = 0; p < depth; ++p) panel[p * Width + r] = 0.0f;
         }
       }
     }
@@ -138,10 +114,10 @@ inline void gemm(float* c, int64_t ldc, const Matrix& a, const Matrix& b, int64_
     for (int64_t p0 = 0; p0 < k; p0 += kKc) {
       const int64_t depth = std::min(kKc, k - p0);
       const float block_beta = p0 == 0 ? beta : 1.0f;  // later depth blocks add to the first's result
-      pack_b(b, p0, depth, j0, cols, work.b.data());
+      pack_panels<kNr>(Matrix{b.data, b.col_stride, b.row_stride}, j0, cols, p0, depth, work.b.data());  // B^T
       for (int64_t i0 = 0; i0 < m; i0 += kMc) {
         const int64_t rows = std::min(kMc, m - i0);
-        pack_a(a, i0, rows, p0, depth, work.a.data());
+        pack_panels<kMr>(a, i0, rows, p0, depth, work.a.data());
         for (int64_t c0 = 0; c0 < cols; c0 += kNr) {
           const float* b_panel = work.b.data() + c0 * depth;
           const int width = static_cast<int>(std::min<int64_t>(kNr, cols - c0));
