@@ -6,7 +6,8 @@
   narrower one). Elsewhere one `default` library with the compiler's baseline flags.
 - mmdkernels._C_cuda: the CUDA kernels, whenever torch is a CUDA build and CUDA_HOME has nvcc, even without a GPU.
 Environment: MMDKERNELS_SKIP_CUDA=1 skips the CUDA build; MMDKERNELS_CPU_ARCH=native (opt-in, local builds only)
-builds a single `native` library with -march=native instead; MMDKERNELS_CPU_VARIANTS=avx2 builds a subset;
+builds a single `native` library with -march=native instead; MMDKERNELS_CPU_VARIANTS=avx2 builds a subset (none:
+no CPU library);
 MMDKERNELS_NO_EXTENSIONS=1 installs the Python package alone (scripts/setup_env.sh builds incrementally after);
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (9.0 for H100/H200 keeps the build short).
 Builds are incremental: objects live in build/temp.*/<extension>/ (ninja), and an extension whose sources, headers,
@@ -121,6 +122,8 @@ def _cpu_variants():
     wanted = os.environ.get("MMDKERNELS_CPU_VARIANTS")
     if not wanted:
         return dict(X86_CPU_VARIANTS)
+    if wanted == "none":  # the CUDA library alone (benchmarks/gpu_check.sh builds the CPU one beside it)
+        return {}
     names = [name.strip() for name in wanted.split(",") if name.strip()]
     unknown = sorted(set(names) - set(X86_CPU_VARIANTS))
     if unknown:

@@ -37,9 +37,16 @@ def _deterministic_algorithms():
         torch.use_deterministic_algorithms(before)
 
 
-@pytest.mark.parametrize("num_samples", [8192, 32768])
+# the eager reference holds several [K, N, N] float32 planes and their gradients: at N = 32768 it ran out of an
+# H200's 140 GiB (session 18), so it is timed up to N = 16384 and the kernels' N = 32768 stands alone
+REFERENCE_MAX_SAMPLES = 16384
+
+
+@pytest.mark.parametrize("num_samples", [8192, 16384, 32768])
 @pytest.mark.parametrize("provider", ["cuda", "triton", "triton-full-plane", "reference"])
 def test_gpu_mmd_forward_backward(benchmark, provider, num_samples):
+    if provider == "reference" and num_samples > REFERENCE_MAX_SAMPLES:
+        pytest.skip(reason=f"the eager reference needs more than an H200's memory at N = {num_samples}")
     benchmark.group = f"gpu-mmd-fwd+bwd-joint-shuffle-N{num_samples}"
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(BATCH, NUM_CODEBOOKS, DIM, num_samples // BATCH, device="cuda", generator=g).requires_grad_()

@@ -44,15 +44,22 @@ def _fused_priority(x: torch.Tensor) -> tuple[str, ...]:
 
 
 # decode_attention: where torch's SDPA measured faster than the fused kernels (benchmarks/bench_attention*.py,
-# docs/attention_kernels.md): on CPU for bfloat16 (its oneDNN bfloat16 GEMMs: 71-92 % of the C++ kernel's time); on
-# CUDA everywhere until benchmarks/gpu_check.sh has measured the CUDA and Triton kernels on a GPU.
+# docs/attention_kernels.md): on CPU for bfloat16 (its oneDNN bfloat16 GEMMs: 71-92 % of the C++ kernel's time). On
+# an H200 (benchmarks/bench_attention_gpu.py, bfloat16, Dh = 64, caches of 250 and 1000 entries; RESULTS.md, session
+# 18) the CUDA kernel took 0.55-0.65x SDPA's time up to 64 (sequence, head) rows, except 1.11-1.14x at 8 and 64
+# rows with 250 entries, and 1.14-2.2x SDPA's time from 128 rows (B = 8 x 16 heads, 64 x 16): the CUDA kernel up to
+# CUDA_KERNEL_MAX_ROWS rows at 2-byte dtypes (float16 by the same loads; float32 not measured: SDPA first).
 SDPA_FASTER_ON_CPU = (torch.bfloat16,)
+CUDA_KERNEL_MAX_ROWS = 64
+CUDA_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _attention_priority(q: torch.Tensor) -> tuple[str, ...]:
     if q.dtype not in KERNEL_DTYPES:
         return ("reference",)  # float64: the spec itself
     if q.device.type == "cuda":
+        if q.dtype in CUDA_KERNEL_DTYPES and q.shape[0] * q.shape[1] <= CUDA_KERNEL_MAX_ROWS:
+            return ("cuda", "sdpa", "triton", "reference")
         return ("sdpa", "cuda", "triton", "reference")
     if q.device.type == "cpu":
         first = ("sdpa", "cpp") if q.dtype in SDPA_FASTER_ON_CPU else ("cpp", "sdpa")
@@ -88,17 +95,15 @@ def _linear_priority(x: torch.Tensor) -> tuple[str, ...]:
 def _quantized_linear_priority(x: torch.Tensor) -> tuple[str, ...]:
     """decode_linear with bf16/fp16/int8 weights (mmdkernels/linear/quantize.py) at 1 to 16 rows. CPU: the C++ kernel,
     one row included (torch has no GEMV on such weights: "torch" dequantises them, a full float32 copy, then calls
-    F.linear). CUDA: "torch" first, then the Triton and CUDA kernels, as the house orders kernels no GPU has run yet
-    (see _attention_priority), until benchmarks/gpu_check.sh has tested and measured them (benchmarks/
-    bench_linear_gpu.py): the Triton kernel reads 2 or 1 bytes per weight where "torch" reads the packed weight,
-    writes and re-reads a float32 copy (5x the bytes of bf16, napkin maths), so it should lead once measured; force
-    it meanwhile with backend="triton" or MMDKERNELS_BACKEND_DECODE_LINEAR_QUANTIZED=triton. Larger batches are GEMMs:
-    "torch"."""
+    F.linear). CUDA: the CUDA kernel, then Triton's, then "torch": measured on an H200 (benchmarks/bench_linear_gpu.py,
+    32 weights of 4096 x 1024, RESULTS.md, session 18) the CUDA kernel took 0.33 / 0.34 / 0.53 / 0.75x the time of
+    "torch" (bf16, 1 / 2 / 8 / 16 rows) and 0.70 / 0.59 / 0.68 / 0.49x Triton's (bf16), and was the fastest packed
+    path at every row count and precision measured (int8 through "torch" was not). Larger batches are GEMMs: "torch"."""
     rows = x.numel() // max(1, x.shape[-1])
     if rows > LINEAR_MAX_ROWS or x.device.type not in ("cpu", "cuda"):
         return ("torch", "reference")
     if x.device.type == "cuda":
-        return ("torch", "triton", "cuda", "reference")
+        return ("cuda", "triton", "torch", "reference")
     return ("cpp", "torch", "reference")
 
 

@@ -7,6 +7,7 @@ weighted sum all in that dtype), plus the table's floor for that dtype.
 """
 
 import math
+import types
 
 import pytest
 import torch
@@ -209,6 +210,33 @@ def test_automatic_choice_and_float64():
 def test_automatic_choice_on_cpu(dtype, lengths, expected):
     q = torch.randn(2, 4, 16).to(dtype)
     assert _dispatch.choose_backend(q, None, "decode_attention") == expected
+
+
+@pytest.mark.parametrize(
+    "dtype, batch, heads, expected",
+    [
+        (torch.bfloat16, 4, 16, "cuda"),  # 64 rows: the CUDA kernel measured faster on an H200
+        (torch.float16, 1, 8, "cuda"),
+        (torch.bfloat16, 8, 16, "sdpa"),  # 128 rows: SDPA measured faster
+        (torch.float32, 1, 8, "sdpa"),  # not measured: SDPA first
+        (torch.float64, 1, 8, "reference"),
+    ],
+)
+def test_automatic_order_on_cuda(dtype, batch, heads, expected):
+    """The measured CUDA rule (mmdkernels/_dispatch.py), read without a GPU: the first provider tried."""
+    q = types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(batch, heads, 64))
+    assert _dispatch.OPS["decode_attention"].priority(q)[0] == expected
+
+
+def test_cuda_head_size_limit_is_a_reason():
+    """Dh > 256 rules the CUDA kernel out in Python (backend="cuda" raises with this reason, automatic choice moves
+    on) before the op is called."""
+    from mmdkernels.attention import _op_reasons
+
+    assert _op_reasons(torch.zeros(1, 2, 256), 3, "cuda") == []
+    expected = "q must have head size Dh in [1, 256] for the CUDA kernel, got 264"
+    assert _op_reasons(torch.zeros(1, 2, 264), 3, "cuda") == [expected]
+    assert _op_reasons(torch.zeros(1, 2, 264), 3, "triton") == []
 
 
 def test_environment_selects_sdpa(monkeypatch):

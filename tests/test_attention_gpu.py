@@ -68,6 +68,18 @@ def test_cuda_graph_replay_with_new_lengths(backend):
 
 def test_cuda_kernel_rejects_large_head_size():
     q, k, v, lengths = to_cuda(make_problem((1, 2, 2, 10, 264), torch.float32))
-    with pytest.raises(RuntimeError, match=r"head size Dh in \[1, 256\]"):
+    with pytest.raises(RuntimeError, match=r"'cuda' cannot run this input: q must have head size Dh in \[1, 256\]"):
         mmdkernels.decode_attention(q, k, v, lengths, backend="cuda")
     assert_matches_reference(mmdkernels.decode_attention(q, k, v, lengths), q, k, v, lengths)  # automatic: another
+
+
+def test_cuda_op_called_directly_rejects_large_head_size():
+    """The C++ check behind the Python one, for callers of torch.ops.mmdkernels.decode_attention. On the H200 of
+    session 18 this call (then reached through decode_attention(backend="cuda")) crashed its process with a
+    segmentation fault instead of raising; the only C++ error a GPU test throws from the CUDA library. Kept apart so
+    that the next GPU run shows whether it persists without taking the Python-level test down with it."""
+    from mmdkernels.attention import ops
+
+    q, k, v, lengths = to_cuda(make_problem((1, 2, 2, 10, 264), torch.float32))
+    with pytest.raises(RuntimeError, match=r"head size Dh in \[1, 256\] for the CUDA kernel, got 264"):
+        ops.decode_attention_op("cuda")(q, k, v, lengths, 0.1)

@@ -72,10 +72,15 @@ def _check_length_range(low: int, high: int, max_len: int) -> None:
         raise ValueError(f"lengths must be in [1, S_max = {max_len}], got values in [{low}, {high}]")
 
 
-def _op_reasons(lengths, backend: str) -> list[str]:
+CUDA_MAX_HEAD_SIZE = 256  # csrc/attention/attention_cuda.cu kMaxDim: 8 features per lane at most
+
+
+def _op_reasons(q: torch.Tensor, lengths, backend: str) -> list[str]:
     # SDPA needs the lengths as Python ints: not while tracing a tensor of them (the custom ops take it as it is)
     if backend == "sdpa" and isinstance(lengths, torch.Tensor) and torch.compiler.is_compiling():
         return ["lengths is a traced tensor: SDPA needs them as Python ints (the compiled kernels take the tensor)"]
+    if backend == "cuda" and q.shape[2] > CUDA_MAX_HEAD_SIZE:
+        return [f"q must have head size Dh in [1, {CUDA_MAX_HEAD_SIZE}] for the CUDA kernel, got {q.shape[2]}"]
     return []
 
 
@@ -111,7 +116,7 @@ def decode_attention(
     """
     _check_inputs(q, k_cache, v_cache, lengths, scale)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    backend = choose_backend(q, backend, "decode_attention", op_reasons=lambda name: _op_reasons(lengths, name))
+    backend = choose_backend(q, backend, "decode_attention", op_reasons=lambda name: _op_reasons(q, lengths, name))
     if backend == "reference":
         return decode_attention_ref(q, k_cache, v_cache, lengths, scale=scale)
     if backend == "sdpa":
