@@ -127,7 +127,9 @@ def _cpu_variants():
     names = [name.strip() for name in wanted.split(",") if name.strip()]
     unknown = sorted(set(names) - set(X86_CPU_VARIANTS))
     if unknown:
-        raise SystemExit(f"MMDKERNELS_CPU_VARIANTS: unknown {unknown}; expected a subset of {list(X86_CPU_VARIANTS)}")
+        raise SystemExit(
+            f"MMDKERNELS_CPU_VARIANTS: unknown {unknown}; expected a subset of {list(X86_CPU_VARIANTS)} or none"
+        )
     return {name: X86_CPU_VARIANTS[name] for name in names}
 
 

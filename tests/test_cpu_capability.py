@@ -3,6 +3,7 @@ supports, MMDKERNELS_CPU_CAPABILITY to force one, clear errors otherwise. Loader
 CPU; the real libraries in subprocesses (a process loads one op library)."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -100,3 +101,22 @@ def test_unusable_forced_library_falls_back_with_one_warning():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _ext.CAPABILITY_ENV in result.stderr  # the fallback warning says why
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the per-ISA libraries are x86-64's")
+@pytest.mark.parametrize(
+    "variants, expected",
+    [("none", ""), ("avx2", "_C_avx2"), ("avx2,avx512", "_C_avx2 _C_avx512"), ("bogus", "unknown ['bogus']")],
+)
+def test_setup_builds_the_variants_asked_for(variants, expected):
+    """MMDKERNELS_CPU_VARIANTS picks the CPU libraries setup.py builds ("none": the CUDA library alone, as
+    benchmarks/gpu_check.sh builds it beside the CPU one); an unknown name stops the build naming it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MMDKERNELS_PRINT_EXTENSIONS": "1", "MMDKERNELS_CPU_VARIANTS": variants,
+           "MMDKERNELS_SKIP_CUDA": "1"}  # fmt: skip
+    env.pop("MMDKERNELS_CPU_ARCH", None)
+    result = subprocess.run([sys.executable, "setup.py"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    if variants == "bogus":
+        assert result.returncode != 0 and expected in result.stderr
+    else:
+        assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr[-2000:]
