@@ -115,7 +115,9 @@ def test_setup_builds_the_variants_asked_for(variants, expected):
     env = {**os.environ, "MMDKERNELS_PRINT_EXTENSIONS": "1", "MMDKERNELS_CPU_VARIANTS": variants,
            "MMDKERNELS_SKIP_CUDA": "1"}  # fmt: skip
     env.pop("MMDKERNELS_CPU_ARCH", None)
-    result = subprocess.run([sys.executable, "setup.py"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "setup.py"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     if variants == "bogus":
         assert result.returncode != 0 and expected in result.stderr
     else:

@@ -233,7 +233,7 @@ def _no_dequantize(self, dtype=torch.float32):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @interpreted
 def test_model_decode_streams_the_packed_weights(pattern, seeded, monkeypatch):
-    """Through the Triton kernel (forced here; the dispatcher picks it on CUDA once a GPU has timed it) a decode
+    """Through the Triton kernel (forced here; on CUDA the dispatcher picks the CUDA kernel, then Triton's) a decode
     step, the int step and the fixed-shape (CUDA-graph) variant alike, never dequantises a weight, and both match the
     model with the dequantised weights in float64 (the spec) by the rule, that model in float32 as the baseline."""
     model = quantize_for_decode(tiny_model(pattern), "fp16")
@@ -280,11 +280,15 @@ def test_fp16_model_on_cpu_takes_the_per_layer_path(seeded):
 @NEEDS_TRITON
 @pytest.mark.parametrize("precision", PACKED)
 @pytest.mark.parametrize("pattern", ["delay", "flatten"])
-def test_cuda_graph_step_with_packed_weights(precision, pattern):
-    """The captured step (Triton kernels inside the graph) and the eager int step, against the float64 model on the
-    dequantised weights by the rule, that model in float32 as the baseline."""
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_step_with_packed_weights(precision, pattern, backend, monkeypatch):
+    """The captured step (the CUDA or the Triton kernels inside the graph; the dispatcher picks CUDA's) and the eager
+    int step, against the float64 model on the dequantised weights by the rule, that model in float32 as the
+    baseline."""
     from models.generate import GraphedStep
 
+    if backend == "cuda" and not _ext.available("cuda"):
+        pytest.skip(reason=f"the CUDA extension is not built: {_ext.load_error('cuda')}")
     model = quantize_for_decode(tiny_model(pattern).cuda(), precision)
     specs = {dtype: dequantized_copy(model, dtype) for dtype in (torch.float64, torch.float32)}
     codes = torch.randint(0, 17, (2, 3, 4), device="cuda")
@@ -292,6 +296,7 @@ def test_cuda_graph_step_with_packed_weights(precision, pattern):
     with torch.inference_mode():
         caches = {dtype: m.new_cache(m.encode_condition(["a", None]), inputs.shape[2]) for dtype, m in specs.items()}
         eager_cache, graph_cache = (model.new_cache(model.encode_condition(["a", None]), inputs.shape[2]) for _ in "ab")
+        monkeypatch.setenv("MMDKERNELS_BACKEND_DECODE_LINEAR_QUANTIZED", backend)  # the steps' 2-row linears
         graphed = GraphedStep(model, graph_cache, 2)
         for s in range(inputs.shape[2]):
             eager = model.decode_step(inputs[:, :, s], s, eager_cache)
