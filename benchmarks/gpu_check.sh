@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, builds the extensions with the machine's own torch (the CUDA library and the one
-# CPU library this machine's CPU runs), runs the GPU tests (CUDA and compiled Triton backends, CUDA graphs, compiled
-# ops) and the GPU benchmarks, in one command of at most 10 minutes.
+# CPU library this machine's CPU runs), runs the GPU tests (CUDA and compiled Triton backends, CUDA graphs) and the
+# GPU benchmarks, in one command of at most 10 minutes.
 # Results go to $OUT if set (the device tool's output folder), else ./gpu_results: summary.txt (device, build, test
 # and benchmark outcomes), build.log, tests.log, bench.log, bench_gpu.json, bench_linear_gpu.json; with
 # GPU_CHECK_KEEP_LIBRARIES=1 also the built libraries, debug info stripped (to carry into a later call).
@@ -53,7 +53,9 @@ if [ "${GPU_CHECK_KEEP_LIBRARIES:-0}" = 1 ]; then
   ls -la "$out"/*.so | tee -a "$summary"
 fi
 
-tests=${GPU_CHECK_TESTS:-"tests/test_mmd_gpu.py tests/test_rvq_gpu.py tests/test_sampling_gpu.py tests/test_linear_packed_gpu_paths.py tests/test_attention_gpu.py tests/test_compile.py tests/test_generate.py::test_cuda_graph_step_equals_eager_step"}
+# tests/test_compile.py is not in the default set: it compiles CPU ops only (CI runs it), and one of its tests took
+# 98 s of a worker on the H200's host (session 18)
+tests=${GPU_CHECK_TESTS:-"tests/test_mmd_gpu.py tests/test_rvq_gpu.py tests/test_sampling_gpu.py tests/test_linear_packed_gpu_paths.py tests/test_attention_gpu.py tests/test_generate.py::test_cuda_graph_step_equals_eager_step"}
 tests_rc=0
 run_tests() {
   local workers=() start=$SECONDS
