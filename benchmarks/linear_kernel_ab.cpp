@@ -159,7 +159,7 @@ static std::vector<Variant> variants() {
   if constexpr (std::is_same_v<T, float> && nl::kLanes == 16) vs.push_back({"orig", make_orig<M>(), {}});
   add<T, M, 4, 1>(vs); add<T, M, 4, 2>(vs); add<T, M, 4, 4>(vs);
   add<T, M, 4, 1, 2>(vs); add<T, M, 4, 1, 4>(vs); add<T, M, 4, 1, 8>(vs); add<T, M, 4, 2, 2>(vs);
-  if constexpr (M > 4) { add<T, M, 8, 1>(vs); add<T, M, 8, 2>(vs); }
+  if constexpr (M > 4) { add<T, M, 8, 1>(vs); add<T, M, 8, 2>(vs); add<T, M, 6, 2>(vs); add<T, M, 6, 4>(vs); }
   if constexpr (M > 8) add<T, M, 16, 1>(vs);
   if constexpr (M <= 2) { add<T, M, 4, 8>(vs); }
 #if defined(__AVX512F__)

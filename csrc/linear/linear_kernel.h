@@ -23,11 +23,15 @@ constexpr int64_t kMaxRows = 16;
 // the FMA ports). A pass loads m + R vectors for m * R FMAs, so passes of 4 rows against 4 weight rows need the
 // fewest loads per FMA that fit. Measured on the 2-core AVX-512 Xeon (benchmarks/RESULTS.md, session 6), float32
 // streamed from L3 and from memory: passes of 8 rows against 2 weight rows were 0.85-0.97x as fast at 8 and 16 rows
-// (1.03-1.08x at 5-6 rows, within the noise there).
-constexpr int kMaxPassRows = 4;
+// (1.03-1.08x at 5-6 rows, within the noise there). With AVX2 (16 ymm, R = 2 from 3 rows on) passes of up to 6 rows
+// (12 accumulators) measured faster than passes of 4 on an AMD EPYC Zen 3, all three weight types streamed from L3
+// and from memory (RESULTS.md, session 19): 1.11-1.29x at 5-6 rows (one pass instead of two), 1.04-1.08x for float32
+// and bfloat16 at 12-16 rows, int8 level there. The passes never change an output's order of summation.
 #if defined(__AVX512F__)
+constexpr int kMaxPassRows = 4;
 constexpr int block_rows(int m) { return m <= 2 ? 8 : 4; }
 #else
+constexpr int kMaxPassRows = 6;
 constexpr int block_rows(int m) { return m <= 2 ? 4 : 2; }
 #endif
 // Rows of the first pass when m rows are split into equal passes of at most max_pass (the last may be smaller).
