@@ -7,22 +7,22 @@
 // every weight per call, see benchmarks/bench_linear.py); this kernel reads each weight once, in place
 // (csrc/linear/linear_kernel.h): a block of R weight rows is streamed over D one cache line at a time (16 float32,
 // 32 bfloat16 or 64 int8 weights, widened to float32 in registers) while the rows of x are multiplied into vector
-// accumulators, at most 4 rows of x per pass so that the accumulators stay in registers; 16 rows (classifier-free
-// guidance) take four passes over the same R weight rows, the later ones from L1 (narrow weights widened once, by the
-// first pass). D is cut in chunks (16 KiB of x for all rows together) so that x stays in L1 while a group of 8
-// weight rows streams past it. At the end of a block the accumulators are summed across lanes by a transpose tree
-// (16 accumulators -> one vector in 15 adds; csrc/linear/linear_vec.h), not one by one. The int8 scale is applied
-// once per output, in the epilogue. Threads (at::parallel_for) split the weight rows in groups of 8; each output is
-// summed by one thread, in an order that does not depend on the thread count. R, the weight rows of a block: several
-// (fewest loads per FMA) or one (a single sequential stream of weights), whichever streams faster for the shape on
-// this machine, measured on the first calls (csrc/linear/blocking.h); the order of summation is the same in both.
-// From 5 rows on, bfloat16 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h: x split
-// into three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows: one FMA
-// per weight and row, against 2 bytes of weight) rather than by memory; float32 weights from 13 rows on (split
-// exactly into three bfloat16 parts too: 16 rows of float32 FMAs exceed this CPU's FMA rate). int8 weights go through
-// AMX-INT8 tiles at every row count where the CPU has them (csrc/linear/linear_amx_int8.h: x as four 8-bit digits on
-// a fixed-point grid of its row, the weights multiplied as stored; the FMA kernel widens every int8 weight with two
-// instructions and is bound by them already at one row).
+// accumulators, at most 4 rows of x per pass (6 with AVX2, linear_kernel.h) so that the accumulators stay in registers;
+// 16 rows (classifier-free guidance) take several passes over the same R weight rows, the later ones from L1 (narrow
+// weights widened once, by the first pass). D is cut in chunks (16 KiB of x for all rows together) so that x stays in
+// L1 while a group of 8 weight rows streams past it. At the end of a block the accumulators are summed across lanes by
+// a transpose tree (16 accumulators -> one vector in 15 adds; csrc/linear/linear_vec.h), not one by one. The int8 scale
+// is applied once per output, in the epilogue. Threads (at::parallel_for) split the weight rows in groups of 8; each
+// output is summed by one thread, in an order that does not depend on the thread count. R, the weight rows of a block:
+// several (fewest loads per FMA) or one (a single sequential stream of weights), whichever streams faster for the shape
+// on this machine, measured on the first calls (csrc/linear/blocking.h); the order of summation is the same in both.
+// From 5 rows on, bfloat16 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h: x split into
+// three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows: one FMA per
+// weight and row, against 2 bytes of weight) rather than by memory; float32 weights from 13 rows on (split exactly into
+// three bfloat16 parts too: 16 rows of float32 FMAs exceed this CPU's FMA rate). int8 weights go through AMX-INT8 tiles
+// at every row count where the CPU has them (csrc/linear/linear_amx_int8.h: x as four 8-bit digits on a fixed-point
+// grid of its row, the weights multiplied as stored; the FMA kernel widens every int8 weight with two instructions and
+// is bound by them already at one row).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
