@@ -45,7 +45,7 @@ def _problem(precision, rows, dim, out, seed):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 16])
 @pytest.mark.parametrize("dim,out", [(37, 9), (515, 70)])
 def test_both_blockings_match_the_spec_and_each_other_bit_for_bit(monkeypatch, precision, rows, dim, out):
     x, packed, bias = _problem(precision, rows, dim, out, seed=rows * 100 + dim)

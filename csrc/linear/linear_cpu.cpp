@@ -67,7 +67,7 @@ static constexpr auto make_table(std::integer_sequence<int, Ms...>) {
 template <typename T, int... Ms>
 static constexpr auto make_single_table(std::integer_sequence<int, Ms...>) {
   return std::array<RowsBlockFn<T>, sizeof...(Ms)>{
-      &rows_block<T, Ms + 1, kMaxPassRows, 1, library_splits<T, Ms + 1>()>...};
+      &rows_block<T, Ms + 1, single_pass_rows<T>(), 1, library_splits<T, Ms + 1>()>...};
 }
 
 template <typename T>

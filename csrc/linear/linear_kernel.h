@@ -34,6 +34,19 @@ constexpr int block_rows(int m) { return m <= 2 ? 8 : 4; }
 constexpr int kMaxPassRows = 6;
 constexpr int block_rows(int m) { return m <= 2 ? 4 : 2; }
 #endif
+// Rows of x per pass in the "single" blocking (one weight row at a time, blocking.h). float32 weights with AVX2: up to
+// 8 (8 accumulators), measured on an AMD EPYC Zen 3 from L3 and from memory (RESULTS.md, session 19): at 8 rows one
+// pass streamed 1.17-1.25x faster than two passes of 4 and 1.24x faster than the wide blocks; bfloat16 0.86-1.01x
+// and int8 slower (their later passes read weights already widened, while the first is bound by the widening). Which
+// of single and wide runs is measured per shape (blocking.h).
+template <typename T>
+constexpr int single_pass_rows() {
+#if defined(__AVX512F__)
+  return kMaxPassRows;
+#else
+  return std::is_same_v<T, float> ? 8 : kMaxPassRows;
+#endif
+}
 // Rows of the first pass when m rows are split into equal passes of at most max_pass (the last may be smaller).
 constexpr int pass_rows(int m, int max_pass) {
   const int passes = (m + max_pass - 1) / max_pass;
