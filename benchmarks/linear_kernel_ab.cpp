@@ -161,7 +161,7 @@ static std::vector<Variant> variants() {
   add<T, M, 4, 1, 2>(vs); add<T, M, 4, 1, 4>(vs); add<T, M, 4, 1, 8>(vs); add<T, M, 4, 2, 2>(vs);
   if constexpr (M > 4) { add<T, M, 8, 1>(vs); add<T, M, 8, 2>(vs); add<T, M, 6, 2>(vs); add<T, M, 6, 4>(vs); }
   if constexpr (M > 8) add<T, M, 16, 1>(vs);
-  if constexpr (M <= 2) { add<T, M, 4, 8>(vs); }
+  if constexpr (M <= 2) { add<T, M, 4, 8>(vs); add<T, M, 4, 4, 2>(vs); }
 #if defined(__AVX512F__)
   if (g_amx) {
 #if defined(HAVE_OLD_AMX)
