@@ -177,3 +177,39 @@ def test_bad_tile_kernel_names_the_variable(monkeypatch):
     monkeypatch.setenv(TILE_ENV, "blas")
     with pytest.raises(RuntimeError, match=TILE_ENV):
         mmdkernels.mmd_loss(make_input((2, 2, 8, 30)), estimator="dhsic", backend="cpp")
+
+
+@pytest.mark.parametrize("width", [1, 20])
+@pytest.mark.parametrize("mode", ["joint", "pairwise"])
+def test_fixed_chain_loops_agree_with_the_plan_loops(mode, width, monkeypatch):
+    """The default bandwidths run the passes' fused loops (csrc/mmd/chain_fixed.h); MMDKERNELS_MMD_CHAIN=plan forces
+    the plan-driven chunk loops on the same input. N = 700 gives diagonal and mirrored tiles (column sums) and a
+    partial last block; with one feature per codebook many distances are below 1, where the narrow bandwidths (0.1,
+    1) weigh as much as the wide ones (at width 20 only the wide ones reach past the diagonal). Both against the
+    float64 reference by the rule, and against each other: the kernel values are the same multiplications, only sums
+    round differently (~1e-7 relative)."""
+    x = make_input((4, 4, width, 175), seed=19)
+    results = {}
+    for chain in ("plan", "auto"):
+        monkeypatch.setenv("MMDKERNELS_MMD_CHAIN", chain)
+        results[chain] = run(x, "cpp", estimator="dhsic", mode=mode)
+        assert_close_to_reference(x, "cpp", estimator="dhsic", mode=mode)
+    (loss_p, grad_p), (loss_f, grad_f) = results["plan"], results["auto"]
+    assert abs(loss_p - loss_f) <= 1e-5 * abs(loss_p)
+    assert (grad_p - grad_f).abs().max() <= 1e-4 * grad_p.abs().max()
+    assert not torch.equal(grad_p, torch.zeros_like(grad_p))
+
+
+def test_scaled_default_chain_takes_the_fixed_loops():
+    """Bandwidths twice the default have the same chain with another base (0.0025): the fixed loops take it, with the
+    base coefficient passed through; against the reference."""
+    from mmdkernels.mmd import reference as ref
+
+    bandwidths = tuple(2 * a for a in ref.DEFAULT_BANDWIDTHS)
+    assert_close_to_reference(make_input((3, 3, 16, 150), seed=23), "cpp", estimator="dhsic", bandwidths=bandwidths)
+
+
+def test_bad_chain_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MMDKERNELS_MMD_CHAIN", "fixed")
+    with pytest.raises(RuntimeError, match="MMDKERNELS_MMD_CHAIN"):
+        mmdkernels.mmd_loss(make_input((2, 2, 8, 30)), estimator="dhsic", backend="cpp")

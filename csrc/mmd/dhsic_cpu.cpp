@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/measure.h"
+#include "mmd/chain_fixed.h"
 #include "mmd/dhsic_stats.h"
 #include "mmd/gram_fused.h"
 #include "mmd/tiles_cpu.h"
@@ -64,14 +65,27 @@ struct DhsicScratch {
       const float norm_row = norms[k * n + row];
       const float* norm_cols = norms + k * n + col0;
       float* d = this->distances(k);
+      int flagged = 1;
       if (distances) {
         std::copy(dots, dots + len, d);
       } else {
-#pragma omp simd
-        for (int64_t m = 0; m < len; ++m) d[m] = sqdist_from_dot(norm_row, norm_cols[m], dots[m]);
+        // the near-duplicate test of refine_near_duplicates on the way, which then runs only where it has work
+        flagged = 0;
+#pragma omp simd reduction(+ : flagged)
+        for (int64_t m = 0; m < len; ++m) {
+          d[m] = sqdist_from_dot(norm_row, norm_cols[m], dots[m]);
+          flagged += d[m] <= kNearDuplicate * (norm_row + norm_cols[m]) ? 1 : 0;
+        }
+        // the diagonal entry (set to 0 below) is always flagged: alone it needs no refinement
+        const bool diagonal_here = row >= col0 && row < col0 + len;
+        if (flagged == 1 && diagonal_here && d[row - col0] <= kNearDuplicate * (norm_row + norm_cols[row - col0])) {
+          flagged = 0;
+        }
       }
-      refine_near_duplicates(d, z_data + row * stride + k * width, norm_row, z_data + col0 * stride + k * width,
-                             norm_cols, stride, width, len);
+      if (flagged > 0) {
+        refine_near_duplicates(d, z_data + row * stride + k * width, norm_row, z_data + col0 * stride + k * width,
+                               norm_cols, stride, width, len);
+      }
       if (row >= col0 && row < col0 + len) d[row - col0] = 0.0f;
     }
   }
@@ -81,15 +95,20 @@ struct DhsicScratch {
     bandwidths_chunk(distances(k), plan, kernels(), len);
   }
 
-  // kernels()[j] = prod_{k in members} E_{k,j} = e_j(sum_{k in members} d_k) (after load)
-  void group_kernels(const std::vector<int>& members, const BandwidthPlan& plan, int64_t len) {
+  // sum_{k in members} d_k (after load): the group's distance, whose kernels are prod_{k in members} E_{k,j}
+  const float* group_distances(const std::vector<int>& members, int64_t len) {
     std::copy(distances(members[0]), distances(members[0]) + len, group_dist.begin());
     for (size_t t = 1; t < members.size(); ++t) {
       const float* d = distances(members[t]);
 #pragma omp simd
       for (int64_t m = 0; m < len; ++m) group_dist[m] += d[m];
     }
-    bandwidths_chunk(group_dist.data(), plan, kernels(), len);
+    return group_dist.data();
+  }
+
+  // kernels()[j] = prod_{k in members} E_{k,j} = e_j(sum_{k in members} d_k) (after load)
+  void group_kernels(const std::vector<int>& members, const BandwidthPlan& plan, int64_t len) {
+    bandwidths_chunk(group_distances(members, len), plan, kernels(), len);
   }
 };
 
@@ -103,6 +122,10 @@ class ColumnSums {
     float* p = partial_.data() + index * cols_ + c0;
 #pragma omp simd
     for (int64_t m = 0; m < len; ++m) p[m] += v[m];
+  }
+  // The partial sums of quantity `index` from column c0 on, for a loop to add into; null without a column side.
+  float* partial(int64_t index, int64_t c0) {
+    return partial_.empty() ? nullptr : partial_.data() + index * cols_ + c0;
   }
   void end_row() {
     if (++rows_ == kColumnFlushRows) flush();
@@ -351,6 +374,7 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
   double* row_sums = sums.data_ptr<double>();
   double* joint_row_sums = row_sums + num_kj * n;
   std::mutex column_mutex;
+  const bool fixed_chain = use_fixed_chain(plan);
   const TileSchedule schedule(n, num_codebooks, z.options(), row_begin, row_end);
   const GramTiles gram(packed, norms, layout, schedule);
   schedule.run([&](const Tile& tile, const TilePlane& plane) {
@@ -368,6 +392,18 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
           const int64_t len = std::min(kChunk, tile.cols - c0);
           scratch.load(plane, tile, gram.distances(), z, norm_data, n, i, c0, len);
           for (int64_t k = 0; k < num_codebooks; ++k) {
+            if (fixed_chain) {
+              float sums[DefaultChain::kCount];
+              float* cols[DefaultChain::kCount];
+              for (int j = 0; j < num_bw; ++j) cols[j] = columns.partial(k * num_bw + j, c0);
+              if (tile.mirrored) {
+                ChainLoops<DefaultChain>::row_sums<true>(scratch.distances(k), plan.base_coef, cols, sums, len);
+              } else {
+                ChainLoops<DefaultChain>::row_sums<false>(scratch.distances(k), plan.base_coef, cols, sums, len);
+              }
+              for (int j = 0; j < num_bw; ++j) row_sums[(k * num_bw + j) * n + row] += sums[j];
+              continue;
+            }
             scratch.codebook_kernels(k, plan, len);
             for (int j = 0; j < num_bw; ++j) {
               row_sums[(k * num_bw + j) * n + row] += sum_chunk_float(e[j], len);
@@ -375,6 +411,13 @@ at::Tensor dhsic_sums(const at::Tensor& z, const SliceLayout& layout, const Band
             }
           }
           for (const auto& members : layout.group_members) {
+            if (fixed_chain) {
+              float sums[DefaultChain::kCount];
+              ChainLoops<DefaultChain>::row_sums<false>(scratch.group_distances(members, len), plan.base_coef,
+                                                        nullptr, sums, len);
+              joint_sum += ((sums[0] + sums[1]) + (sums[2] + sums[3])) + (sums[4] + sums[5]);
+              continue;
+            }
             scratch.group_kernels(members, plan, len);
             for (int j = 0; j < num_bw; ++j) joint_sum += sum_chunk_float(e[j], len);
           }
@@ -424,6 +467,22 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
   GradientSide side(packed, layout, grad, at::Tensor());
   double* weight_sums = side.weight_sums();  // [K, N]
   std::mutex column_mutex;
+  const bool fixed_chain = use_fixed_chain(plan);
+  // joint mode: one group of every codebook, whose slope is every codebook's (no per-codebook copies)
+  const bool one_group = layout.group_members.size() == 1 &&
+                         static_cast<int64_t>(layout.group_members.front().size()) == num_codebooks;
+  // slope[m] = sum_j coef_j e_j(group distance) by the plan's chunk loops
+  const auto group_plan_slope = [&](DhsicScratch& scratch, const std::vector<int>& members, float* slope,
+                                    int64_t len) {
+    auto* e = scratch.kernels();
+    scratch.group_kernels(members, plan, len);
+    std::fill(slope, slope + len, 0.0f);
+    for (int j = 0; j < num_bw; ++j) {
+      const float coef = plan.coef[j];
+#pragma omp simd
+      for (int64_t m = 0; m < len; ++m) slope[m] += coef * e[j][m];
+    }
+  };
   const TileSchedule schedule(n, num_codebooks, z.options(), row_begin, row_end);
   const GramTiles gram(packed, norms, layout, schedule);
   schedule.run([&](const Tile& tile, const TilePlane& plane) {
@@ -443,15 +502,15 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
           const int64_t len = std::min(kChunk, tile.cols - c0);
           const int64_t col0 = tile.col0 + c0;
           scratch.load(plane, tile, gram.distances(), z, norm_data, n, i, c0, len);
-          std::fill(joint_slope.begin(), joint_slope.end(), 0.0f);
+          if (!one_group) std::fill(joint_slope.begin(), joint_slope.end(), 0.0f);
           for (const auto& members : layout.group_members) {
-            scratch.group_kernels(members, plan, len);
-            std::fill(group_slope.begin(), group_slope.end(), 0.0f);
-            for (int j = 0; j < num_bw; ++j) {
-              const float coef = plan.coef[j];
-#pragma omp simd
-              for (int64_t m = 0; m < len; ++m) group_slope[m] += coef * e[j][m];
+            if (fixed_chain) {
+              ChainLoops<DefaultChain>::slope<false>(scratch.group_distances(members, len), plan.base_coef,
+                                                     plan.coef, group_slope.data(), nullptr, len);
+            } else {
+              group_plan_slope(scratch, members, group_slope.data(), len);
             }
+            if (one_group) continue;
             for (int k : members) {
               float* slope = joint_slope.data() + k * kChunk;
 #pragma omp simd
@@ -459,9 +518,26 @@ std::tuple<at::Tensor, at::Tensor> dhsic_loss_and_rows_grad(const at::Tensor& z,
             }
           }
           for (int64_t k = 0; k < num_codebooks; ++k) {
-            scratch.codebook_kernels(k, plan, len);
             float* weights = plane.row(k, tile, i) + c0;  // the dots of this chunk are in dist now
-            const float* slope = joint_slope.data() + k * kChunk;
+            const float* slope = one_group ? group_slope.data() : joint_slope.data() + k * kChunk;
+            if (fixed_chain) {
+              float a_k[DefaultChain::kCount];
+              const float* b_k[DefaultChain::kCount];
+              for (int j = 0; j < num_bw; ++j) {
+                const float* b_kj = b + (k * num_bw + j) * n;
+                a_k[j] = 2.0f * plan.coef[j] * gamma[k * num_bw + j] - b_kj[row];
+                b_k[j] = b_kj + col0;
+              }
+              float* cols = columns.partial(k, c0);
+              row_weight_sums[k] +=
+                  cols == nullptr
+                      ? ChainLoops<DefaultChain>::weights<false>(scratch.distances(k), plan.base_coef, -two_inv_n2,
+                                                                 slope, a_k, b_k, weights, cols, len)
+                      : ChainLoops<DefaultChain>::weights<true>(scratch.distances(k), plan.base_coef, -two_inv_n2,
+                                                                slope, a_k, b_k, weights, cols, len);
+              continue;
+            }
+            scratch.codebook_kernels(k, plan, len);
 #pragma omp simd
             for (int64_t m = 0; m < len; ++m) weights[m] = -two_inv_n2 * slope[m];
             for (int j = 0; j < num_bw; ++j) {

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "mmd/chain_fixed.h"
 #include "mmd/tiles_cpu.h"
 
 namespace mmdkernels {
@@ -38,6 +39,9 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
   const float* a_data = a.data_ptr<float>();
   const float* b_data = b.data_ptr<float>();
   const int64_t width = layout.width, stride = num_slices * width;
+  const bool fixed_chain = use_fixed_chain(plan);
+  float neg_coefs[kMaxBandwidths];
+  for (int j = 0; j < plan.count; ++j) neg_coefs[j] = -plan.coef[j];
 
   for (const Tile& tile : symmetric ? plane.symmetric_tiles(row_begin, row_end) : plane.tiles(row_begin, row_end)) {
     dot_tiles(a, b, layout, tile, plane);
@@ -50,6 +54,18 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
       float* group_weights = slice_weights + num_slices * kChunk;  // [kChunk]: slope of the current group
       float* group_dist = group_weights + kChunk;                  // [kChunk]
       auto* e = reinterpret_cast<float(*)[kChunk]>(group_dist + kChunk);
+      // value[m] += sum_j e_j(d[m]) and group_weights[m] = -sum_j coef_j e_j(d[m]) by the plan's chunk loops
+      const auto plan_value_and_slope = [&](const float* d, float* value, int64_t len) {
+        bandwidths_chunk(d, plan, e, len);
+        std::fill(group_weights, group_weights + len, 0.0f);
+        for (int j = 0; j < plan.count; ++j) {
+#pragma omp simd
+          for (int64_t m = 0; m < len; ++m) {
+            value[m] += e[j][m];
+            group_weights[m] += neg_coefs[j] * e[j][m];
+          }
+        }
+      };
       for (int64_t i = begin; i < end; ++i) {
         const int64_t row = tile.row0 + i;
         double row_sum = 0.0;
@@ -75,15 +91,11 @@ double shuffle_term(const at::Tensor& a, const at::Tensor& b, bool symmetric, co
 #pragma omp simd
               for (int64_t m = 0; m < len; ++m) group_dist[m] += d[m];
             }
-            bandwidths_chunk(group_dist, plan, e, len);
-            std::fill(group_weights, group_weights + len, 0.0f);
-            for (int j = 0; j < plan.count; ++j) {
-              const float neg_coef = -plan.coef[j];
-#pragma omp simd
-              for (int64_t m = 0; m < len; ++m) {
-                chunk_value[m] += e[j][m];
-                group_weights[m] += neg_coef * e[j][m];
-              }
+            if (fixed_chain) {
+              ChainLoops<DefaultChain>::slope<true>(group_dist, plan.base_coef, neg_coefs, group_weights, chunk_value,
+                                                    len);
+            } else {
+              plan_value_and_slope(group_dist, chunk_value, len);
             }
             for (int member : members) {
               float* w = slice_weights + member * kChunk;

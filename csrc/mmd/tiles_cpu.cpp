@@ -6,21 +6,11 @@
 #include <algorithm>
 
 #include "gemm/gemm.h"
+#include "mmd/chain_fixed.h"
 
 namespace mmdkernels {
 namespace mmd {
 namespace {
-
-// result * base^P with int_power's multiplications (mmd_tile.h) in its order, unrolled at compile time (the
-// compiler does not unroll int_power's shift loop, which would keep the chunk loop below from vectorising).
-template <int P>
-inline float unrolled_power(float result, float base) {
-  if constexpr (P == 0) {
-    return result;
-  } else {
-    return unrolled_power<(P >> 1)>((P & 1) ? result * base : result, base * base);
-  }
-}
 
 // out[m] = base[m]^P for a compile-time P: one vectorised pass over the chunk.
 template <int P>
