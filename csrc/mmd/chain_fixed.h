@@ -1,7 +1,7 @@
 // The bandwidth chain of the default bandwidths (0.1, 1, 5, 10, 20, 50; mmdkernels/mmd/plan.py) fixed at compile
-// time, and the CPU loops (ChainLoops) that evaluate all six kernels of an entry and use them at once. The plan-driven path
-// (bandwidths_chunk, tiles_cpu.h) writes each bandwidth's kernels of a chunk to an array that the caller then reads
-// back, once per use: a pass over L1 per bandwidth and use, which measured about half of dHSIC's non-GEMM time.
+// time, and the CPU loops (ChainLoops) that evaluate all six kernels of an entry and use them at once. The
+// plan-driven path (bandwidths_chunk, tiles_cpu.h) writes each bandwidth's kernels of a chunk to an array that the
+// caller then reads back, once per use: a pass over L1 per bandwidth and use, about half of dHSIC's non-GEMM time.
 // A loop over DefaultChain::from_base keeps the six values in registers. Same multiplications in the same order as
 // bandwidths_chunk (unrolled_power), so the kernel values are the same; only sums of them may round differently.
 #pragma once
