@@ -16,6 +16,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -82,6 +83,7 @@ def _worker(rank: int, world_size: int, folder: str, cases: list) -> None:
         timeout=datetime.timedelta(seconds=WORLD_DEADLINE_S),
     )
     results = {}
+    completed = False
     try:
         for index, case in enumerate(cases):
             name, _, backend, options = case
@@ -100,8 +102,11 @@ def _worker(rank: int, world_size: int, folder: str, cases: list) -> None:
             except Exception:  # recorded: the test reports it
                 results[name] = traceback.format_exc()
         results.update(_failure_cases(rank))
+        completed = True
     finally:
         torch.save(results, f"{folder}/rank{rank}.pt")
+        if completed:  # every case ran and its result is saved: what _run_world checks after a crash at teardown
+            open(f"{folder}/rank{rank}.done", "w").close()
         try:
             dist.barrier()  # no rank tears its gloo connections down while another still uses them
         finally:
@@ -150,6 +155,16 @@ def _run_world(world_size: int, cases: list, folder) -> list[dict]:
                     f"the {world_size}-process world did not finish within {WORLD_DEADLINE_S} s: ranks {running} "
                     f"were still running (their stacks are in the captured stderr)"
                 )
+    except mp.ProcessExitedException as exc:
+        # Seen once in a fresh-clone CI run (session 20): a rank aborted by a signal ("terminate called without an
+        # active exception", gloo's threads) after every rank had saved all its results, i.e. while tearing the
+        # group down. The results are complete then, and the tests below judge them; a rank that died earlier
+        # (no .done file from every rank) still fails here.
+        finished = all((folder / f"rank{r}.done").exists() for r in range(world_size))
+        if exc.exit_code is None or exc.exit_code >= 0 or not finished:
+            raise
+        warnings.warn(f"the {world_size}-process world's rank {exc.error_index} died by {exc.signal_name} after "
+                      f"saving all its results (at teardown); judging the saved results")
     finally:  # the deadline, a rank's failure or an interrupted test (pytest-timeout): no rank outlives the fixture
         stop_processes(context.processes)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
