@@ -1,8 +1,9 @@
-"""The few-row linear's weight-row blocking inside decode steps: "wide", "auto" (the measured choice) and "single"
-(MMDKERNELS_LINEAR_BLOCKING, switched between rounds of one process), rounds interleaved, min ms per step: a scratch
-measurement for RESULTS.md, not a pytest benchmark. Presets: the benchmark decoder at B = 4, MusicGen-small at B = 1.
+"""The few-row linear's weight-row blocking inside decode steps: "wide", "spread", "auto" (the measured choice) and
+"single" (MMDKERNELS_LINEAR_BLOCKING, switched between rounds of one process), rounds interleaved, min ms per step: a
+scratch measurement for RESULTS.md, not a pytest benchmark. Presets: the benchmark decoder at B = 4, MusicGen-small at
+B = 1.
 
-    MMDKERNELS_GEMM_VERBOSE=1 python benchmarks/linear_blocking_ab.py --threads 1 --preset benchmark-b4
+    MMDKERNELS_GEMM_VERBOSE=1 PYTHONPATH=. python benchmarks/linear_blocking_ab.py --threads 1 --preset benchmark-b4
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ PRESETS = {
     "benchmark-b4": (dict(dim=512, num_layers=8, num_heads=8, ffn_dim=2048), 4),
     "musicgen-small-b1": (dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096), 1),
 }
-MODES = ("wide", "auto", "single")
+MODES = ("wide", "spread", "auto", "single")
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
         print(
             f"{args.preset} {precision} threads {args.threads}: "
             + "  ".join(f"{mode} {1e3 * t:.2f} ms" for mode, t in best.items())
-            + f"  auto/wide {best['auto'] / best['wide']:.3f}"
+            + f"  auto/wide {best['auto'] / best['wide']:.3f}  spread/wide {best['spread'] / best['wide']:.3f}"
         )
 
 

@@ -1,13 +1,16 @@
-// Which blocking of weight rows the few-row linear kernel runs (linear_kernel.h's R): "wide" (blocks of block_rows(m)
-// weight rows: the fewest loads per FMA) or "single" (one weight row at a time: one sequential stream of weights).
-// Which streams faster depends on the CPU and the shape: on an AMD EPYC Zen 3 (AVX2) single rows were 1.2-1.3x faster
-// for float32 at D = 512 and level or slower at D = 1024-4096, slower for int8 at several rows (its widening then waits
-// on fewer accumulators), level or faster for int8 at one row (RESULTS.md, session 9). So in "auto" (the default) the
-// first 2 * kBlockingSamples calls of each shape (weight dtype, rows, D, N, threads) alternate the two, timed as they
-// run, and the faster (fastest call each; single only when more than 10 % ahead) serves the rest of the process. Both
-// blockings sum every output in the same order, so the choice, and the calls that measure it, never change a bit.
-// MMDKERNELS_LINEAR_BLOCKING=auto|wide|single forces one (read at every call); MMDKERNELS_GEMM_VERBOSE=1 prints each
-// choice.
+// Which blocking of weight rows the few-row linear kernel runs (linear_kernel.h's R and S): "wide" (blocks of
+// wide_rows(m) adjacent weight rows: the fewest loads per FMA), "spread" (the same blocks with their rows 8 / R apart:
+// a block's R streams of weights land in different 4 KiB pages; the same as wide where R = 8, AVX-512 at 1-2 rows) or
+// "single" (one weight row at a time: one sequential stream of weights). Which streams faster depends on the CPU and
+// the shape: on an AMD EPYC Zen 3 (AVX2) single rows were 1.2-1.3x faster for float32 at D = 512 and level or slower at
+// D = 1024-4096, slower for int8 at several rows (its widening then waits on fewer accumulators), level or faster for
+// int8 at one row (RESULTS.md, session 9); spread blocks streamed 1.1-1.35x faster than wide ones at one row for rows
+// of 2-4 KiB, wide ones faster for 16 KiB rows of float32 (RESULTS.md, session 21). So in "auto" (the default) the
+// first 3 * kBlockingSamples calls of each shape (weight dtype, rows, D, N, threads) rotate the three, timed as they
+// run, and the fastest (fastest call each; single only when more than 10 % ahead of both blocked ones) serves the rest
+// of the process. All three sum every output in the same order, so the choice, and the calls that measure it, never
+// change a bit. MMDKERNELS_LINEAR_BLOCKING=auto|wide|spread|single forces one (read at every call);
+// MMDKERNELS_GEMM_VERBOSE=1 prints each choice.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +18,8 @@
 
 namespace mmdkernels::linear {
 
-enum class Blocking { kWide, kSingle };
+enum class Blocking { kWide, kSpread, kSingle };
+constexpr int kBlockings = 3;
 
 struct BlockingKey {
   int weight_bytes;  // 4 float32, 2 bfloat16, 1 int8

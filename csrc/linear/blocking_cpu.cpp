@@ -18,11 +18,12 @@ namespace {
 
 constexpr const char* kEnv = "MMDKERNELS_LINEAR_BLOCKING";
 constexpr int kBlockingSamples = 8;   // timed calls per blocking before choosing (the fastest counts)
-constexpr double kSingleMargin = 1.1;  // single rows must be this much faster: noise on a level machine keeps "wide"
+constexpr double kSingleMargin = 1.1;  // single rows must be this much faster than the blocks: noise keeps blocks
 
 struct Measurement {
   int calls = 0;
-  double best[2] = {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+  double best[kBlockings] = {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity(),
+                             std::numeric_limits<double>::infinity()};
   bool decided = false;
   Blocking chosen = Blocking::kWide;
 };
@@ -30,7 +31,9 @@ struct Measurement {
 std::mutex g_mutex;  // guards g_measurements
 std::map<BlockingKey, Measurement> g_measurements;
 
-const char* name(Blocking b) { return b == Blocking::kWide ? "wide" : "single"; }
+const char* name(Blocking b) {
+  return b == Blocking::kWide ? "wide" : (b == Blocking::kSpread ? "spread" : "single");
+}
 const char* dtype_name(int weight_bytes) {
   return weight_bytes == 4 ? "float32" : (weight_bytes == 2 ? "bfloat16" : "int8");
 }
@@ -48,33 +51,36 @@ bool BlockingKey::operator<(const BlockingKey& o) const {
 BlockingPlan plan_blocking(const BlockingKey& key) {
   const char* env = std::getenv(kEnv);
   const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
-  if (mode == "wide") return {Blocking::kWide, false, key};
-  if (mode == "single") return {Blocking::kSingle, false, key};
-  TORCH_CHECK(mode == "auto", kEnv, " must be one of auto, wide, single; got '", mode, "'");
+  for (int b = 0; b < kBlockings; ++b)
+    if (mode == name(static_cast<Blocking>(b))) return {static_cast<Blocking>(b), false, key};
+  TORCH_CHECK(mode == "auto", kEnv, " must be one of auto, wide, spread, single; got '", mode, "'");
   std::lock_guard<std::mutex> lock(g_mutex);
   const Measurement& m = g_measurements[key];
   if (m.decided) return {m.chosen, false, key};
-  return {m.calls % 2 == 0 ? Blocking::kWide : Blocking::kSingle, true, key};
+  return {static_cast<Blocking>(m.calls % kBlockings), true, key};
 }
 
 void record_blocking(const BlockingPlan& plan, double seconds) {
   std::lock_guard<std::mutex> lock(g_mutex);
   Measurement& m = g_measurements[plan.key];
   if (m.decided) return;
-  double& best = m.best[plan.blocking == Blocking::kWide ? 0 : 1];
+  double& best = m.best[static_cast<int>(plan.blocking)];
   best = std::min(best, seconds);
-  if (++m.calls < 2 * kBlockingSamples) return;
+  if (++m.calls < kBlockings * kBlockingSamples) return;
   m.decided = true;
-  m.chosen = m.best[1] * kSingleMargin < m.best[0] ? Blocking::kSingle : Blocking::kWide;
+  const double wide = m.best[static_cast<int>(Blocking::kWide)], spread = m.best[static_cast<int>(Blocking::kSpread)];
+  const Blocking blocks = spread < wide ? Blocking::kSpread : Blocking::kWide;
+  m.chosen = m.best[static_cast<int>(Blocking::kSingle)] * kSingleMargin < std::min(wide, spread) ? Blocking::kSingle
+                                                                                                 : blocks;
   const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
   if (verbose != nullptr && std::string(verbose) == "1") {
     const BlockingKey& k = plan.key;
     std::fprintf(stderr,
-                 "mmdkernels linear blocking: %s rows %lld dim %lld out %lld threads %d: wide %.1f GB/s, single %.1f "
-                 "GB/s -> %s\n",
+                 "mmdkernels linear blocking: %s rows %lld dim %lld out %lld threads %d: wide %.1f GB/s, spread %.1f "
+                 "GB/s, single %.1f GB/s -> %s\n",
                  dtype_name(k.weight_bytes), static_cast<long long>(k.rows), static_cast<long long>(k.dim),
                  static_cast<long long>(k.out_features), k.threads, gb_per_s(k, m.best[0]), gb_per_s(k, m.best[1]),
-                 name(m.chosen));
+                 gb_per_s(k, m.best[2]), name(m.chosen));
   }
 }
 
@@ -88,7 +94,7 @@ std::string blocking_choices_json() {
     out << (first ? "" : ", ") << "{\"dtype\": \"" << dtype_name(k.weight_bytes) << "\", \"rows\": " << k.rows
         << ", \"dim\": " << k.dim << ", \"out_features\": " << k.out_features << ", \"threads\": " << k.threads
         << ", \"chosen\": \"" << name(m.chosen) << "\", \"gb_per_s\": {\"wide\": " << gb_per_s(k, m.best[0])
-        << ", \"single\": " << gb_per_s(k, m.best[1]) << "}}";
+        << ", \"spread\": " << gb_per_s(k, m.best[1]) << ", \"single\": " << gb_per_s(k, m.best[2]) << "}}";
     first = false;
   }
   out << "]";

@@ -14,8 +14,9 @@
 // a transpose tree (16 accumulators -> one vector in 15 adds; csrc/linear/linear_vec.h), not one by one. The int8 scale
 // is applied once per output, in the epilogue. Threads (at::parallel_for) split the weight rows in groups of 8; each
 // output is summed by one thread, in an order that does not depend on the thread count. R, the weight rows of a block:
-// several (fewest loads per FMA) or one (a single sequential stream of weights), whichever streams faster for the shape
-// on this machine, measured on the first calls (csrc/linear/blocking.h); the order of summation is the same in both.
+// several adjacent ones (fewest loads per FMA), several 8 / R rows apart (each in its own 4 KiB page when rows are
+// short) or one (a single sequential stream of weights), whichever streams faster for the shape on this machine,
+// measured on the first calls (csrc/linear/blocking.h); the order of summation is the same in all three.
 // From 5 rows on, bfloat16 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h: x split into
 // three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows: one FMA per
 // weight and row, against 2 bytes of weight) rather than by memory; float32 weights from 13 rows on (split exactly into
@@ -60,9 +61,14 @@ using RowsBlockFn = void (*)(const float*, int64_t, const T*, int64_t, float*, i
 
 template <typename T, int... Ms>
 static constexpr auto make_table(std::integer_sequence<int, Ms...>) {
-  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_block<T, Ms + 1, kMaxPassRows,
-                                                               block_rows(pass_rows(Ms + 1, kMaxPassRows)),
+  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_block<T, Ms + 1, kMaxPassRows, wide_rows<T, Ms + 1>(),
                                                                library_splits<T, Ms + 1>()>...};
+}
+template <typename T, int... Ms>
+static constexpr auto make_spread_table(std::integer_sequence<int, Ms...>) {
+  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{
+      &rows_block<T, Ms + 1, kMaxPassRows, wide_rows<T, Ms + 1>(), library_splits<T, Ms + 1>(),
+                  kGroupRows / wide_rows<T, Ms + 1>()>...};
 }
 template <typename T, int... Ms>
 static constexpr auto make_single_table(std::integer_sequence<int, Ms...>) {
@@ -73,8 +79,13 @@ static constexpr auto make_single_table(std::integer_sequence<int, Ms...>) {
 template <typename T>
 static RowsBlockFn<T> rows_kernel(int64_t rows, Blocking blocking) {
   static constexpr auto wide = make_table<T>(std::make_integer_sequence<int, kMaxRows>{});
+  static constexpr auto spread = make_spread_table<T>(std::make_integer_sequence<int, kMaxRows>{});
   static constexpr auto single = make_single_table<T>(std::make_integer_sequence<int, kMaxRows>{});
-  return blocking == Blocking::kWide ? wide[rows - 1] : single[rows - 1];
+  switch (blocking) {
+    case Blocking::kSpread: return spread[rows - 1];
+    case Blocking::kSingle: return single[rows - 1];
+    default: return wide[rows - 1];
+  }
 }
 
 #if defined(MMDKERNELS_LINEAR_AMX)

@@ -176,8 +176,9 @@ struct Epilogue {
   }
 };
 
-// R outputs of M rows from their accumulators: lane sums, the columns past the last whole vector, the epilogue.
-template <typename T, int M, int R>
+// R outputs of M rows from their accumulators (weight rows n, n + S, ..., S * D apart): lane sums, the columns past
+// the last whole vector, the epilogue.
+template <typename T, int M, int R, int S = 1>
 static inline void finish_rows(const float* x, int64_t ldx, const T* w, int64_t dim, int64_t vectors, const Vec* acc,
                                float* y, int64_t ldy, int64_t n, const Epilogue& epilogue) {
   float sums[M * R];
@@ -185,8 +186,8 @@ static inline void finish_rows(const float* x, int64_t ldx, const T* w, int64_t 
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) {
       float total = sums[m * R + r];
-      for (int64_t k = vectors; k < dim; ++k) total += x[m * ldx + k] * weight_value(w[r * dim + k]);
-      y[m * ldy + n + r] = epilogue(total, n + r);
+      for (int64_t k = vectors; k < dim; ++k) total += x[m * ldx + k] * weight_value(w[r * S * dim + k]);
+      y[m * ldy + n + r * S] = epilogue(total, n + r * S);
     }
 }
 
@@ -194,34 +195,79 @@ static inline void finish_rows(const float* x, int64_t ldx, const T* w, int64_t 
 // order of summation does not depend on how threads split the rows). ldx, ldy: row strides of x and y; weight rows
 // are D apart. Per group of 8 weight rows: chunk by chunk of D, blocks of R rows, passes of at most P rows of x.
 // P and R: the defaults above, or R = 1 (blocking.h chooses by measurement; the scratch benchmarks instantiate others).
+// S > 1 ("spread", whole groups only): a block's R rows are S apart (R * S divides the group), so that short rows'
+// streams fall in different 4 KiB pages; the hardware's stream prefetchers follow one stream per page (measured on an
+// AMD EPYC Zen 3 at one row: 2 KiB rows of bfloat16 1.25-1.35x faster, RESULTS.md, session 21).
 // U > 1 splits each accumulator into U interleaved partial sums over the columns: more independent FMA chains.
 // U changes the order of summation, so the library picks U by weights and rows alone (library_splits), the same in
 // every blocking, so that each output is summed in one order whichever blocking runs.
-// The library's U: 2 for int8 weights at one row, where one weight row at a time otherwise leaves a single FMA chain
-// behind each widening (measured 1.36-1.40x for one row at a time on an AMD EPYC Zen 3, level for blocks of rows:
-// benchmarks/RESULTS.md, session 9); 1 elsewhere. Fits the registers in either blocking (8 + 4 + 1 with AVX2,
-// 16 + 8 + 1 with AVX-512).
+// The library's U, with AVX2 (measured on an AMD EPYC Zen 3, one row of x, weights streamed from memory:
+// benchmarks/RESULTS.md, sessions 9 and 21): at one row, one weight row at a time otherwise leaves a single FMA chain
+// behind each widening, which bounds the stream below the memory's rate. int8: U = 4 (single blocking 1.1-1.25x
+// faster than U = 2, which was 1.36-1.40x faster than U = 1); bfloat16: U = 2 (single blocking 1.3-1.4x faster
+// than U = 1, and 1.25-1.35x faster than the wide blocks; U = 4 measured level with U = 1); 1 elsewhere. With
+// AVX-512 (not measured since): 2 for int8 at one row, 1 elsewhere.
 template <typename T, int M>
-constexpr int library_splits() { return std::is_same_v<T, int8_t> && M == 1 ? 2 : 1; }
+constexpr int library_splits() {
+#if defined(__AVX512F__)
+  return std::is_same_v<T, int8_t> && M == 1 ? 2 : 1;
+#else
+  if constexpr (M != 1) return 1;
+  return std::is_same_v<T, int8_t> ? 4 : (std::is_same_v<T, uint16_t> ? 2 : 1);
+#endif
+}
 
-template <typename T, int M, int P = kMaxPassRows, int R = block_rows(pass_rows(M, P)), int U = 1>
+// R of the wide blocking for M rows: block_rows, halved until the pass's U * rows * R accumulators, R weight vectors
+// and one x vector fit the vector registers.
+#if defined(__AVX512F__)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+template <typename T, int M>
+constexpr int wide_rows() {
+  constexpr int kRows = pass_rows(M, kMaxPassRows), kSplits = library_splits<T, M>();
+  int r = block_rows(kRows);
+  while (r > 1 && kSplits * kRows * r + r + 1 > kVectorRegisters) r /= 2;
+  return r;
+}
+
+template <typename T, int M, int P = kMaxPassRows, int R = block_rows(pass_rows(M, P)), int U = 1, int S = 1>
 static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim, float* y, int64_t ldy,
                        int64_t n_begin, int64_t n_end, Epilogue epilogue) {
+  static_assert(kGroupRows % (R * S) == 0, "the spread blocks must tile a group");
   constexpr int64_t kChunk = chunk_columns(M);
   constexpr bool kKeep = !std::is_same_v<T, float> && M > pass_rows(M, P);
   alignas(64) float kept[kKeep ? R * kChunk : 1];  // the first pass's widened weights: R x kChunk floats
   const int64_t vectors = dim - dim % kLanes;
-  Vec acc[kGroupRows * M];  // block of R rows starting at n: acc[(n - g) * M + m * R + r]
+  Vec acc[kGroupRows * M];  // block of R rows starting at n: acc[(n - g) * M + m * R + r]; spread: see below
   for (int64_t g = n_begin; g < n_end; g += kGroupRows) {
     const int64_t g_end = std::min<int64_t>(g + kGroupRows, n_end), blocks_end = g + (g_end - g) / R * R;
+    // A whole group in spread blocks: rows n0 + b + r * S (r < R) for b < S, n0 = g, g + R * S, ...; the block's
+    // accumulators at acc[(n0 - g + b * R) * M]. A partial group (the last) in blocks of adjacent rows.
+    const bool spread = S > 1 && g_end - g == kGroupRows;
     for (int64_t i = 0; i < (g_end - g) * M; ++i) acc[i] = Vec{};
     for (int64_t k0 = 0; k0 < vectors; k0 += kChunk) {
       const int64_t len = std::min(kChunk, vectors - k0);
+      if (spread) {
+        for (int64_t n0 = g; n0 < g_end; n0 += R * S)
+          for (int b = 0; b < S; ++b)
+            dot_rows<T, M, P, R, U>(x + k0, ldx, weight + (n0 + b) * dim + k0, S * dim, kept, kChunk, len,
+                                    acc + (n0 - g + b * R) * M);
+        continue;
+      }
       int64_t n = g;
       for (; n < blocks_end; n += R)
         dot_rows<T, M, P, R, U>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len, acc + (n - g) * M);
       for (; n < g_end; ++n)
         dot_rows<T, M, P, 1, U>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len, acc + (n - g) * M);
+    }
+    if (spread) {
+      for (int64_t n0 = g; n0 < g_end; n0 += R * S)
+        for (int b = 0; b < S; ++b)
+          finish_rows<T, M, R, S>(x, ldx, weight + (n0 + b) * dim, dim, vectors, acc + (n0 - g + b * R) * M, y, ldy,
+                                  n0 + b, epilogue);
+      continue;
     }
     int64_t n = g;
     for (; n < blocks_end; n += R)
