@@ -10,7 +10,7 @@
 // accumulators, at most 4 rows of x per pass (6 with AVX2, linear_kernel.h) so that the accumulators stay in registers;
 // 16 rows (classifier-free guidance) take several passes over the same R weight rows, the later ones from L1 (narrow
 // weights widened once, by the first pass). D is cut in chunks (16 KiB of x for all rows together) so that x stays in
-// L1 while a group of 8 weight rows streams past it. At the end of a block the accumulators are summed across lanes by
+// L1 while a group of 8 weight rows streams past it. At the end of a group its accumulators are summed across lanes by
 // a transpose tree (16 accumulators -> one vector in 15 adds; csrc/linear/linear_vec.h), not one by one. The int8 scale
 // is applied once per output, in the epilogue. Threads (at::parallel_for) split the weight rows in groups of 8; each
 // output is summed by one thread, in an order that does not depend on the thread count. R, the weight rows of a block:
