@@ -44,12 +44,20 @@ def _fused_priority(x: torch.Tensor) -> tuple[str, ...]:
 
 
 # decode_attention: where torch's SDPA measured faster than the fused kernels (benchmarks/bench_attention*.py,
-# docs/attention_kernels.md): on CPU for bfloat16 (its oneDNN bfloat16 GEMMs: 71-92 % of the C++ kernel's time). On
+# docs/attention_kernels.md): on CPU for bfloat16 where the CPU has bfloat16 dot-product instructions (AVX512-BF16
+# or AMX: oneDNN's bfloat16 GEMMs took 71-92 % of the C++ kernel's time on a Sapphire Rapids Xeon); without them
+# (AVX2: an AMD EPYC Zen 3) SDPA's bfloat16 took 7-12x the C++ kernel's time at 1 thread (RESULTS.md, session 21). On
 # an H200 (benchmarks/bench_attention_gpu.py, bfloat16, Dh = 64, caches of 250 and 1000 entries; RESULTS.md, session
 # 18) the CUDA kernel took 0.55-0.65x SDPA's time up to 64 (sequence, head) rows, except 1.11-1.14x at 8 and 64
 # rows with 250 entries, and 1.14-2.2x SDPA's time from 128 rows (B = 8 x 16 heads, 64 x 16): the CUDA kernel up to
 # CUDA_KERNEL_MAX_ROWS rows at 2-byte dtypes (float16 by the same loads; float32 not measured: SDPA first).
-SDPA_FASTER_ON_CPU = (torch.bfloat16,)
+def _cpu_has_bf16_dot() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX tiles), as torch reports them."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+SDPA_FASTER_ON_CPU = (torch.bfloat16,) if _cpu_has_bf16_dot() else ()
 CUDA_KERNEL_MAX_ROWS = 64
 CUDA_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 

@@ -198,18 +198,28 @@ def test_automatic_choice_and_float64():
     torch.testing.assert_close(mmdkernels.decode_attention(q, k, v, lengths), decode_attention_ref(q, k, v, lengths))
 
 
+@pytest.mark.parametrize("bf16_dot", [True, False])
 @pytest.mark.parametrize(
     "dtype, lengths, expected",
     [
         (torch.float32, 10, "cpp"),
         (torch.float16, 10, "cpp"),
-        (torch.bfloat16, 10, "sdpa"),  # SDPA measured faster there (docs/attention_kernels.md)
+        (torch.bfloat16, 10, None),  # SDPA where the CPU has bf16 dot products (measured faster there), else C++
         (torch.float64, 10, "reference"),
     ],
 )
-def test_automatic_choice_on_cpu(dtype, lengths, expected):
+def test_automatic_choice_on_cpu(monkeypatch, bf16_dot, dtype, lengths, expected):
+    monkeypatch.setattr(_dispatch, "SDPA_FASTER_ON_CPU", (torch.bfloat16,) if bf16_dot else ())
+    if expected is None:
+        expected = "sdpa" if bf16_dot else "cpp"
     q = torch.randn(2, 4, 16).to(dtype)
     assert _dispatch.choose_backend(q, None, "decode_attention") == expected
+
+
+def test_sdpa_first_for_bf16_only_with_bf16_dot_products():
+    """The import-time rule follows what torch reports about this CPU (AVX512-BF16 or AMX tiles)."""
+    has = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert _dispatch.SDPA_FASTER_ON_CPU == ((torch.bfloat16,) if has else ())
 
 
 @pytest.mark.parametrize(
