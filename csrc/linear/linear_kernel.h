@@ -225,26 +225,21 @@ static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim
   constexpr bool kKeep = !std::is_same_v<T, float> && M > pass_rows(M, P);
   alignas(64) float kept[kKeep ? R * kChunk : 1];  // the first pass's widened weights: R x kChunk floats
   const int64_t vectors = dim - dim % kLanes;
-  Vec acc[kGroupRows * M];  // block of R rows starting at n: acc[(n - g) * M + m * R + r]; spread: see below
+  Vec acc[kGroupRows * M];  // a block's: acc[(first row - g) * M + m * R + r] for adjacent rows; see below
   for (int64_t g = n_begin; g < n_end; g += kGroupRows) {
     const int64_t g_end = std::min<int64_t>(g + kGroupRows, n_end), blocks_end = g + (g_end - g) / R * R;
-    // A whole group in spread blocks: rows n0 + b + r * S (r < R) for b < S, n0 = g, g + R * S, ...; the block's
-    // accumulators at acc[(n0 - g + b * R) * M]. A partial group (the last) in blocks of adjacent rows.
-    const bool spread = S > 1 && g_end - g == kGroupRows;
+    // Blocks of R rows s apart: rows n0 + b + r * s (r < R) for b < s, n0 = g, g + R * s, ...; the block's
+    // accumulators at acc[(n0 - g + b * R) * M]. s = S for a whole group, 1 (adjacent rows) for a partial one (the
+    // last), whose rows past the blocks go one at a time.
+    const int64_t s = S > 1 && g_end - g == kGroupRows ? S : 1;
     for (int64_t i = 0; i < kGroupRows * M; ++i) acc[i] = Vec{};  // all of them: the group's tree reads all
     for (int64_t k0 = 0; k0 < vectors; k0 += kChunk) {
       const int64_t len = std::min(kChunk, vectors - k0);
-      if (spread) {
-        for (int64_t n0 = g; n0 < g_end; n0 += R * S)
-          for (int b = 0; b < S; ++b)
-            dot_rows<T, M, P, R, U>(x + k0, ldx, weight + (n0 + b) * dim + k0, S * dim, kept, kChunk, len,
-                                    acc + (n0 - g + b * R) * M);
-        continue;
-      }
-      int64_t n = g;
-      for (; n < blocks_end; n += R)
-        dot_rows<T, M, P, R, U>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len, acc + (n - g) * M);
-      for (; n < g_end; ++n)
+      for (int64_t n0 = g; n0 < blocks_end; n0 += R * s)
+        for (int64_t b = 0; b < s; ++b)
+          dot_rows<T, M, P, R, U>(x + k0, ldx, weight + (n0 + b) * dim + k0, s * dim, kept, kChunk, len,
+                                  acc + (n0 - g + b * R) * M);
+      for (int64_t n = blocks_end; n < g_end; ++n)
         dot_rows<T, M, P, 1, U>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len, acc + (n - g) * M);
     }
     // The group's outputs: one transpose tree for all its accumulators (lane_sums sums each accumulator's lanes in
@@ -256,13 +251,9 @@ static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim
     for (int64_t n = g; n < g_end; ++n) {
       const int64_t i = n - g;
       int64_t first = i * M, step = 1;  // sums[first + m * step]: output (m, n); a row past the blocks: its own
-      if (spread) {
-        const int64_t n0 = i / (R * S) * (R * S), b = (i - n0) % S, r = (i - n0) / S;
+      if (n < blocks_end) {
+        const int64_t n0 = i / (R * s) * (R * s), b = (i - n0) % s, r = (i - n0) / s;
         first = (n0 + b * R) * M + r;
-        step = R;
-      } else if (n < blocks_end) {
-        const int64_t n0 = i / R * R;
-        first = n0 * M + (i - n0);
         step = R;
       }
       const T* w = weight + n * dim;
