@@ -21,6 +21,11 @@
     MusicGen-small (d = 1024, 24 layers, 16 heads, K = 4, V = 2048) at B = 1 under MMDKERNELS_BENCH=full; a d = 128
     stand-in by default. MMDKERNELS_BENCH_WEIGHTS=fp32,int8 (say) times only those precisions.
     Targets: fp32 <= 1.3x its floor, bf16 <= 0.55x fp32, int8 <= 0.35x fp32.
+(d) a long generation's step: float32 vs bfloat16 self-attention cache (MusicLM.new_cache(dtype=...)), the same
+    model and weights, at cache position LONG_POSITION (1500 = 30 s of audio at 50 frames/s under
+    MMDKERNELS_BENCH=full, MusicGen-small at B = 1; a stand-in by default), the two caches timed in turn, round by
+    round; per weight precision (fp32, int8). extra_info: ms per step for each cache, bf16 / fp32, and the cache's
+    MiB read per step. No target in the issue: what a bf16 cache buys where the cache outweighs the weights.
 
 CI sizes by default, the issue's sizes with MMDKERNELS_BENCH=full. Threads: MMDKERNELS_BENCH_THREADS (default 1:
 batch-4 decode steps are too small to share across cores, and on a busy machine extra threads only wait).
@@ -268,3 +273,41 @@ def test_decode_step_vs_floor(benchmark, case):
         if w != "fp32" and "fp32" in WEIGHTS:
             info[f"{w}_vs_fp32"] = best[w] / best["fp32"]
     _info(benchmark, case=case, batch=batch, **info)
+
+
+# (d) a long generation's step, float32 vs bfloat16 cache
+LONG_POSITION = 1500 if FULL else 200
+LONG_MODEL = FLOOR_CASES["musicgen-small-B1" if FULL else "stand-in-B4"][0]
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_decode_step_cache_precision(benchmark, weights):
+    """FLOOR_STEPS steps at LONG_POSITION with each cache in turn per round; min over rounds per step."""
+    torch.manual_seed(0)
+    model = quantize_for_decode(MusicLM(LMConfig(pattern="delay", num_codebooks=4, **LONG_MODEL)).eval(), weights)
+    benchmark.group = f"decode-step-cache-precision-{weights}"
+    tokens = torch.full((1, 4), model.config.special)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    with torch.inference_mode():
+        condition = model.encode_condition(["a prompt"])
+        caches = {name: model.new_cache(condition, LONG_POSITION + FLOOR_STEPS, dtype=d) for name, d in dtypes.items()}
+    times = {name: [] for name in caches}
+
+    def run():
+        with torch.inference_mode():
+            for name, cache in caches.items():
+                steps = range(LONG_POSITION, LONG_POSITION + FLOOR_STEPS)
+                _best_seconds(lambda: [model.decode_step(tokens, s, cache) for s in steps], times[name])
+
+    benchmark.pedantic(run, rounds=ROUNDS + 2, warmup_rounds=1)
+    best = {name: min(values[1:]) / FLOOR_STEPS for name, values in times.items()}  # the first entry: warm-up
+    cache_bytes = {name: 2 * c.self_k[:, :, :, :LONG_POSITION].numel() * c.self_k.element_size()
+                   for name, c in caches.items()}  # fmt: skip
+    _info(
+        benchmark,
+        weights=weights,
+        position=LONG_POSITION,
+        **{f"{name}_cache_ms_per_step": 1e3 * best[name] for name in caches},
+        **{f"{name}_cache_mib_per_step": cache_bytes[name] / 2**20 for name in caches},
+        bf16_vs_fp32_cache=best["bf16"] / best["fp32"],
+    )

@@ -1,13 +1,20 @@
-"""What bf16 and int8 decode weights (models.lm.quantize_for_decode) cost in quality, against fp32, on a trained LM.
+"""What bf16 and int8 decode weights (models.lm.quantize_for_decode) and a bf16 self-attention cache
+(MusicLM.new_cache(dtype=torch.bfloat16)) cost in quality, against fp32 weights and cache, on a trained LM.
 
     .venv/bin/python -m benchmarks.quality_decode_weights             # trains a small LM on synthetic codes (~1 min)
     .venv/bin/python -m benchmarks.quality_decode_weights --lm runs/lm-delay/lm.pt --codes valid_codes.pt
 
 Without --lm it trains a small delay LM (models.train_lm, LMConfig "small": d = 128, 2 layers, K = 4, C = 256) on
 synthetic codes with structure a model can learn (each codebook a Markov chain on its own previous code,
-`synthetic_codes`), and holds out a share of them. For each precision:
+`synthetic_codes`), and holds out a share of them. For each weight precision, with a float32 cache and then with a
+bfloat16 one:
 
-- held-out NLL per frame (nats, `models.lm.nll_per_frame`; teacher-forced through the packed weights);
+- held-out NLL per frame (nats, `models.lm.nll_per_frame`; teacher-forced through the packed weights, no cache:
+  the same for both caches);
+- held-out NLL per frame of the KV-cached decode steps (teacher-forced inputs, one step at a time through the
+  cache: what the cache's precision changes), over the rows decoded, and its change against fp32 weights and cache:
+  the mean paired difference over those rows with its 95 % t interval (models.stats.paired_difference) and whether
+  the interval excludes zero;
 - max |logit error| vs fp32 over every KV-cached decode step of the held-out rows (and that error relative to the
   largest fp32 logit);
 - identical tokens, same context: every teacher-forced decode step of the held-out rows sampled (top-k 250) with
@@ -15,7 +22,7 @@ synthetic codes with structure a model can learn (each codebook a Markov chain o
 - identical tokens, whole generations: generate() with the same seeded generator (the same uniforms) as the fp32
   run, with CFG (2B rows): the fraction of codes equal to fp32's, and the mean frame of the first difference per row
   (one flipped draw changes the whole continuation after it, so this fraction is far below the per-step one).
-Prints one JSON object per precision.
+Prints one JSON object per (weights, cache).
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ import torch
 from mmdkernels import sample
 from models.generate import generate
 from models.lm import LMConfig, MusicLM, nll_per_frame, quantize_for_decode, teacher_forcing
+from models.stats import paired_difference
 from models.train_lm import load_lm, train_lm
 
 PRECISIONS = ("fp32", "bf16", "int8")
+CACHES = {"fp32": None, "bf16": torch.bfloat16}  # the self-attention cache's dtype (None: the model's float32)
 
 
 def synthetic_codes(rows: int, codebooks: int, frames: int, size: int, seed: int) -> torch.Tensor:
@@ -49,11 +58,20 @@ def synthetic_codes(rows: int, codebooks: int, frames: int, size: int, seed: int
 
 
 @torch.inference_mode()
-def decode_logits(model: MusicLM, codes: torch.Tensor) -> torch.Tensor:
+def decode_logits(model: MusicLM, codes: torch.Tensor, cache_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Every KV-cached decode step's logits [B, K, S, C] on the teacher-forced inputs of codes [B, K, T]."""
     inputs, _, _ = teacher_forcing(codes, model.config.pattern, model.config.special)
-    cache = model.new_cache(model.encode_condition([None] * codes.shape[0]), inputs.shape[2])
+    cache = model.new_cache(model.encode_condition([None] * codes.shape[0]), inputs.shape[2], dtype=cache_dtype)
     return torch.stack([model.decode_step(inputs[:, :, s], s, cache) for s in range(inputs.shape[2])], 2)
+
+
+def decoded_nll_per_row(model: MusicLM, logits: torch.Tensor, codes: torch.Tensor) -> list[float]:
+    """Nats per frame of each row of codes [B, K, T] under the decode steps' logits [B, K, S, C] (the pattern's
+    valid steps)."""
+    _, targets, valid = teacher_forcing(codes, model.config.pattern, model.config.special)
+    targets = torch.where(valid, targets, 0)  # the special token where the pattern holds no code: not scored
+    picked = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]  # [B, K, S]
+    return (-picked[:, valid].sum(1) / codes.shape[2]).tolist()
 
 
 def same_context_draws(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -62,18 +80,20 @@ def same_context_draws(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
 
 
 def measure(model: MusicLM, valid: torch.Tensor, rows: int, seconds: float) -> list[dict]:
-    reference_logits = reference_codes = reference_draws = None
+    reference_logits = reference_codes = reference_draws = reference_rows = None
     results = []
-    for precision in PRECISIONS:
+    for cache, precision in ((c, p) for c in CACHES for p in PRECISIONS):
         quantize_for_decode(model, precision)
-        logits = decode_logits(model, valid[:rows])
-        codes = generate(model, [None] * rows, seconds, cfg_coef=3.0,
+        logits = decode_logits(model, valid[:rows], CACHES[cache])
+        codes = generate(model, [None] * rows, seconds, cfg_coef=3.0, cache_dtype=CACHES[cache],
                          generator=torch.Generator().manual_seed(0))  # fmt: skip
-        if precision == "fp32":
+        if reference_logits is None:
             uniforms = torch.rand(logits.shape[2], rows, logits.shape[1], generator=torch.Generator().manual_seed(1))
         draws = same_context_draws(logits, uniforms)
-        if precision == "fp32":
-            reference_logits, reference_codes, reference_draws = logits, codes, draws
+        rows_nll = decoded_nll_per_row(model, logits, valid[:rows])
+        if reference_logits is None:  # fp32 weights and cache: the reference of every other row
+            reference_logits, reference_codes, reference_draws, reference_rows = logits, codes, draws, rows_nll
+        change = paired_difference(reference_rows, rows_nll)  # paired over the held-out rows, t interval
         same = codes == reference_codes
         differs = (~same).any(1)  # [B, T]: frames where any codebook differs
         first_diff = [int(row.nonzero().min()) if row.any() else row.numel() for row in differs]
@@ -81,7 +101,10 @@ def measure(model: MusicLM, valid: torch.Tensor, rows: int, seconds: float) -> l
         results.append(
             {
                 "precision": precision,
+                "cache": cache,
                 "valid_nll_per_frame": nll_per_frame(model, valid),
+                "decoded_nll_per_frame": sum(rows_nll) / len(rows_nll),
+                "decoded_nll_change": {key: change[key] for key in ("mean", "low", "high", "excludes_zero")},
                 "max_abs_logit_error": error,
                 "max_abs_logit_error_relative": error / float(reference_logits.abs().max()),
                 "identical_draws_same_context": float((draws == reference_draws).double().mean()),
@@ -99,7 +122,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--lm", default=None, help="a trained lm.pt (models.train_lm); default: train one here")
     parser.add_argument("--codes", default=None, help="held-out codes, int [N, K, T] (a .pt tensor), with --lm")
     parser.add_argument("--steps", type=int, default=400, help="training steps of the synthetic LM")
-    parser.add_argument("--rows", type=int, default=8, help="held-out rows decoded and generated")
+    parser.add_argument("--rows", type=int, default=32, help="held-out rows decoded and generated")
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds generated per row (50 frames/s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -16,6 +16,7 @@ Profiling (per-step latency, ms per audio second, optional torch.profiler trace)
 
     python -m models.generate profile --pattern delay --batch 1 --seconds 5 --preset small --device cpu --trace DIR
     python -m models.generate profile --preset musicgen-small --batch 1 --weights int8   # bf16 / int8 weights
+    python -m models.generate profile --preset musicgen-small --seconds 30 --weights int8 --cache bf16  # long runs
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mmdkernels.patterns import PATTERNS, frames_done, num_steps, revert_frames,
 from models.lm import KVCache, LMConfig, MusicLM, decode_weight_bytes, quantize_for_decode
 
 CUDA_GRAPH = ("auto", True, False)
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # profile --cache
 
 
 class GraphedStep:
@@ -109,6 +111,7 @@ def generate(
     on_frames: Callable[[torch.Tensor], None] | None = None,
     cuda_graph: str | bool = "auto",
     on_step: Callable[[int], None] | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Generate round(seconds * frame_rate) frames of codes for each prompt.
 
@@ -124,6 +127,8 @@ def generate(
         on_frames: called with each run of newly final frames, int64 [B, K, n], in order, each frame exactly once.
         cuda_graph: "auto" (on when the model is on CUDA), True or False.
         on_step: called with the step index after every step (profiling hooks).
+        cache_dtype: the self-attention cache's dtype (MusicLM.new_cache): None keeps the model's; torch.bfloat16
+            under a float32 model halves the bytes a step reads from the cache (long generations).
     Returns:
         int64 codes [B, K, T] on the model's device, values in [0, C).
 
@@ -140,7 +145,7 @@ def generate(
     num_frames = round(seconds * frame_rate)
     total_steps = num_steps(cfg.pattern, cfg.num_codebooks, num_frames)
     prompts = list(conditions) + ([None] * batch if cfg_coef is not None else [])
-    cache = model.new_cache(model.encode_condition(prompts), total_steps)
+    cache = model.new_cache(model.encode_condition(prompts), total_steps, dtype=cache_dtype)
     # a depth-head model draws the K codes of a step one after another: no single captured step (yet)
     use_graph = model.depth_head is None and (cuda_graph is True or (cuda_graph == "auto" and device.type == "cuda"))
     step_fn = GraphedStep(model, cache, len(prompts)) if use_graph else None
@@ -198,6 +203,7 @@ def profile(args) -> dict:
     model = quantize_for_decode(MusicLM(config).to(device).eval(), args.weights)
     prompts = [f"prompt {i}" for i in range(args.batch)]
     kwargs = dict(seconds=args.seconds, top_k=250, cfg_coef=args.cfg_coef, cuda_graph="auto")
+    kwargs["cache_dtype"] = CACHE_DTYPES[args.cache] if args.cache != "model" else None
     generate(model, prompts, **(kwargs | {"seconds": min(args.seconds, 0.2)}))  # warm-up
     marks = []
 
@@ -224,6 +230,7 @@ def profile(args) -> dict:
         "batch": args.batch,
         "device": str(device),
         "weights": args.weights,
+        "cache": args.cache,
         "weight_mib_per_step": decode_weight_bytes(model) / 2**20,
         "steps": len(marks),
         "step_ms_mean": statistics.fmean(step_ms),
@@ -251,6 +258,12 @@ def main(argv=None) -> None:
         choices=PRECISIONS,
         default="fp32",
         help="the decode weights' stored precision (models.lm.quantize_for_decode; activations stay float32)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=("model", *CACHE_DTYPES),
+        default="model",
+        help="the self-attention cache's dtype (MusicLM.new_cache); model: the model's own (float32 on the CPU)",
     )
     p.add_argument("--cfg-coef", type=float, default=None, help="classifier-free guidance (2B rows); off by default")
     p.add_argument(

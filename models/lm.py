@@ -46,6 +46,7 @@ from mmdkernels import (
     decode_logits_backend,
     pack_decode_weight,
 )
+from mmdkernels.attention import REDUCED_CACHE_DTYPES
 from mmdkernels.linear import PRECISIONS
 from mmdkernels.patterns import PATTERNS, apply_pattern, num_streams, revert_pattern, valid_mask
 from models.depth_head import DepthHead
@@ -146,6 +147,7 @@ def attend_cache(q, k_cache, v_cache, length) -> torch.Tensor:
     if isinstance(length, int):
         return mmdkernels.decode_attention(q, k_cache, v_cache, length)
     mask = (torch.arange(k_cache.shape[2], device=q.device) < length)[None]
+    k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)  # a reduced-precision cache: SDPA wants one dtype
     return F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask)[:, :, 0]
 
 
@@ -230,8 +232,8 @@ class SelfAttention(nn.Module):
         if cache_k is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif isinstance(start, torch.Tensor):
-            cache_k.index_copy_(2, start, k)
-            cache_v.index_copy_(2, start, v)
+            cache_k.index_copy_(2, start, k.to(cache_k.dtype))
+            cache_v.index_copy_(2, start, v.to(cache_v.dtype))
             y = attend_cache(q[:, :, 0], cache_k, cache_v, start + 1)[:, :, None]
         else:
             cache_k[:, :, start : start + steps] = k
@@ -241,9 +243,8 @@ class SelfAttention(nn.Module):
             else:
                 keys = torch.arange(start + steps, device=x.device)
                 mask = keys[None] <= keys[start:, None]
-                y = F.scaled_dot_product_attention(
-                    q, cache_k[:, :, : start + steps], cache_v[:, :, : start + steps], attn_mask=mask
-                )
+                keys, values = (cache[:, :, : start + steps].to(q.dtype) for cache in (cache_k, cache_v))
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(batch, steps, dim))
 
 
@@ -379,8 +380,19 @@ class MusicLM(nn.Module):
         mask = condition.mask[:, None, None, :]
         return [(*layer.cross_attn.project_kv(condition.embeddings), mask) for layer in self.layers]
 
-    def new_cache(self, condition: Condition, max_steps: int) -> KVCache:
-        """Preallocate the decode state for condition's B rows and up to max_steps steps (zero-filled)."""
+    def new_cache(self, condition: Condition, max_steps: int, dtype: torch.dtype | None = None) -> KVCache:
+        """Preallocate the decode state for condition's B rows and up to max_steps steps (zero-filled).
+
+        dtype: the self-attention cache's storage dtype; None keeps the model's. torch.bfloat16 (or float16) under a
+        float32 model is a reduced-precision cache: half the bytes every step reads (at 30 s of MusicGen-small the
+        float32 cache streams as many bytes per step as int8 weights); each step's K/V are rounded to it once and
+        attention accumulates in float32 (quality: docs/decoding.md). The cross-attention K/V keep the model's."""
+        if dtype is not None and dtype != self.heads.dtype:
+            if self.heads.dtype != torch.float32 or dtype not in REDUCED_CACHE_DTYPES:
+                raise ValueError(
+                    f"dtype must be None, the model's {self.heads.dtype}, or bfloat16 / float16 under a float32 "
+                    f"model, got {dtype}"
+                )
         cfg = self.config
         batch = condition.embeddings.shape[0]
         shape = (cfg.num_layers, batch, cfg.num_heads, max_steps, cfg.dim // cfg.num_heads)
@@ -388,8 +400,8 @@ class MusicLM(nn.Module):
         lengths = condition.mask.sum(-1)
         prefix = torch.arange(condition.mask.shape[-1], device=lengths.device)[None] < lengths[:, None]
         return KVCache(
-            self_k=self.heads.new_zeros(shape),
-            self_v=self.heads.new_zeros(shape),
+            self_k=self.heads.new_zeros(shape, dtype=dtype),
+            self_v=self.heads.new_zeros(shape, dtype=dtype),
             cross_k=torch.stack([k for k, _, _ in cross]),
             cross_v=torch.stack([v for _, v, _ in cross]),
             cross_mask=cross[0][2],

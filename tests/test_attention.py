@@ -243,10 +243,12 @@ def test_cuda_head_size_limit_is_a_reason():
     on) before the op is called."""
     from mmdkernels.attention import _op_reasons
 
-    assert _op_reasons(torch.zeros(1, 2, 256), 3, "cuda") == []
-    expected = "q must have head size Dh in [1, 256] for the CUDA kernel, got 264"
-    assert _op_reasons(torch.zeros(1, 2, 264), 3, "cuda") == [expected]
-    assert _op_reasons(torch.zeros(1, 2, 264), 3, "triton") == []
+    def reasons(dim, backend):
+        return _op_reasons(torch.zeros(1, 2, dim), torch.zeros(1, 2, 4, dim), 3, backend)
+
+    assert reasons(256, "cuda") == []
+    assert reasons(264, "cuda") == ["q must have head size Dh in [1, 256] for the CUDA kernel, got 264"]
+    assert reasons(264, "triton") == []
 
 
 def test_environment_selects_sdpa(monkeypatch):
@@ -304,7 +306,8 @@ def bad_case(**changes):
         (bad_case(k_cache=torch.randn(2, 2, 10, 9)), ValueError, "Dh=8"),
         (bad_case(k_cache=torch.randn(2, 3, 10, 8)), ValueError, "H_kv heads dividing H = 4"),
         (bad_case(v_cache=torch.randn(2, 2, 11, 8)), ValueError, "v_cache must have k_cache's shape"),
-        (bad_case(v_cache=GOOD[2].half()), TypeError, "v_cache must have q's dtype torch.float32"),
+        (bad_case(v_cache=GOOD[2].half()), TypeError, "v_cache must have k_cache's dtype torch.float32"),
+        (bad_case(q=GOOD[0].half()), TypeError, r"k_cache must have q's dtype torch.float16 \(or bfloat16"),
         (bad_case(k_cache="cache"), TypeError, "k_cache must be a torch.Tensor"),
         (bad_case(lengths=0), ValueError, r"lengths must be in \[1, S_max = 10\], got values in \[0, 0\]"),
         (bad_case(lengths=11), ValueError, r"lengths must be in \[1, S_max = 10\]"),

@@ -71,3 +71,16 @@ def test_same_as_cpp_kernel():
 def test_opcheck():
     q, k, v, lengths = make_problem((2, 4, 2, 40, 16), torch.float32, seed=12)
     torch.library.opcheck(ops.decode_attention_op("triton"), (q, k, v, lengths, 0.25))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 3, 17, 64), (1, 3, 1, 700, 64)], ids=shape_id)
+def test_reduced_cache_under_float32_q(shape, cache_dtype):
+    """A float32 q over a bfloat16 / float16 cache: the cache's values read exactly, float32 output at float32's
+    level (tests/test_reduced_cache.py's rule), the long cache split and combined."""
+    from test_reduced_cache import assert_matches_reduced_reference, reduced_problem
+
+    q, k, v, lengths = reduced_problem(shape, cache_dtype)
+    out = mmdkernels.decode_attention(q, k, v, lengths, backend="triton")
+    assert torch.isfinite(out).all()
+    assert_matches_reduced_reference(out, q, k, v, lengths)

@@ -3,7 +3,8 @@
 // H / H_kv query heads that share it (grouped-query attention reuses each loaded key and value row), folds the
 // block's scores into a running softmax (attention_tile.h) and accumulates exp-weighted value rows. When there are
 // fewer (sequence, KV head) pairs than threads, long key ranges are split and a combine pass merges the partials.
-// Caches are read in place through their strides (rows must be contiguous); arithmetic is float32 in any dtype.
+// Caches are read in place through their strides (rows must be contiguous); arithmetic is float32 in any dtype. The
+// caches may be bfloat16 or float16 under a float32 q (a reduced-precision cache: half the bytes a step streams).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -277,7 +278,8 @@ int64_t choose_splits(int64_t pairs, int64_t max_length) {
   return std::max<int64_t>(1, std::min(wanted, most));
 }
 
-template <typename T>
+// T: the caches' element type; O: the output's (q's dtype: T, or float32 over a bfloat16 / float16 cache).
+template <typename T, typename O>
 void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& lengths, float scale, at::Tensor& out) {
   const int64_t batch = q_float.size(0), heads = q_float.size(1), dim = q_float.size(2);
@@ -286,7 +288,7 @@ void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cach
   const float* q = q_float.data_ptr<float>();
   const int64_t q_batch_stride = q_float.stride(0);  // heads and elements are packed (decode_attention_cpu)
   const int64_t* length_data = lengths.data_ptr<int64_t>();
-  T* out_data = out.data_ptr<T>();
+  O* out_data = out.data_ptr<O>();
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, valid_length(length_data[b], max_len));
   const int64_t splits = choose_splits(batch * kv_heads, longest);
@@ -311,8 +313,8 @@ void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cach
       }
       for (int64_t h = 0; h < group; ++h) {
         const float inverse = inverse_sum(states[h]);
-        T* o = out_data + (b * heads + g * group + h) * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[h * dim + d] * inverse);
+        O* o = out_data + (b * heads + g * group + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<O>(acc[h * dim + d] * inverse);
       }
     }
   });
@@ -333,8 +335,8 @@ void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cach
         for (int64_t d = 0; d < dim; ++d) merged[d] = merged[d] * factor_merged + part[d] * factor_split;
       }
       const float inverse = inverse_sum(state);
-      T* o = out_data + row * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(merged[d] * inverse);
+      O* o = out_data + row * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<O>(merged[d] * inverse);
     }
   });
 }
@@ -342,7 +344,7 @@ void decode_attention_kernel(const at::Tensor& q_float, const at::Tensor& k_cach
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& lengths) {
   MMD_CHECK_DEVICE(q, at::Device(at::kCPU));
-  mmdkernels::attention::check_decode_attention_args(q, k_cache, v_cache, lengths);
+  mmdkernels::attention::check_decode_attention_args(q, k_cache, v_cache, lengths, /*reduced_cache=*/true);
 }
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -357,13 +359,21 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   const auto q_float = packed_heads ? q : q.to(at::kFloat).contiguous();
   const auto lengths_c = lengths.contiguous();
   auto out = at::empty(q.sizes(), q.options());
-  const auto dtype = q.scalar_type();  // float32, bfloat16 or float16 (checked above)
-  if (dtype == at::kFloat) {
-    decode_attention_kernel<float>(q_float, k, v, lengths_c, static_cast<float>(scale), out);
-  } else if (dtype == at::kBFloat16) {
-    decode_attention_kernel<c10::BFloat16>(q_float, k, v, lengths_c, static_cast<float>(scale), out);
+  // The caches' dtype: q's, or bfloat16 / float16 under a float32 q (a reduced-precision cache, read as float32)
+  const auto cache_dtype = k.scalar_type();
+  const float scale_f = static_cast<float>(scale);
+  if (cache_dtype == at::kFloat) {
+    decode_attention_kernel<float, float>(q_float, k, v, lengths_c, scale_f, out);
+  } else if (cache_dtype == at::kBFloat16) {
+    if (q.scalar_type() == at::kFloat) {
+      decode_attention_kernel<c10::BFloat16, float>(q_float, k, v, lengths_c, scale_f, out);
+    } else {
+      decode_attention_kernel<c10::BFloat16, c10::BFloat16>(q_float, k, v, lengths_c, scale_f, out);
+    }
+  } else if (q.scalar_type() == at::kFloat) {
+    decode_attention_kernel<c10::Half, float>(q_float, k, v, lengths_c, scale_f, out);
   } else {
-    decode_attention_kernel<c10::Half>(q_float, k, v, lengths_c, static_cast<float>(scale), out);
+    decode_attention_kernel<c10::Half, c10::Half>(q_float, k, v, lengths_c, scale_f, out);
   }
   return out;
 }

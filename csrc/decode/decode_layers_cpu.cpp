@@ -106,23 +106,36 @@ at::Tensor residual_norm(at::Tensor& x, const at::Tensor& delta, const at::Tenso
   return h;
 }
 
-// cache[:, :, step] = qkv[:, part] for qkv float32 [B, 3, H, Dh] contiguous and a float32 cache [B, H, S, Dh] of any
-// strides: a loop instead of a strided copy_ (TensorIterator's set-up cost more than the 32 rows it moves).
-void write_cache_row(const at::Tensor& qkv, int64_t part, const at::Tensor& cache, int64_t step) {
+// cache[:, :, step] = qkv[:, part] for qkv float32 [B, 3, H, Dh] contiguous and a cache [B, H, S, Dh] of element type
+// T (float32, or a reduced-precision bfloat16 / float16 cache: rounded to nearest even) and any strides: a loop
+// instead of a strided copy_ (TensorIterator's set-up cost more than the 32 rows it moves).
+template <typename T>
+void write_cache_row_as(const at::Tensor& qkv, int64_t part, const at::Tensor& cache, int64_t step) {
   const int64_t batch = cache.size(0), heads = cache.size(1), head_dim = cache.size(3);
   const float* source = qkv.data_ptr<float>() + part * heads * head_dim;
-  float* target = cache.data_ptr<float>() + step * cache.stride(2);
+  T* target = cache.data_ptr<T>() + step * cache.stride(2);
   const int64_t sb = cache.stride(0), sh = cache.stride(1), sd = cache.stride(3);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t h = 0; h < heads; ++h) {
       const float* from = source + (b * 3 + 0) * heads * head_dim + h * head_dim;
-      float* to = target + b * sb + h * sh;
+      T* to = target + b * sb + h * sh;
       if (sd == 1) {
-        std::copy(from, from + head_dim, to);
+        for (int64_t d = 0; d < head_dim; ++d) to[d] = static_cast<T>(from[d]);
       } else {
-        for (int64_t d = 0; d < head_dim; ++d) to[d * sd] = from[d];
+        for (int64_t d = 0; d < head_dim; ++d) to[d * sd] = static_cast<T>(from[d]);
       }
     }
+  }
+}
+
+void write_cache_row(const at::Tensor& qkv, int64_t part, const at::Tensor& cache, int64_t step) {
+  switch (cache.scalar_type()) {
+    case at::kBFloat16:
+      return write_cache_row_as<c10::BFloat16>(qkv, part, cache, step);
+    case at::kHalf:
+      return write_cache_row_as<c10::Half>(qkv, part, cache, step);
+    default:
+      return write_cache_row_as<float>(qkv, part, cache, step);
   }
 }
 
@@ -151,8 +164,15 @@ void check_args(const at::Tensor& x, at::TensorList weights, const c10::List<std
                   norm.sizes());
     }
   }
+  for (const auto* cache : {&self_k, &self_v}) {  // float32, or a reduced-precision cache (decode_attention reads it)
+    TORCH_CHECK(cache->scalar_type() == at::kFloat || cache->scalar_type() == at::kBFloat16 ||
+                    cache->scalar_type() == at::kHalf,
+                "self_k / self_v must be float32, bfloat16 or float16, got ", cache->scalar_type());
+  }
+  TORCH_CHECK(self_v.scalar_type() == self_k.scalar_type(), "self_v must have self_k's dtype ", self_k.scalar_type(),
+              ", got ", self_v.scalar_type());
+  for (const auto* cache : {&cross_k, &cross_v}) MMD_CHECK_DTYPE(*cache, at::kFloat);
   for (const auto* cache : {&self_k, &self_v, &cross_k, &cross_v}) {
-    MMD_CHECK_DTYPE(*cache, at::kFloat);
     TORCH_CHECK(cache->dim() == 5 && cache->size(0) == layers && cache->size(1) == batch &&
                     cache->size(2) == num_heads && cache->size(4) == dim / num_heads,
                 "caches must have shape [L=", layers, ", B=", batch, ", H=", num_heads, ", S, Dh=", dim / num_heads,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,8 +26,10 @@ def _check_inputs(q, k_cache, v_cache, lengths, scale) -> None:
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(cache, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape [B, H_kv, S_max, Dh], got {type(cache).__name__}")
-        if cache.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {cache.dtype}")
+        if cache.dtype != q.dtype and not (q.dtype == torch.float32 and cache.dtype in REDUCED_CACHE_DTYPES):
+            raise TypeError(
+                f"{name} must have q's dtype {q.dtype} (or bfloat16 / float16 under a float32 q), got {cache.dtype}"
+            )
         if cache.device != q.device:
             raise ValueError(f"{name} is on {cache.device} but q is on {q.device}: they must match")
         if cache.dim() != 4:
@@ -37,6 +40,8 @@ def _check_inputs(q, k_cache, v_cache, lengths, scale) -> None:
             )
         if cache.shape[1] < 1 or heads % cache.shape[1] != 0:
             raise ValueError(f"{name} must have H_kv heads dividing H = {heads}, got shape {tuple(cache.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got shape {tuple(v_cache.shape)}")
     if scale is not None:
@@ -73,9 +78,15 @@ def _check_length_range(low: int, high: int, max_len: int) -> None:
 
 
 CUDA_MAX_HEAD_SIZE = 256  # csrc/attention/attention_cuda.cu kMaxDim: 8 features per lane at most
+# Cache dtypes a float32 q may attend over (a reduced-precision cache: half the bytes per step). The C++ CPU kernel,
+# Triton's and the reference read them as float32; SDPA (which would copy the cache every call) and the CUDA kernel
+# (one dtype throughout) take caches of q's dtype only.
+REDUCED_CACHE_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _op_reasons(q: torch.Tensor, lengths, backend: str) -> list[str]:
+def _op_reasons(q: torch.Tensor, k_cache: torch.Tensor, lengths, backend: str) -> list[str]:
+    if backend in ("sdpa", "cuda") and k_cache.dtype != q.dtype:
+        return [f"k_cache / v_cache must have q's dtype {q.dtype} for {backend}, got {k_cache.dtype}"]
     # SDPA needs the lengths as Python ints: not while tracing a tensor of them (the custom ops take it as it is)
     if backend == "sdpa" and isinstance(lengths, torch.Tensor) and torch.compiler.is_compiling():
         return ["lengths is a traced tensor: SDPA needs them as Python ints (the compiled kernels take the tensor)"]
@@ -101,7 +112,9 @@ def decode_attention(
 
     Args:
         q: [B, H, Dh] float32/bfloat16/float16 (float64: reference only).
-        k_cache, v_cache: [B, H_kv, S_max, Dh], q's dtype and device; any strides (views of a bigger buffer work).
+        k_cache, v_cache: [B, H_kv, S_max, Dh] on q's device, any strides (views of a bigger buffer work); q's
+            dtype, or bfloat16 / float16 under a float32 q (a reduced-precision cache, half the bytes a step reads:
+            the "cpp", "triton" and "reference" backends; docs/decoding.md states its quality).
         lengths: int, or int64 tensor [B] on q's device: valid cache entries per sequence, 1 <= L_b <= S_max.
         scale: score scale, default 1/sqrt(Dh).
         backend: "cpp", "cuda", "triton", "sdpa" (torch's scaled_dot_product_attention) or "reference";
@@ -116,7 +129,8 @@ def decode_attention(
     """
     _check_inputs(q, k_cache, v_cache, lengths, scale)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    backend = choose_backend(q, backend, "decode_attention", op_reasons=lambda name: _op_reasons(q, lengths, name))
+    reasons = functools.partial(_op_reasons, q, k_cache, lengths)
+    backend = choose_backend(q, backend, "decode_attention", op_reasons=reasons)
     if backend == "reference":
         return decode_attention_ref(q, k_cache, v_cache, lengths, scale=scale)
     if backend == "sdpa":

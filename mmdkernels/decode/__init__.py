@@ -20,6 +20,7 @@ from mmdkernels._dispatch import (
     env_backend,
     linear_rows_prefer_torch,
 )
+from mmdkernels.attention import REDUCED_CACHE_DTYPES
 from mmdkernels.decode import ops
 from mmdkernels.decode.reference import (
     PROJECTIONS,
@@ -85,13 +86,18 @@ def _check_state(x, num_layers, self_k, self_v, cross_k, cross_v, cross_lengths,
         raise ValueError(f"num_heads must be a positive int dividing D = {dim}, got {num_heads!r}")
     head_dim = dim // num_heads
     for name, cache in (("self_k", self_k), ("self_v", self_v), ("cross_k", cross_k), ("cross_v", cross_v)):
-        if not isinstance(cache, torch.Tensor) or cache.dtype != x.dtype or cache.device != x.device:
-            raise TypeError(f"{name} must be a tensor of x's dtype and device ({x.dtype}, {x.device})")
+        tensor, self_cache = isinstance(cache, torch.Tensor), name.startswith("self")
+        reduced = tensor and self_cache and x.dtype == torch.float32 and cache.dtype in REDUCED_CACHE_DTYPES
+        if not tensor or (cache.dtype != x.dtype and not reduced) or cache.device != x.device:
+            also = " (self_k / self_v: or bfloat16 / float16 under float32 x)" if self_cache else ""
+            raise TypeError(f"{name} must be a tensor of x's dtype and device ({x.dtype}, {x.device}){also}")
         if cache.dim() != 5 or tuple(cache.shape[:3]) != (num_layers, batch, num_heads) or cache.shape[4] != head_dim:
             raise ValueError(
                 f"{name} must have shape [L={num_layers}, B={batch}, H={num_heads}, S, Dh={head_dim}], "
                 f"got {list(cache.shape)}"
             )
+    if self_v.dtype != self_k.dtype:
+        raise TypeError(f"self_v must have self_k's dtype {self_k.dtype}, got {self_v.dtype}")
     if self_v.shape != self_k.shape or cross_v.shape != cross_k.shape:
         raise ValueError("self_v / cross_v must have the shapes of self_k / cross_k")
     if not isinstance(cross_lengths, torch.Tensor) or cross_lengths.dtype != torch.int64:
@@ -216,7 +222,9 @@ def decode_layers(
         layers: L DecoderLayerWeights (x's dtype and device); projections may be QuantizedLinearWeight (bf16, or int8
             with per-output-channel scales: mmdkernels.linear.pack_decode_weight), streamed as stored by the C++ op;
             or their prepare_decode_layers (checked once: what a generation loop passes at every step).
-        self_k, self_v: [L, B, H, S_max, Dh] self-attention caches, written at `step` (in place).
+        self_k, self_v: [L, B, H, S_max, Dh] self-attention caches, written at `step` (in place): x's dtype, or
+            bfloat16 / float16 under float32 x (a reduced-precision cache, half the bytes; the step's K/V are
+            rounded to it and attention accumulates in float32).
         cross_k, cross_v: [L, B, H, Tc, Dh] the condition's keys/values; cross_lengths: int64 [B] valid entries.
         step: this step's position (a Python int), 0 <= step < S_max.
         num_heads: H. eps: the LayerNorms' epsilon.

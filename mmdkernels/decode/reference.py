@@ -46,7 +46,9 @@ def _project(h: torch.Tensor, weight) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """q [B, H, Dh] over the first lengths[b] entries of k, v [B, H, S, Dh]."""
+    """q [B, H, Dh] over the first lengths[b] entries of k, v [B, H, S, Dh] (q's dtype, or a reduced-precision
+    cache: read as q's dtype)."""
+    k, v = k.to(q.dtype), v.to(q.dtype)
     scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(q.shape[-1])
     keep = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]
     scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
@@ -70,7 +72,8 @@ def decode_layers_ref(
     Args:
         x: [B, D] the step's input embeddings.
         layers: L DecoderLayerWeights.
-        self_k, self_v: [L, B, H, S_max, Dh] self-attention caches (positions < step already filled).
+        self_k, self_v: [L, B, H, S_max, Dh] self-attention caches (positions < step already filled); x's dtype
+            or a reduced-precision one (bfloat16 / float16: the step's K/V are rounded to it when written).
         cross_k, cross_v: [L, B, H, Tc, Dh] the condition's keys/values; cross_lengths int64 [B] valid entries.
         step: this step's position, 0 <= step < S_max.
         num_heads: H (D = H * Dh).
