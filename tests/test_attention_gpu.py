@@ -83,3 +83,18 @@ def test_cuda_op_called_directly_rejects_large_head_size():
     q, k, v, lengths = to_cuda(make_problem((1, 2, 2, 10, 264), torch.float32))
     with pytest.raises(RuntimeError, match=r"head size Dh in \[1, 256\] for the CUDA kernel, got 264"):
         ops.decode_attention_op("cuda")(q, k, v, lengths, 0.1)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 3, 17, 64), (1, 3, 1, 5001, 64), (64, 16, 16, 1500, 64)], ids=shape_id)
+def test_reduced_cache_on_the_gpu(shape, cache_dtype):
+    """A float32 q over a bfloat16 / float16 cache: Triton reads it (the automatic choice on CUDA, since the CUDA
+    kernel and SDPA take one dtype and say so), float32's tolerance on the cache's values."""
+    from test_reduced_cache import assert_matches_reduced_reference, reduced_problem
+
+    q, k, v, lengths = to_cuda(reduced_problem(shape, cache_dtype))
+    for backend in ("triton", None):
+        out = mmdkernels.decode_attention(q, k, v, lengths, backend=backend)
+        assert_matches_reduced_reference(out, q, k, v, lengths)
+    with pytest.raises(RuntimeError, match="k_cache / v_cache must have q's dtype torch.float32 for cuda"):
+        mmdkernels.decode_attention(q, k, v, lengths, backend="cuda")
