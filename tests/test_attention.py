@@ -109,6 +109,24 @@ def test_sdpa_matches_float64_reference(shape, lengths_kind):
     assert_matches_reference(out, q, k, v, lengths)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_online_softmax_across_key_blocks(dtype):
+    """Ranges longer than the C++ kernel's block of keys (1024; one thread and 12 (sequence, head) pairs, so no
+    split): the running max and sum carried from block to block, with scores that grow along the cache so that every
+    block raises the max and rescales the earlier ones."""
+    q, k, v, _ = make_problem((3, 4, 4, 3100, 24), dtype, "full", seed=7)
+    growth = torch.linspace(0.2, 2.0, 3100)[None, None, :, None]
+    k = (k.float() * growth + q.float().mean(1, keepdim=True)[:, :, None] * growth).to(dtype)
+    lengths = torch.tensor([3100, 1025, 2049])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = mmdkernels.decode_attention(q, k, v, lengths, backend="cpp")
+    finally:
+        torch.set_num_threads(before)
+    assert_matches_reference(out, q, k, v, lengths)
+
+
 def test_reference_matches_a_loop_over_sequences_and_heads():
     """The spec itself, against the definition written out per (sequence, head) with the cache sliced to length."""
     q, k, v, lengths = make_problem((3, 6, 2, 40, 16), torch.float64)

@@ -32,7 +32,12 @@ namespace mmdkernels {
 namespace attention {
 namespace {
 
-constexpr int64_t kBlock = 64;           // keys scored before the softmax update: scores stay in L1
+// Keys scored before each softmax update (the scores, group * kBlock floats, stay in L1/L2). Long blocks read K and
+// V in long sequential runs, which the hardware prefetchers follow. Measured on an AMD EPYC Zen 3 (benchmarks/
+// RESULTS.md, session 22) against blocks of 64 keys with the next block prefetched in software (a burst of line
+// requests per block, which also cost instructions: 1.1-1.5x slower even from L3): whole decode steps at 500-1500
+// cached entries took 0.87-0.94x the time (level at 30 entries), the op alone from memory 0.65-0.8x.
+constexpr int64_t kBlock = 1024;
 constexpr int64_t kMinSplitKeys = 256;   // a split below this many keys costs more in combining than it gains
 constexpr int64_t kItemsPerThread = 4;   // split until there are this many work items per thread (load balance)
 
@@ -221,16 +226,27 @@ inline void accumulate_values(float* acc, const float* weights, const T* values,
 }
 #endif
 
-// Asks for rows [first, first + count) of a cache ahead of use, into L2: the hardware prefetcher alone stops at every
-// 4 KiB page, and a block of rows spans several. One request per 64-byte line.
-template <typename T>
-inline void prefetch_rows(const CacheView<T>& cache, int64_t b, int64_t g, int64_t first, int64_t count, int64_t dim) {
-  constexpr int64_t kLine = 64;
-  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = 0; j < count; ++j) {
-    const char* row = reinterpret_cast<const char*>(cache.row(b, g, first + j));
-    for (int64_t offset = 0; offset < row_bytes; offset += kLine) __builtin_prefetch(row + offset, 0, 2);
+// Scales row[0, n) in place and returns its largest value, 8 lanes at a time (GCC's vector extensions, any x86-64
+// build): std::max_element's scalar compare chain had been ~8 % of the kernel's samples (perf, session 22), and
+// GCC does not vectorise a float max reduction without -ffinite-math-only.
+inline float scale_and_max(float* row, int64_t n, float scale) {
+  using Lanes = float __attribute__((vector_size(32)));
+  Lanes best = Lanes{} - INFINITY;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Lanes x;
+    std::memcpy(&x, row + j, sizeof(x));
+    x *= scale;
+    std::memcpy(row + j, &x, sizeof(x));
+    best = best > x ? best : x;
   }
+  float largest = best[0];
+  for (int l = 1; l < 8; ++l) largest = std::max(largest, best[l]);
+  for (; j < n; ++j) {
+    row[j] *= scale;
+    largest = std::max(largest, row[j]);
+  }
+  return largest;
 }
 
 // Attention of the `group` query heads q [group, dim] (pre-scaled, float32) over keys [begin, end) of one
@@ -242,16 +258,12 @@ void attend_range(const float* q, float scale, int64_t group, const CacheView<T>
   std::fill(states, states + group, empty_state());
   for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
     const int64_t n = std::min(kBlock, end - s0);
-    prefetch_rows(k, b, g, s0 + kBlock, std::min(kBlock, end - s0 - kBlock), dim);
-    prefetch_rows(v, b, g, s0 + kBlock, std::min(kBlock, end - s0 - kBlock), dim);
     for (int64_t h = 0; h < group; ++h) {
       score_keys(q + h * dim, k.row(b, g, s0), k.pos_stride, n, dim, scores + h * kBlock);
     }
     for (int64_t h = 0; h < group; ++h) {
       float* row = scores + h * kBlock;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] *= scale;
-      const float block_max = *std::max_element(row, row + n);
+      const float block_max = scale_and_max(row, n, scale);
       const float factor = raise_max(states[h], block_max);
       if (factor != 1.0f) {
         for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] *= factor;
