@@ -228,3 +228,22 @@ def test_generate_with_a_bfloat16_cache_is_reproducible():
     ]  # fmt: skip
     assert runs[0].shape == (2, 4, 10) and torch.equal(runs[0], runs[1])
     assert int(runs[0].min()) >= 0 and int(runs[0].max()) < model.config.codebook_size
+
+
+@pytest.mark.parametrize("pattern", ["delay", "flatten"])
+def test_quality_script_decoded_nll_is_the_teacher_forced_nll(pattern):
+    """benchmarks/quality_decode_weights.py's decoded NLL per row, on a float32 cache, equals the teacher-forced NLL
+    (models.lm.code_log_likelihoods: the whole sequence in one forward pass), the answer known here; a bfloat16 cache
+    moves it by its rounding only."""
+    from benchmarks.quality_decode_weights import decode_logits, decoded_nll_per_row
+    from models.lm import code_log_likelihoods
+
+    model = small_model(pattern=pattern)
+    codes = torch.randint(0, model.config.codebook_size, (3, 4, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = -code_log_likelihoods(model, codes, model.encode_condition([None] * 3)).double().sum((1, 2)) / 9
+        exact = torch.tensor(decoded_nll_per_row(model, decode_logits(model, codes), codes), dtype=torch.float64)
+        rounded = decoded_nll_per_row(model, decode_logits(model, codes, torch.bfloat16), codes)
+    torch.testing.assert_close(exact, expected, rtol=1e-5, atol=1e-5)
+    difference = (torch.tensor(rounded, dtype=torch.float64) - expected).abs().max().item()
+    assert 0 < difference < 0.01 * expected.abs().max().item()
