@@ -101,6 +101,15 @@ def test_compiled_op_checks_cache_dtypes():
         op(q, k.bfloat16(), v.half(), lengths, 0.5)
 
 
+def test_opcheck_and_compile_with_a_reduced_cache():
+    """The op's fake implementation (q's dtype out) and schema hold for mixed dtypes; torch.compile traces it."""
+    q, k, v, lengths = reduced_problem((3, 4, 2, 300, 16), torch.bfloat16, seed=8)
+    torch.library.opcheck(ops.decode_attention_op("cpp"), (q, k, v, lengths, 0.25))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *args: mmdkernels.decode_attention(*args, backend="cpp"), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, lengths), mmdkernels.decode_attention(q, k, v, lengths), rtol=0, atol=0)
+
+
 # The fused decode step over a model's caches ---------------------------------------------------------------------
 
 
