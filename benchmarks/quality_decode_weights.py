@@ -81,7 +81,7 @@ def same_context_draws(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
 
 def measure(model: MusicLM, valid: torch.Tensor, rows: int, seconds: float) -> list[dict]:
     reference_logits = reference_codes = reference_draws = reference_rows = None
-    results = []
+    results, valid_nll = [], {}  # valid_nll: the teacher-forced NLL per weight precision (no cache: once each)
     for cache, precision in ((c, p) for c in CACHES for p in PRECISIONS):
         quantize_for_decode(model, precision)
         logits = decode_logits(model, valid[:rows], CACHES[cache])
@@ -94,6 +94,8 @@ def measure(model: MusicLM, valid: torch.Tensor, rows: int, seconds: float) -> l
         if reference_logits is None:  # fp32 weights and cache: the reference of every other row
             reference_logits, reference_codes, reference_draws, reference_rows = logits, codes, draws, rows_nll
         change = paired_difference(reference_rows, rows_nll)  # paired over the held-out rows, t interval
+        if precision not in valid_nll:
+            valid_nll[precision] = nll_per_frame(model, valid)
         same = codes == reference_codes
         differs = (~same).any(1)  # [B, T]: frames where any codebook differs
         first_diff = [int(row.nonzero().min()) if row.any() else row.numel() for row in differs]
@@ -102,7 +104,7 @@ def measure(model: MusicLM, valid: torch.Tensor, rows: int, seconds: float) -> l
             {
                 "precision": precision,
                 "cache": cache,
-                "valid_nll_per_frame": nll_per_frame(model, valid),
+                "valid_nll_per_frame": valid_nll[precision],
                 "decoded_nll_per_frame": sum(rows_nll) / len(rows_nll),
                 "decoded_nll_change": {key: change[key] for key in ("mean", "low", "high", "excludes_zero")},
                 "max_abs_logit_error": error,

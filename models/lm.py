@@ -243,8 +243,8 @@ class SelfAttention(nn.Module):
             else:
                 keys = torch.arange(start + steps, device=x.device)
                 mask = keys[None] <= keys[start:, None]
-                keys, values = (cache[:, :, : start + steps].to(q.dtype) for cache in (cache_k, cache_v))
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                cached_k, cached_v = (cache[:, :, : start + steps].to(q.dtype) for cache in (cache_k, cache_v))
+                y = F.scaled_dot_product_attention(q, cached_k, cached_v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(batch, steps, dim))
 
 
