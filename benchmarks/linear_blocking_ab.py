@@ -1,7 +1,7 @@
-"""The few-row linear's weight-row blocking inside decode steps: "wide", "spread", "auto" (the measured choice) and
-"single" (MMDKERNELS_LINEAR_BLOCKING, switched between rounds of one process), rounds interleaved, min ms per step: a
-scratch measurement for RESULTS.md, not a pytest benchmark. Presets: the benchmark decoder at B = 4, MusicGen-small at
-B = 1.
+"""The few-row linear's weight-row blocking inside decode steps: "wide", "spread", "auto" (the measured choice),
+"single" and "segments" (MMDKERNELS_LINEAR_BLOCKING, switched between rounds of one process), rounds interleaved, min
+ms per step: a scratch measurement for RESULTS.md, not a pytest benchmark. Presets: the benchmark decoder at B = 4,
+MusicGen-small at B = 1.
 
     MMDKERNELS_GEMM_VERBOSE=1 PYTHONPATH=. python benchmarks/linear_blocking_ab.py --threads 1 --preset benchmark-b4
 """
@@ -21,7 +21,7 @@ PRESETS = {
     "benchmark-b4": (dict(dim=512, num_layers=8, num_heads=8, ffn_dim=2048), 4),
     "musicgen-small-b1": (dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096), 1),
 }
-MODES = ("wide", "spread", "auto", "single")
+MODES = ("wide", "spread", "auto", "single", "segments")
 
 
 def main() -> None:
@@ -61,6 +61,7 @@ def main() -> None:
             f"{args.preset} {precision} threads {args.threads}: "
             + "  ".join(f"{mode} {1e3 * t:.2f} ms" for mode, t in best.items())
             + f"  auto/wide {best['auto'] / best['wide']:.3f}  spread/wide {best['spread'] / best['wide']:.3f}"
+            + f"  segments/spread {best['segments'] / best['spread']:.3f}"
         )
 
 

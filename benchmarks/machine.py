@@ -93,7 +93,7 @@ def linear_blocking_chosen() -> dict:
     from mmdkernels.linear.ops import blocking_choices
 
     chosen = [c["chosen"] for c in blocking_choices()]
-    return {f"linear_blocking_{b}": chosen.count(b) for b in ("wide", "spread", "single")}
+    return {f"linear_blocking_{b}": chosen.count(b) for b in ("wide", "spread", "single", "segments")}
 
 
 def linear_tile_paths() -> dict:

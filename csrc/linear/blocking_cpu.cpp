@@ -23,7 +23,7 @@ constexpr double kSingleMargin = 1.1;  // single rows must be this much faster t
 struct Measurement {
   int calls = 0;
   double best[kBlockings] = {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity(),
-                             std::numeric_limits<double>::infinity()};
+                             std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
   bool decided = false;
   Blocking chosen = Blocking::kWide;
 };
@@ -32,7 +32,12 @@ std::mutex g_mutex;  // guards g_measurements
 std::map<BlockingKey, Measurement> g_measurements;
 
 const char* name(Blocking b) {
-  return b == Blocking::kWide ? "wide" : (b == Blocking::kSpread ? "spread" : "single");
+  switch (b) {
+    case Blocking::kWide: return "wide";
+    case Blocking::kSpread: return "spread";
+    case Blocking::kSingle: return "single";
+    default: return "segments";
+  }
 }
 const char* dtype_name(int weight_bytes) {
   return weight_bytes == 4 ? "float32" : (weight_bytes == 2 ? "bfloat16" : "int8");
@@ -53,7 +58,7 @@ BlockingPlan plan_blocking(const BlockingKey& key) {
   const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
   for (int b = 0; b < kBlockings; ++b)
     if (mode == name(static_cast<Blocking>(b))) return {static_cast<Blocking>(b), false, key};
-  TORCH_CHECK(mode == "auto", kEnv, " must be one of auto, wide, spread, single; got '", mode, "'");
+  TORCH_CHECK(mode == "auto", kEnv, " must be one of auto, wide, spread, single, segments; got '", mode, "'");
   std::lock_guard<std::mutex> lock(g_mutex);
   const Measurement& m = g_measurements[key];
   if (m.decided) return {m.chosen, false, key};
@@ -68,19 +73,21 @@ void record_blocking(const BlockingPlan& plan, double seconds) {
   best = std::min(best, seconds);
   if (++m.calls < kBlockings * kBlockingSamples) return;
   m.decided = true;
-  const double wide = m.best[static_cast<int>(Blocking::kWide)], spread = m.best[static_cast<int>(Blocking::kSpread)];
-  const Blocking blocks = spread < wide ? Blocking::kSpread : Blocking::kWide;
-  m.chosen = m.best[static_cast<int>(Blocking::kSingle)] * kSingleMargin < std::min(wide, spread) ? Blocking::kSingle
-                                                                                                 : blocks;
+  Blocking blocks = Blocking::kWide;  // the fastest of the blocked ones (all but single)
+  for (const Blocking b : {Blocking::kSpread, Blocking::kSegments})
+    if (m.best[static_cast<int>(b)] < m.best[static_cast<int>(blocks)]) blocks = b;
+  m.chosen = m.best[static_cast<int>(Blocking::kSingle)] * kSingleMargin < m.best[static_cast<int>(blocks)]
+                 ? Blocking::kSingle
+                 : blocks;
   const char* verbose = std::getenv("MMDKERNELS_GEMM_VERBOSE");
   if (verbose != nullptr && std::string(verbose) == "1") {
     const BlockingKey& k = plan.key;
     std::fprintf(stderr,
                  "mmdkernels linear blocking: %s rows %lld dim %lld out %lld threads %d: wide %.1f GB/s, spread %.1f "
-                 "GB/s, single %.1f GB/s -> %s\n",
+                 "GB/s, single %.1f GB/s, segments %.1f GB/s -> %s\n",
                  dtype_name(k.weight_bytes), static_cast<long long>(k.rows), static_cast<long long>(k.dim),
                  static_cast<long long>(k.out_features), k.threads, gb_per_s(k, m.best[0]), gb_per_s(k, m.best[1]),
-                 gb_per_s(k, m.best[2]), name(m.chosen));
+                 gb_per_s(k, m.best[2]), gb_per_s(k, m.best[3]), name(m.chosen));
   }
 }
 
@@ -94,7 +101,8 @@ std::string blocking_choices_json() {
     out << (first ? "" : ", ") << "{\"dtype\": \"" << dtype_name(k.weight_bytes) << "\", \"rows\": " << k.rows
         << ", \"dim\": " << k.dim << ", \"out_features\": " << k.out_features << ", \"threads\": " << k.threads
         << ", \"chosen\": \"" << name(m.chosen) << "\", \"gb_per_s\": {\"wide\": " << gb_per_s(k, m.best[0])
-        << ", \"spread\": " << gb_per_s(k, m.best[1]) << ", \"single\": " << gb_per_s(k, m.best[2]) << "}}";
+        << ", \"spread\": " << gb_per_s(k, m.best[1]) << ", \"single\": " << gb_per_s(k, m.best[2])
+        << ", \"segments\": " << gb_per_s(k, m.best[3]) << "}}";
     first = false;
   }
   out << "]";

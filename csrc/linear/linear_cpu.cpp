@@ -15,8 +15,9 @@
 // is applied once per output, in the epilogue. Threads (at::parallel_for) split the weight rows in groups of 8; each
 // output is summed by one thread, in an order that does not depend on the thread count. R, the weight rows of a block:
 // several adjacent ones (fewest loads per FMA), several 8 / R rows apart (each in its own 4 KiB page when rows are
-// short) or one (a single sequential stream of weights), whichever streams faster for the shape on this machine,
-// measured on the first calls (csrc/linear/blocking.h); the order of summation is the same in all three.
+// short), one (a single sequential stream of weights) or one from each of R segments of the thread's rows (R streams
+// that each run on through consecutive rows), whichever streams faster for the shape on this machine, measured on the
+// first calls (csrc/linear/blocking.h); the order of summation is the same in all four.
 // From 5 rows on, bfloat16 weights go through AMX tiles where the CPU has them (csrc/linear/linear_amx.h: x split into
 // three bfloat16 parts, float32 accumulation), since the FMA kernel is then bound by its FMAs (16 rows: one FMA per
 // weight and row, against 2 bytes of weight) rather than by memory; float32 weights from 13 rows on (split exactly into
@@ -76,14 +77,22 @@ static constexpr auto make_single_table(std::integer_sequence<int, Ms...>) {
       &rows_block<T, Ms + 1, single_pass_rows<T>(), 1, library_splits<T, Ms + 1>()>...};
 }
 
+template <typename T, int... Ms>
+static constexpr auto make_segments_table(std::integer_sequence<int, Ms...>) {
+  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_segments<T, Ms + 1, kMaxPassRows, wide_rows<T, Ms + 1>(),
+                                                                  library_splits<T, Ms + 1>()>...};
+}
+
 template <typename T>
 static RowsBlockFn<T> rows_kernel(int64_t rows, Blocking blocking) {
   static constexpr auto wide = make_table<T>(std::make_integer_sequence<int, kMaxRows>{});
   static constexpr auto spread = make_spread_table<T>(std::make_integer_sequence<int, kMaxRows>{});
   static constexpr auto single = make_single_table<T>(std::make_integer_sequence<int, kMaxRows>{});
+  static constexpr auto segments = make_segments_table<T>(std::make_integer_sequence<int, kMaxRows>{});
   switch (blocking) {
     case Blocking::kSpread: return spread[rows - 1];
     case Blocking::kSingle: return single[rows - 1];
+    case Blocking::kSegments: return segments[rows - 1];
     default: return wide[rows - 1];
   }
 }

@@ -27,9 +27,9 @@ MODES = ("auto", "cpp", "torch")
 MEASURE_SHAPE = (4096, 1024)  # out x in features of one weight: a 1024-wide model's FFN
 MEASURE_WEIGHTS = 4  # 4 x 16 MiB: past a 32 MiB L3
 MARGIN = 1.05
-# The C++ kernel's first calls of a shape time its weight-row blockings in turn (csrc/linear/blocking.h: 3 blockings x
+# The C++ kernel's first calls of a shape time its weight-row blockings in turn (csrc/linear/blocking.h: 4 blockings x
 # 8 calls); these calls settle that choice first, so that the comparison times the blocking the model will run.
-BLOCKING_CALLS = 3 * 8
+BLOCKING_CALLS = 4 * 8
 _choices: dict[int, dict] = {}
 
 

@@ -50,9 +50,9 @@ def small_batch_linear_quantized_op(backend: str = "cpp"):
 
 def blocking_choices() -> list[dict]:
     """The few-row C++ kernel's measured weight-row blocking per shape (csrc/linear/blocking.h): one entry per decided
-    shape, {"dtype", "rows", "dim", "out_features", "threads", "chosen": "wide" | "spread" | "single",
-    "gb_per_s": {...}}. ``MMDKERNELS_LINEAR_BLOCKING=auto|wide|spread|single`` forces one (read at every call; all
-    sum in the same order)."""
+    shape, {"dtype", "rows", "dim", "out_features", "threads", "chosen": "wide" | "spread" | "single" | "segments",
+    "gb_per_s": {...}}. ``MMDKERNELS_LINEAR_BLOCKING=auto|wide|spread|single|segments`` forces one (read at every
+    call; all sum in the same order)."""
     return json.loads(_ext.compiled_op("linear_blocking_choices", "cpp")())
 
 
