@@ -63,6 +63,22 @@ def test_every_blocking_matches_the_spec_and_the_others_bit_for_bit(monkeypatch,
         assert torch.equal(results["wide"], results[blocking])  # one order of summation for every output
 
 
+@pytest.mark.parametrize("dim", [8, 16, 24, 27, 31, 33, 47, 4096 + 24 + 5, 8192 + 16])
+def test_bf16_one_row_pairs_at_every_remainder(monkeypatch, dim):
+    """bfloat16 weights against one row of x are read 2 * lanes at a time (even and odd columns, linear_kernel.h's
+    kPairs) with x reordered to match: dims that leave a single vector, a scalar tail, or both, after the pairs, within
+    one chunk of columns or past a chunk's end (4096 columns)."""
+    x, packed, bias = _problem("bf16", 1, dim, 45, seed=dim)
+    expected = F.linear(x.double(), _dequantized(packed, torch.float64), bias.double())
+    baseline = F.linear(x, _dequantized(packed, torch.float32), bias)
+    results = {}
+    for blocking in BLOCKINGS:
+        monkeypatch.setenv(ENV, blocking)
+        results[blocking] = _run(x, packed, bias, gelu=False)
+        assert_close_to_reference(results[blocking], expected, baseline, name=f"decode_linear bf16 D={dim}, {blocking}")
+        assert torch.equal(results["wide"], results[blocking])
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("blocking", BLOCKINGS)
 def test_every_blocking_gives_the_same_bits_at_any_thread_count(monkeypatch, precision, blocking):

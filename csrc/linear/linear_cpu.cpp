@@ -63,24 +63,26 @@ using RowsBlockFn = void (*)(const float*, int64_t, const T*, int64_t, float*, i
 template <typename T, int... Ms>
 static constexpr auto make_table(std::integer_sequence<int, Ms...>) {
   return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_block<T, Ms + 1, kMaxPassRows, wide_rows<T, Ms + 1>(),
-                                                               library_splits<T, Ms + 1>()>...};
+                                                               library_splits<T, Ms + 1>(), 1,
+                                                               bf16_pairs<T>(Ms + 1)>...};
 }
 template <typename T, int... Ms>
 static constexpr auto make_spread_table(std::integer_sequence<int, Ms...>) {
   return std::array<RowsBlockFn<T>, sizeof...(Ms)>{
       &rows_block<T, Ms + 1, kMaxPassRows, wide_rows<T, Ms + 1>(), library_splits<T, Ms + 1>(),
-                  kGroupRows / wide_rows<T, Ms + 1>()>...};
+                  kGroupRows / wide_rows<T, Ms + 1>(), bf16_pairs<T>(Ms + 1)>...};
 }
 template <typename T, int... Ms>
 static constexpr auto make_single_table(std::integer_sequence<int, Ms...>) {
   return std::array<RowsBlockFn<T>, sizeof...(Ms)>{
-      &rows_block<T, Ms + 1, single_pass_rows<T>(), 1, library_splits<T, Ms + 1>()>...};
+      &rows_block<T, Ms + 1, single_pass_rows<T>(), 1, library_splits<T, Ms + 1>(), 1, bf16_pairs<T>(Ms + 1)>...};
 }
 
 template <typename T, int... Ms>
 static constexpr auto make_segments_table(std::integer_sequence<int, Ms...>) {
-  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{&rows_segments<T, Ms + 1, kMaxPassRows, wide_rows<T, Ms + 1>(),
-                                                                  library_splits<T, Ms + 1>()>...};
+  return std::array<RowsBlockFn<T>, sizeof...(Ms)>{
+      &rows_segments<T, Ms + 1, kMaxPassRows, wide_rows<T, Ms + 1>(), library_splits<T, Ms + 1>(),
+                     bf16_pairs<T>(Ms + 1)>...};
 }
 
 template <typename T>
@@ -158,6 +160,12 @@ static at::Tensor run(const at::Tensor& x, const T* weight, int64_t out_features
   const BlockingPlan plan = plan_blocking(
       {static_cast<int>(sizeof(T)), rows, dim, out_features, static_cast<int>(at::get_num_threads())});
   const RowsBlockFn<T> block = rows_kernel<T>(rows, plan.blocking);
+  at::Tensor ordered;  // x in the order bfloat16 pair loads read it (linear_kernel.h, bf16_pairs)
+  if (bf16_pairs<T>(rows)) {
+    ordered = at::empty({dim}, x.options());
+    bf16_pair_order(xp, dim, ordered.data_ptr<float>());
+    xp = ordered.data_ptr<float>();
+  }
   const auto start = std::chrono::steady_clock::now();
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     block(xp, ldx, weight, dim, yp, out_features, begin * 8, std::min(end * 8, out_features), epilogue);

@@ -73,9 +73,11 @@ enum class Pass { kFirst, kFirstKeep, kAgain, kKept };
 
 // One pass over `len` columns (x, w and kept start at the chunk's first column, a multiple of the line; len a
 // multiple of kLanes): R weight rows (w, D apart; kept, ldk apart) against M rows of x, added to acc[m * R + r].
-template <typename T, int M, int R, int U, Pass kPass>
+template <typename T, int M, int R, int U, Pass kPass, bool kPairs = false>
 static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim, float* kept, int64_t ldk,
                             int64_t len, Vec* acc_io) {
+  static_assert(!kPairs || (std::is_same_v<T, uint16_t> && M == 1 && U == 2 && kPass == Pass::kFirst),
+                "pairs: bfloat16 weights, one row of x, two partial sums");
   constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line
   constexpr int64_t kAhead = kPrefetchBytes / sizeof(T);
   static_assert(kLine / kLanes % U == 0, "U must divide the vectors per cache line");
@@ -107,6 +109,23 @@ static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim
       for (int r = 0; r < R; ++r) acc[u * M * R + m * R + r] += xv * wv[r];
     }
   };
+  // kPairs: 2 * kLanes weights per load, the even ones into partial sum 0 and the odd ones into 1, against x in
+  // bf16_pair_order.
+  auto accumulate_pair = [&](int64_t k) __attribute__((always_inline)) {
+    if constexpr (kPairs) {
+      Vec xe = load_floats(x + k), xo = load_floats(x + k + kLanes);
+#if defined(__x86_64__)
+      asm("" : "+v"(xe), "+v"(xo));
+#endif
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        Vec even, odd;
+        load_bf16_pair(w + r * dim + k, even, odd);
+        acc[r] += xe * even;
+        acc[R + r] += xo * odd;
+      }
+    }
+  };
   const int64_t lines_end = len / kLine * kLine;
   int64_t k = 0;
   for (; k < lines_end; k += kLine) {
@@ -114,9 +133,16 @@ static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * dim + k + kAhead, 0, 1);  // never faults past the end
     }
+    if constexpr (kPairs) {
 #pragma GCC unroll 8
-    for (int64_t v = 0; v < kLine / kLanes; ++v) accumulate(k + v * kLanes, v % U);
+      for (int64_t v = 0; v < kLine / (2 * kLanes); ++v) accumulate_pair(k + v * 2 * kLanes);
+    } else {
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < kLine / kLanes; ++v) accumulate(k + v * kLanes, v % U);
+    }
   }
+  if constexpr (kPairs)
+    for (; k + 2 * kLanes <= len; k += 2 * kLanes) accumulate_pair(k);
   for (; k < len; k += kLanes) accumulate(k, 0);
 #pragma GCC unroll 128
   for (int i = 0; i < M * R; ++i) {
@@ -128,16 +154,29 @@ static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim
 }
 
 // All M rows against R weight rows over `len` columns, in passes of pass_rows(M, P) rows: acc[m * R + r].
-template <typename T, int M, int P, int R, int U, bool kFirst = true>
+template <typename T, int M, int P, int R, int U, bool kFirst = true, bool kPairs = false>
 static inline void dot_rows(const float* x, int64_t ldx, const T* w, int64_t dim, float* kept, int64_t ldk,
                             int64_t len, Vec* acc) {
   constexpr int kRows = pass_rows(M, P);
   constexpr bool kNarrow = !std::is_same_v<T, float>, kMore = M > kRows;
   constexpr Pass kPass = kFirst ? (kNarrow && kMore ? Pass::kFirstKeep : Pass::kFirst)
                                 : (kNarrow ? Pass::kKept : Pass::kAgain);
-  dot_pass<T, kRows, R, U, kPass>(x, ldx, w, dim, kept, ldk, len, acc);
+  dot_pass<T, kRows, R, U, kPass, kPairs>(x, ldx, w, dim, kept, ldk, len, acc);
   if constexpr (kMore)
     dot_rows<T, M - kRows, P, R, U, false>(x + kRows * ldx, ldx, w, dim, kept, ldk, len, acc + kRows * R);
+}
+
+// x [D] in the order the bfloat16 pair loads read it (dot_pass's kPairs): every whole block of 2 * kLanes columns
+// before the last whole vector's end as its even columns, then its odd ones; the rest as it is.
+inline void bf16_pair_order(const float* x, int64_t dim, float* out) {
+  const int64_t vectors = dim - dim % kLanes, pairs_end = vectors / (2 * kLanes) * (2 * kLanes);
+  for (int64_t b = 0; b < pairs_end; b += 2 * kLanes) {
+    for (int i = 0; i < kLanes; ++i) {
+      out[b + i] = x[b + 2 * i];
+      out[b + kLanes + i] = x[b + 2 * i + 1];
+    }
+  }
+  std::copy(x + pairs_end, x + dim, out + pairs_end);
 }
 
 // GELU(x) = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), F.gelu's erf form. erf by Abramowitz & Stegun 7.1.26
@@ -191,9 +230,19 @@ struct Epilogue {
 // behind each widening, which bounds the stream below the memory's rate. int8: U = 4 (single blocking 1.1-1.25x
 // faster than U = 2, which was 1.36-1.40x faster than U = 1); bfloat16: U = 2 (single blocking 1.3-1.4x faster
 // than U = 1, and 1.25-1.35x faster than the wide blocks; U = 4 measured level with U = 1); 1 elsewhere. With
-// AVX-512 (not measured since): 2 for int8 at one row, 1 elsewhere.
+// AVX-512 (not measured since): 2 for int8 and (its pairs, below) bfloat16 at one row, 1 elsewhere.
+// bfloat16 weights against one row of x are read in pairs of vectors (dot_pass's kPairs, where the ISA has them):
+// with AVX2 one load and two single-cycle ops per 16 weights instead of two widening loads and two shifts, measured
+// on an AMD EPYC Zen 3 inside MusicGen-small's decode step at B = 1: 0.94x the step at 1 thread, 0.97-1.0x at 2
+// (RESULTS.md, session 23). Their two partial sums are the even and the odd columns, so U = 2 wherever they run.
+template <typename T>
+constexpr bool bf16_pairs(int m) {
+  return kBf16Pairs && std::is_same_v<T, uint16_t> && m == 1;
+}
+
 template <typename T, int M>
 constexpr int library_splits() {
+  if constexpr (bf16_pairs<T>(M)) return 2;
 #if defined(__AVX512F__)
   return std::is_same_v<T, int8_t> && M == 1 ? 2 : 1;
 #else
@@ -217,7 +266,8 @@ constexpr int wide_rows() {
   return r;
 }
 
-template <typename T, int M, int P = kMaxPassRows, int R = block_rows(pass_rows(M, P)), int U = 1, int S = 1>
+template <typename T, int M, int P = kMaxPassRows, int R = block_rows(pass_rows(M, P)), int U = 1, int S = 1,
+          bool kPairs = false>
 static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim, float* y, int64_t ldy,
                        int64_t n_begin, int64_t n_end, Epilogue epilogue) {
   static_assert(kGroupRows % (R * S) == 0, "the spread blocks must tile a group");
@@ -237,10 +287,12 @@ static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim
       const int64_t len = std::min(kChunk, vectors - k0);
       for (int64_t n0 = g; n0 < blocks_end; n0 += R * s)
         for (int64_t b = 0; b < s; ++b)
-          dot_rows<T, M, P, R, U>(x + k0, ldx, weight + (n0 + b) * dim + k0, s * dim, kept, kChunk, len,
+          dot_rows<T, M, P, R, U, true, kPairs>(x + k0, ldx, weight + (n0 + b) * dim + k0, s * dim, kept, kChunk,
+                                                len,
                                   acc + (n0 - g + b * R) * M);
       for (int64_t n = blocks_end; n < g_end; ++n)
-        dot_rows<T, M, P, 1, U>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len, acc + (n - g) * M);
+        dot_rows<T, M, P, 1, U, true, kPairs>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len,
+                                              acc + (n - g) * M);
     }
     // The group's outputs: one transpose tree for all its accumulators (lane_sums sums each accumulator's lanes in
     // the same order whatever shares its tree; a tree per block of R rows left most of its lanes empty at one row of
@@ -273,7 +325,8 @@ static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim
 // blocks' streams restart every row; measured on an AMD EPYC Zen 3 at one row of x and 2 KiB rows of bfloat16:
 // 1.26x faster than spread, RESULTS.md, session 23). The rows past R * L go through rows_block's adjacent blocks.
 // Every output is summed as in rows_block (the same passes, chunks and U), so the blocking never changes a bit.
-template <typename T, int M, int P = kMaxPassRows, int R = block_rows(pass_rows(M, P)), int U = 1>
+template <typename T, int M, int P = kMaxPassRows, int R = block_rows(pass_rows(M, P)), int U = 1,
+          bool kPairs = false>
 static void rows_segments(const float* x, int64_t ldx, const T* weight, int64_t dim, float* y, int64_t ldy,
                           int64_t n_begin, int64_t n_end, Epilogue epilogue) {
   constexpr int64_t kChunk = chunk_columns(M);
@@ -287,8 +340,8 @@ static void rows_segments(const float* x, int64_t ldx, const T* weight, int64_t 
     for (int64_t k0 = 0; k0 < vectors; k0 += kChunk) {
       const int64_t len = std::min(kChunk, vectors - k0);
       for (int64_t j = 0; j < kGroupRows; ++j)
-        dot_rows<T, M, P, R, U>(x + k0, ldx, weight + (g + j) * dim + k0, segment * dim, kept, kChunk, len,
-                                acc + j * R * M);
+        dot_rows<T, M, P, R, U, true, kPairs>(x + k0, ldx, weight + (g + j) * dim + k0, segment * dim, kept, kChunk,
+                                              len, acc + j * R * M);
     }
     float sums[kGroupRows * R * M];
     lane_sums<kGroupRows * R * M>(acc, sums);
@@ -306,7 +359,7 @@ static void rows_segments(const float* x, int64_t ldx, const T* weight, int64_t 
   }
   epilogue.activate_rows(y, ldy, M, n_begin, n_begin + R * segment);
   if (n_begin + R * segment < n_end)
-    rows_block<T, M, P, R, U>(x, ldx, weight, dim, y, ldy, n_begin + R * segment, n_end, epilogue);
+    rows_block<T, M, P, R, U, 1, kPairs>(x, ldx, weight, dim, y, ldy, n_begin + R * segment, n_end, epilogue);
 }
 
 }  // namespace mmdkernels::linear

@@ -63,6 +63,36 @@ static inline Vec load_weights(const int8_t* p) {
   return __builtin_convertvector(__builtin_convertvector(bytes, I32Vec), Vec);
 }
 #endif
+// bfloat16 weights in pairs of vectors from one load of 2 * kLanes weights: the even-indexed weights (the low
+// halves of each 32-bit lane, shifted up) and the odd-indexed ones (the high halves, masked): no widening shuffle.
+// x must then be read in the same order (bf16_pair_order).
+#if defined(__AVX512F__)
+constexpr bool kBf16Pairs = true;
+static inline void load_bf16_pair(const uint16_t* p, Vec& even, Vec& odd) {
+  const __m512i v = _mm512_loadu_si512(p);
+  even = (Vec)_mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = (Vec)_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#elif defined(__AVX2__)
+constexpr bool kBf16Pairs = true;
+static inline void load_bf16_pair(const uint16_t* p, Vec& even, Vec& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = (Vec)_mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = (Vec)_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#else
+constexpr bool kBf16Pairs = false;
+static inline void load_bf16_pair(const uint16_t* p, Vec& even, Vec& odd) {
+  uint32_t e[kLanes], o[kLanes];  // not used (kBf16Pairs): the portable build widens one vector at a time
+  for (int i = 0; i < kLanes; ++i) {
+    e[i] = static_cast<uint32_t>(p[2 * i]) << 16;
+    o[i] = static_cast<uint32_t>(p[2 * i + 1]) << 16;
+  }
+  __builtin_memcpy(&even, e, sizeof(even));
+  __builtin_memcpy(&odd, o, sizeof(odd));
+}
+#endif
+
 static inline float weight_value(float w) { return w; }
 static inline float weight_value(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
