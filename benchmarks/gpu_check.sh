@@ -55,7 +55,7 @@ fi
 
 # tests/test_compile.py is not in the default set: it compiles CPU ops only (CI runs it), and one of its tests took
 # 98 s of a worker on the H200's host (session 18)
-tests=${GPU_CHECK_TESTS:-"tests/test_mmd_gpu.py tests/test_rvq_gpu.py tests/test_sampling_gpu.py tests/test_linear_packed_gpu_paths.py tests/test_attention_gpu.py tests/test_generate.py::test_cuda_graph_step_equals_eager_step"}
+tests=${GPU_CHECK_TESTS:-"tests/test_mmd_gpu.py tests/test_rvq_gpu.py tests/test_sampling_gpu.py tests/test_linear_packed_gpu_paths.py tests/test_attention_gpu.py tests/test_generate.py::test_cuda_graph_step_equals_eager_step tests/test_reduced_cache.py::test_cuda_graph_step_over_a_bfloat16_cache"}
 tests_rc=0
 run_tests() {
   local workers=() start=$SECONDS

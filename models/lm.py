@@ -141,13 +141,17 @@ def attend_cache(q, k_cache, v_cache, length) -> torch.Tensor:
     """One query per row over the first `length` cache entries: q [B, H, Dh], caches [B, H, S_max, Dh] -> [B, H, Dh].
 
     length: int (all rows equal): mmdkernels.decode_attention, whose dispatcher picks the kernel. Or an int64 tensor
-    [1] on q's device (the CUDA-graph step): SDPA over the whole cache under a length mask, since a captured graph
-    can read no length on the host (the cache is zero-initialised, so masked entries hold no NaN that could leak).
+    [1] on q's device (the CUDA-graph step), which a captured graph cannot read on the host: SDPA over the whole cache
+    under a length mask (the cache is zero-initialised, so masked entries hold no NaN that could leak); a
+    reduced-precision cache (bfloat16 / float16 under float32 q) instead goes to mmdkernels.decode_attention with the
+    lengths on the device (the Triton kernel on a GPU: it reads the cache as stored, where SDPA would need a float32
+    copy of the whole cache every step, and reads no length on the host).
     """
     if isinstance(length, int):
         return mmdkernels.decode_attention(q, k_cache, v_cache, length)
+    if k_cache.dtype != q.dtype:
+        return mmdkernels.decode_attention(q, k_cache, v_cache, length.repeat(q.shape[0]))
     mask = (torch.arange(k_cache.shape[2], device=q.device) < length)[None]
-    k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)  # a reduced-precision cache: SDPA wants one dtype
     return F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask)[:, :, 0]
 
 

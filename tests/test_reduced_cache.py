@@ -17,6 +17,7 @@ from test_attention import LENGTH_KINDS, attention_in_dtype, make_problem, shape
 from tolerances import assert_close_to_reference
 
 import mmdkernels
+from mmdkernels import _ext
 from mmdkernels.attention import REDUCED_CACHE_DTYPES, _op_reasons, ops
 from mmdkernels.attention.reference import decode_attention_ref
 from models.lm import LMConfig, MusicLM, quantize_for_decode
@@ -165,12 +166,26 @@ def test_fused_step_reads_its_cache_dtype(monkeypatch):
     assert 0 < difference < 0.05 * exact.abs().max().item(), difference
 
 
-def test_tensor_step_and_prefill_read_a_reduced_cache():
-    """The fixed-shape step (step as a tensor: the CUDA-graph path, SDPA over the whole cache) and a multi-token
-    prefill write and read a bfloat16 cache like the int step."""
+def test_tensor_step_and_prefill_read_a_reduced_cache(monkeypatch):
+    """The fixed-shape step (step as a tensor: the CUDA-graph path) and a multi-token prefill write and read a
+    bfloat16 cache like the int step. The fixed-shape step's attention reads the cache as stored, through
+    decode_attention with the lengths as a tensor (no float32 copy of the cache, no length read on the host)."""
+    import models.lm as lm
+
     model = small_model()
     by_int, int_cache = decode_run(model, torch.bfloat16, 6)
+    seen, original = [], mmdkernels.decode_attention
+
+    def spy(q, k_cache, v_cache, lengths, **kwargs):
+        seen.append((k_cache.dtype, v_cache.dtype, type(lengths)))
+        return original(q, k_cache, v_cache, lengths, **kwargs)
+
+    monkeypatch.setattr(lm.mmdkernels, "decode_attention", spy)
     by_tensor, tensor_cache = decode_run(model, torch.bfloat16, 6, tensor_steps=True)
+    monkeypatch.undo()
+    self_attention = [s for s in seen if s[0] == torch.bfloat16]
+    assert len(self_attention) == 6 * model.config.num_layers, seen  # every layer of every step
+    assert all(s == (torch.bfloat16, torch.bfloat16, torch.Tensor) for s in self_attention)
     torch.testing.assert_close(by_tensor, by_int, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(tensor_cache.self_k.float(), int_cache.self_k.float(), rtol=2.0**-7, atol=1e-5)
     layer = model.layers[0].self_attn
@@ -256,3 +271,27 @@ def test_quality_script_decoded_nll_is_the_teacher_forced_nll(pattern):
     torch.testing.assert_close(exact, expected, rtol=1e-5, atol=1e-5)
     difference = (torch.tensor(rounded, dtype=torch.float64) - expected).abs().max().item()
     assert 0 < difference < 0.01 * expected.abs().max().item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.skipif(not _ext.triton_installed(), reason="the captured step's attention is Triton's on a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_step_over_a_bfloat16_cache(precision):
+    """The captured step (models.generate.GraphedStep: the step as a device tensor) over a bfloat16 cache against the
+    eager int step over another: the same logits within the rounding of the two paths' sums, the same cache within
+    one bfloat16 rounding."""
+    from models.generate import GraphedStep
+
+    model = quantize_for_decode(small_model().cuda(), precision)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, model.config.codebook_size, (7, 3, model.streams), generator=g).cuda()
+    with torch.inference_mode():
+        condition = model.encode_condition(["a", "bb", None])
+        eager_cache, graph_cache = (model.new_cache(condition, 9, dtype=torch.bfloat16) for _ in "ab")
+        graphed = GraphedStep(model, graph_cache, 3)
+        for s in range(tokens.shape[0]):
+            eager = model.decode_step(tokens[s], s, eager_cache)
+            replayed = graphed(tokens[s], s)
+            torch.testing.assert_close(replayed, eager, rtol=2e-3, atol=2e-3)
+    for graph, eager in ((graph_cache.self_k, eager_cache.self_k), (graph_cache.self_v, eager_cache.self_v)):
+        torch.testing.assert_close(graph[..., :7, :].float(), eager[..., :7, :].float(), rtol=2.0**-7, atol=1e-5)
