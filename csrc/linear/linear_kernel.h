@@ -288,8 +288,7 @@ static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim
       for (int64_t n0 = g; n0 < blocks_end; n0 += R * s)
         for (int64_t b = 0; b < s; ++b)
           dot_rows<T, M, P, R, U, true, kPairs>(x + k0, ldx, weight + (n0 + b) * dim + k0, s * dim, kept, kChunk,
-                                                len,
-                                  acc + (n0 - g + b * R) * M);
+                                                len, acc + (n0 - g + b * R) * M);
       for (int64_t n = blocks_end; n < g_end; ++n)
         dot_rows<T, M, P, 1, U, true, kPairs>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len,
                                               acc + (n - g) * M);

@@ -83,7 +83,7 @@ static inline void load_bf16_pair(const uint16_t* p, Vec& even, Vec& odd) {
 #else
 constexpr bool kBf16Pairs = false;
 static inline void load_bf16_pair(const uint16_t* p, Vec& even, Vec& odd) {
-  uint32_t e[kLanes], o[kLanes];  // not used (kBf16Pairs): the portable build widens one vector at a time
+  uint32_t e[kLanes], o[kLanes];  // never called (kBf16Pairs is false): the portable build widens vector by vector
   for (int i = 0; i < kLanes; ++i) {
     e[i] = static_cast<uint32_t>(p[2 * i]) << 16;
     o[i] = static_cast<uint32_t>(p[2 * i + 1]) << 16;
