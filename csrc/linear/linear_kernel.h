@@ -72,8 +72,9 @@ constexpr int kGroupRows = 8;  // weight rows per group: the threads' unit of wo
 enum class Pass { kFirst, kFirstKeep, kAgain, kKept };
 
 // One pass over `len` columns (x, w and kept start at the chunk's first column, a multiple of the line; len a
-// multiple of kLanes): R weight rows (w, D apart; kept, ldk apart) against M rows of x, added to acc[m * R + r].
-template <typename T, int M, int R, int U, Pass kPass, bool kPairs = false>
+// multiple of kLanes): R weight rows (w, D apart; kept, ldk apart) against M rows of x, added to
+// acc_io[m * kStrideM + r * kStrideR].
+template <typename T, int M, int R, int U, Pass kPass, bool kPairs = false, int kStrideM = R, int kStrideR = 1>
 static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim, float* kept, int64_t ldk,
                             int64_t len, Vec* acc_io) {
   static_assert(!kPairs || (std::is_same_v<T, uint16_t> && M == 1 && U == 2 && kPass == Pass::kFirst),
@@ -83,7 +84,7 @@ static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim
   static_assert(kLine / kLanes % U == 0, "U must divide the vectors per cache line");
   Vec acc[U * M * R];  // U interleaved partial sums over the columns: set u takes vectors u, u + U, ... of a line
 #pragma GCC unroll 128
-  for (int i = 0; i < M * R; ++i) acc[i] = acc_io[i];
+  for (int i = 0; i < M * R; ++i) acc[i] = acc_io[i / R * kStrideM + i % R * kStrideR];
 #pragma GCC unroll 128
   for (int i = M * R; i < U * M * R; ++i) acc[i] = Vec{};
   auto accumulate = [&](int64_t k, int u) __attribute__((always_inline)) {
@@ -149,21 +150,24 @@ static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim
     Vec total = acc[i];
 #pragma GCC unroll 8
     for (int u = 1; u < U; ++u) total += acc[u * M * R + i];
-    acc_io[i] = total;
+    acc_io[i / R * kStrideM + i % R * kStrideR] = total;
   }
 }
 
-// All M rows against R weight rows over `len` columns, in passes of pass_rows(M, P) rows: acc[m * R + r].
-template <typename T, int M, int P, int R, int U, bool kFirst = true, bool kPairs = false>
+// All M rows against R weight rows over `len` columns, in passes of pass_rows(M, P) rows: acc[m * kStrideM +
+// r * kStrideR].
+template <typename T, int M, int P, int R, int U, bool kFirst = true, bool kPairs = false, int kStrideM = R,
+          int kStrideR = 1>
 static inline void dot_rows(const float* x, int64_t ldx, const T* w, int64_t dim, float* kept, int64_t ldk,
                             int64_t len, Vec* acc) {
   constexpr int kRows = pass_rows(M, P);
   constexpr bool kNarrow = !std::is_same_v<T, float>, kMore = M > kRows;
   constexpr Pass kPass = kFirst ? (kNarrow && kMore ? Pass::kFirstKeep : Pass::kFirst)
                                 : (kNarrow ? Pass::kKept : Pass::kAgain);
-  dot_pass<T, kRows, R, U, kPass, kPairs>(x, ldx, w, dim, kept, ldk, len, acc);
+  dot_pass<T, kRows, R, U, kPass, kPairs, kStrideM, kStrideR>(x, ldx, w, dim, kept, ldk, len, acc);
   if constexpr (kMore)
-    dot_rows<T, M - kRows, P, R, U, false>(x + kRows * ldx, ldx, w, dim, kept, ldk, len, acc + kRows * R);
+    dot_rows<T, M - kRows, P, R, U, false, false, kStrideM, kStrideR>(x + kRows * ldx, ldx, w, dim, kept, ldk, len,
+                                                                      acc + kRows * kStrideM);
 }
 
 // x [D] in the order the bfloat16 pair loads read it (dot_pass's kPairs): every whole block of 2 * kLanes columns
@@ -199,10 +203,26 @@ struct Epilogue {
   const float* scale;  // [N] or nullptr
   const float* bias;   // [N] or nullptr
   bool gelu;
+  // Each case one expression, so that the compiler treats it alike wherever it is inlined (contracted into one FMA
+  // where the ISA has it): with the multiply and the add in separate statements behind branches, GCC fused them in
+  // some inlined copies and not in others, which could have given the blockings different bits.
   inline float operator()(float value, int64_t n) const {
-    if (scale != nullptr) value *= scale[n];
-    if (bias != nullptr) value += bias[n];
+    if (scale != nullptr && bias != nullptr) return value * scale[n] + bias[n];
+    if (scale != nullptr) return value * scale[n];
+    if (bias != nullptr) return value + bias[n];
     return value;
+  }
+  // out[j] = (*this)(sums[j], n0 + j) for the kGroupRows outputs of a run of rows, in vectors
+  inline void finish_run(const float* sums, float* out, int64_t n0) const {
+    if (scale != nullptr && bias != nullptr) {
+      for (int j = 0; j < kGroupRows; ++j) out[j] = sums[j] * scale[n0 + j] + bias[n0 + j];
+    } else if (scale != nullptr) {
+      for (int j = 0; j < kGroupRows; ++j) out[j] = sums[j] * scale[n0 + j];
+    } else if (bias != nullptr) {
+      for (int j = 0; j < kGroupRows; ++j) out[j] = sums[j] + bias[n0 + j];
+    } else {
+      for (int j = 0; j < kGroupRows; ++j) out[j] = sums[j];
+    }
   }
   // y[m * ldy + n] = GELU(y[m * ldy + n]) for m < rows, n in [n_begin, n_end), when asked
   inline void activate_rows(float* y, int64_t ldy, int64_t rows, int64_t n_begin, int64_t n_end) const {
@@ -275,43 +295,46 @@ static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim
   constexpr bool kKeep = !std::is_same_v<T, float> && M > pass_rows(M, P);
   alignas(64) float kept[kKeep ? R * kChunk : 1];  // the first pass's widened weights: R x kChunk floats
   const int64_t vectors = dim - dim % kLanes;
-  Vec acc[kGroupRows * M];  // a block's: acc[(first row - g) * M + m * R + r] for adjacent rows; see below
+  Vec acc[kGroupRows * M];  // output (m, n) of the group at g: acc[m * kGroupRows + n - g]
   for (int64_t g = n_begin; g < n_end; g += kGroupRows) {
     const int64_t g_end = std::min<int64_t>(g + kGroupRows, n_end), blocks_end = g + (g_end - g) / R * R;
-    // Blocks of R rows s apart: rows n0 + b + r * s (r < R) for b < s, n0 = g, g + R * s, ...; the block's
-    // accumulators at acc[(n0 - g + b * R) * M]. s = S for a whole group, 1 (adjacent rows) for a partial one (the
-    // last), whose rows past the blocks go one at a time.
-    const int64_t s = S > 1 && g_end - g == kGroupRows ? S : 1;
+#pragma GCC unroll 128
     for (int64_t i = 0; i < kGroupRows * M; ++i) acc[i] = Vec{};  // all of them: the group's tree reads all
-    for (int64_t k0 = 0; k0 < vectors; k0 += kChunk) {
-      const int64_t len = std::min(kChunk, vectors - k0);
-      for (int64_t n0 = g; n0 < blocks_end; n0 += R * s)
-        for (int64_t b = 0; b < s; ++b)
-          dot_rows<T, M, P, R, U, true, kPairs>(x + k0, ldx, weight + (n0 + b) * dim + k0, s * dim, kept, kChunk,
-                                                len, acc + (n0 - g + b * R) * M);
-      for (int64_t n = blocks_end; n < g_end; ++n)
-        dot_rows<T, M, P, 1, U, true, kPairs>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk, len,
-                                              acc + (n - g) * M);
-    }
+    // Blocks of R rows s apart: rows n0 + b + r * s (r < R) for b < s, n0 = g, g + R * s, ... s = S for a whole
+    // group, 1 (adjacent rows) for a partial one (the last), whose rows past the blocks go one at a time.
+    auto blocks = [&](auto spread) __attribute__((always_inline)) {
+      constexpr int64_t s = decltype(spread)::value;
+      for (int64_t k0 = 0; k0 < vectors; k0 += kChunk) {
+        const int64_t len = std::min(kChunk, vectors - k0);
+        for (int64_t n0 = g; n0 < blocks_end; n0 += R * s)
+          for (int64_t b = 0; b < s; ++b)
+            dot_rows<T, M, P, R, U, true, kPairs, kGroupRows, s>(x + k0, ldx, weight + (n0 + b) * dim + k0, s * dim,
+                                                                 kept, kChunk, len, acc + n0 - g + b);
+        for (int64_t n = blocks_end; n < g_end; ++n)
+          dot_rows<T, M, P, 1, U, true, kPairs, kGroupRows>(x + k0, ldx, weight + n * dim + k0, dim, kept, kChunk,
+                                                            len, acc + n - g);
+      }
+    };
+    if (S > 1 && g_end - g == kGroupRows)
+      blocks(std::integral_constant<int64_t, S>{});
+    else
+      blocks(std::integral_constant<int64_t, 1>{});
     // The group's outputs: one transpose tree for all its accumulators (lane_sums sums each accumulator's lanes in
     // the same order whatever shares its tree; a tree per block of R rows left most of its lanes empty at one row of
     // x: 3.4 % of an int8 MusicGen-small step at B = 1 in perf, session 21), then the columns past the last whole
-    // vector and the epilogue.
+    // vector and the epilogue, in vectors for a whole group.
     float sums[kGroupRows * M];
     lane_sums<kGroupRows * M>(acc, sums);
-    for (int64_t n = g; n < g_end; ++n) {
-      const int64_t i = n - g;
-      int64_t first = i * M, step = 1;  // sums[first + m * step]: output (m, n); a row past the blocks: its own
-      if (n < blocks_end) {
-        const int64_t n0 = i / (R * s) * (R * s), b = (i - n0) % s, r = (i - n0) / s;
-        first = (n0 + b * R) * M + r;
-        step = R;
+    for (int m = 0; m < M; ++m) {
+      float* run = sums + m * kGroupRows;
+      if (vectors < dim) {
+        for (int64_t n = g; n < g_end; ++n)
+          for (int64_t k = vectors; k < dim; ++k) run[n - g] += x[m * ldx + k] * weight_value(weight[n * dim + k]);
       }
-      const T* w = weight + n * dim;
-      for (int m = 0; m < M; ++m) {
-        float total = sums[first + m * step];
-        for (int64_t k = vectors; k < dim; ++k) total += x[m * ldx + k] * weight_value(w[k]);
-        y[m * ldy + n] = epilogue(total, n);
+      if (g_end - g == kGroupRows) {
+        epilogue.finish_run(run, y + m * ldy + g, g);
+      } else {
+        for (int64_t n = g; n < g_end; ++n) y[m * ldy + n] = epilogue(run[n - g], n);
       }
     }
   }
@@ -333,26 +356,31 @@ static void rows_segments(const float* x, int64_t ldx, const T* weight, int64_t 
   alignas(64) float kept[kKeep ? R * kChunk : 1];
   const int64_t vectors = dim - dim % kLanes;
   const int64_t segment = R > 1 ? (n_end - n_begin) / R / kGroupRows * kGroupRows : 0;  // L
-  Vec acc[kGroupRows * R * M];  // row j of the groups, segment r: acc[j * R * M + m * R + r]
+  // Row j of the groups, segment r: acc[(m * R + r) * kGroupRows + j], so that each tree of lane_sums and each run
+  // of the epilogue holds outputs of consecutive rows
+  Vec acc[kGroupRows * R * M];
   for (int64_t g = n_begin; g < n_begin + segment; g += kGroupRows) {  // the first segment's group; the others L on
+#pragma GCC unroll 128
     for (int64_t i = 0; i < kGroupRows * R * M; ++i) acc[i] = Vec{};
     for (int64_t k0 = 0; k0 < vectors; k0 += kChunk) {
       const int64_t len = std::min(kChunk, vectors - k0);
       for (int64_t j = 0; j < kGroupRows; ++j)
-        dot_rows<T, M, P, R, U, true, kPairs>(x + k0, ldx, weight + (g + j) * dim + k0, segment * dim, kept, kChunk,
-                                              len, acc + j * R * M);
+        dot_rows<T, M, P, R, U, true, kPairs, R * kGroupRows, kGroupRows>(
+            x + k0, ldx, weight + (g + j) * dim + k0, segment * dim, kept, kChunk, len, acc + j);
     }
     float sums[kGroupRows * R * M];
     lane_sums<kGroupRows * R * M>(acc, sums);
-    for (int r = 0; r < R; ++r) {
-      for (int64_t j = 0; j < kGroupRows; ++j) {
-        const int64_t n = g + r * segment + j;
-        const T* w = weight + n * dim;
-        for (int m = 0; m < M; ++m) {
-          float total = sums[j * R * M + m * R + r];
-          for (int64_t k = vectors; k < dim; ++k) total += x[m * ldx + k] * weight_value(w[k]);
-          y[m * ldy + n] = epilogue(total, n);
+    for (int m = 0; m < M; ++m) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t n0 = g + r * segment;
+        float* run = sums + (m * R + r) * kGroupRows;
+        if (vectors < dim) {
+          for (int64_t j = 0; j < kGroupRows; ++j) {
+            const T* w = weight + (n0 + j) * dim;
+            for (int64_t k = vectors; k < dim; ++k) run[j] += x[m * ldx + k] * weight_value(w[k]);
+          }
         }
+        epilogue.finish_run(run, y + m * ldy + n0, n0);
       }
     }
   }
