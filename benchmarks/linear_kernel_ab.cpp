@@ -4,7 +4,8 @@
 // old_linear by the script; "amxold": that commit's AMX tiles) and, for float32 on AVX-512, "orig" (the kernel before commit 7982a14: one pass of all rows), interleaved
 // round by round; GB/s of weights from the best round (1 thread: the thread's CPU time).
 // usage: linear_kernel_ab MODE(hot|l3|dram) THREADS ROUNDS [TYPES=f32,bf16,i8] [MS=1,2,4,5,6,8,12,16] [FILTER]
-//   hot: one 256 x 512 matrix (in L2) 64 times; l3: 32 matrices 2048 x 512 (bench_linear.py's); dram: 256 of them
+//   hot: one 256 x 512 matrix (in L2) 64 times, and "new"'s share of the core's FMA peak; l3: 32 matrices 2048 x 512
+//   (bench_linear.py's); dram: 256 of them
 #include <immintrin.h>
 #include <omp.h>
 #include <time.h>
@@ -200,6 +201,29 @@ static std::vector<Variant> variants() {
   return vs;
 }
 
+// Vector FMAs per second of this core: 10 independent chains held in registers (their latency hidden), so the rate
+// is the FMA ports' throughput. A kernel at M rows does M FMAs per weight vector: the "FMA share" below is the
+// kernel's rate against this peak (hot mode), how close a case is to being bound by its arithmetic.
+static double fma_peak() {
+  using V = nl::Vec;
+  V a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{}, a8{}, a9{};
+  V b = V{} + 0.999f, c = V{} + 0.001f;
+  const int64_t iterations = 50000000;
+  double best = 1e9;
+  for (int r = 0; r < 3; ++r) {
+    const double t0 = now();
+    for (int64_t i = 0; i < iterations; ++i) {
+      a0 = a0 * b + c; a1 = a1 * b + c; a2 = a2 * b + c; a3 = a3 * b + c; a4 = a4 * b + c;
+      a5 = a5 * b + c; a6 = a6 * b + c; a7 = a7 * b + c; a8 = a8 * b + c; a9 = a9 * b + c;
+      asm volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7), "+v"(a8),
+                   "+v"(a9));
+    }
+    best = std::min(best, now() - t0);
+  }
+  return 10.0 * iterations / best;
+}
+static double g_fma_peak = 0;
+
 template <typename T>
 static void fill(std::vector<T>& w, std::mt19937& gen) {
   std::normal_distribution<float> nd;
@@ -265,6 +289,12 @@ static void run_case(int threads, int rounds, const std::string& filter) {
     printf("  %s %.1f(%.2f)", v.name.c_str(), bytes / best / 1e9, old_best / best);
   }
   printf("   [GB/s (speed vs old)]\n");
+  if (hot) {  // M FMAs per weight vector
+    const double best = *std::min_element(vs[1].times.begin(), vs[1].times.end());
+    printf("     %s: FMA share %.2f (%.2f G vector FMAs/s of %.2f)\n", vs[1].name.c_str(),
+           bytes / sizeof(T) / nl::kLanes * M / best / g_fma_peak, bytes / sizeof(T) / nl::kLanes * M / best / 1e9,
+           g_fma_peak / 1e9);
+  }
 #if defined(HAVE_OLD_AMX)
   // x packed for the tiles alone, old against new in turn (best of 200), and whether they wrote the same bytes
   if (g_amx && filter.find("amxold") != std::string::npos) {
@@ -312,6 +342,7 @@ int main(int argc, char** argv) {
   }
   scale_buf.assign(N, 0.01f);
   g_cpu_time = threads == 1;
+  if (mode == "hot") g_fma_peak = fma_peak();
   printf("mode %s threads %d rounds %d, %lld x %lld x %lld, lanes %d\n", mode.c_str(), threads, rounds, (long long)COUNT, (long long)N, (long long)D, nl::kLanes);
   if (types.find("f32") != std::string::npos) run_type<float>(threads, rounds, ms, filter);
   if (types.find("bf16") != std::string::npos) run_type<uint16_t>(threads, rounds, ms, filter);
