@@ -1,6 +1,6 @@
 // A/B benchmark of the few-row linear kernels without torch (build and run: benchmarks/linear_kernel_ab.sh): the
 // kernel of csrc/linear (FMA kernel "new" at its default blocking, other blockings "P<pass rows>R<weight rows>", the
-// AMX tiles "amx" where the CPU has them) against "old" (csrc/linear at commit ed472bb or $MMDKERNELS_AB_OLD, renamed
+// AMX tiles "amx" where the CPU has them, the segments blocking as the library runs it "seg") against "old" (csrc/linear at commit ed472bb or $MMDKERNELS_AB_OLD, renamed
 // old_linear by the script; "amxold": that commit's AMX tiles) and, for float32 on AVX-512, "orig" (the kernel before commit 7982a14: one pass of all rows), interleaved
 // round by round; GB/s of weights from the best round (1 thread: the thread's CPU time).
 // usage: linear_kernel_ab MODE(hot|l3|dram) THREADS ROUNDS [TYPES=f32,bf16,i8] [MS=1,2,4,5,6,8,12,16] [FILTER]
@@ -70,6 +70,32 @@ static Fn make_old() {
                          ol::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
   };
 }
+// The library's "segments" blocking at its own passes, R, U and pair loads (linear_cpu.cpp's segments table): "seg",
+// and the old commit's ("segold", where it has rows_segments: OLD_SEGMENTS).
+template <typename T, int M>
+static Fn make_segments() {
+  return [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+    thread_local std::vector<float> ordered(D);  // x as the pair loads read it (linear_cpu.cpp does the same)
+    if constexpr (nl::bf16_pairs<T>(M)) nl::bf16_pair_order(x, D, ordered.data());
+    nl::rows_segments<T, M, nl::kMaxPassRows, nl::wide_rows<T, M>(), nl::library_splits<T, M>(),
+                      nl::bf16_pairs<T>(M)>(
+        nl::bf16_pairs<T>(M) ? ordered.data() : x, D, static_cast<const T*>(w), D, y, N, n0, n1,
+        nl::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
+  };
+}
+#if OLD_SEGMENTS
+template <typename T, int M>
+static Fn make_old_segments() {
+  return [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
+    thread_local std::vector<float> ordered(D);  // x as the pair loads read it (linear_cpu.cpp does the same)
+    if constexpr (ol::bf16_pairs<T>(M)) ol::bf16_pair_order(x, D, ordered.data());
+    ol::rows_segments<T, M, ol::kMaxPassRows, ol::wide_rows<T, M>(), ol::library_splits<T, M>(),
+                      ol::bf16_pairs<T>(M)>(
+        ol::bf16_pairs<T>(M) ? ordered.data() : x, D, static_cast<const T*>(w), D, y, N, n0, n1,
+        ol::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
+  };
+}
+#endif
 // The float32 kernel before commit 7982a14 (AVX-512 only: its vectors are 16 lanes).
 #if defined(__AVX512F__)
 namespace orig_linear {
@@ -158,6 +184,10 @@ static std::vector<Variant> variants() {
   vs.push_back({"old", make_old<T, M>(), {}});
   vs.push_back({"new", make_new<T, M, nl::kMaxPassRows, nl::block_rows(nl::pass_rows(M, nl::kMaxPassRows))>(), {}});
   if constexpr (std::is_same_v<T, float> && nl::kLanes == 16) vs.push_back({"orig", make_orig<M>(), {}});
+  vs.push_back({"seg", make_segments<T, M>(), {}});
+#if OLD_SEGMENTS
+  vs.push_back({"segold", make_old_segments<T, M>(), {}});
+#endif
   add<T, M, 4, 1>(vs); add<T, M, 4, 2>(vs); add<T, M, 4, 4>(vs);
   add<T, M, 4, 1, 2>(vs); add<T, M, 4, 1, 4>(vs); add<T, M, 4, 1, 8>(vs); add<T, M, 4, 2, 2>(vs);
   if constexpr (M > 4) { add<T, M, 8, 1>(vs); add<T, M, 8, 2>(vs); add<T, M, 6, 2>(vs); add<T, M, 6, 4>(vs); }

@@ -25,8 +25,10 @@ fi
 # the old commit's bfloat16 tiles took int8 weights too until the AMX-INT8 tiles came (linear_amx_int8.h)
 old_amx_int8=1
 grep -qs '"float32 or bfloat16 weights"' "$dir/old/linear/old_linear_amx.h" && old_amx_int8=0
-flags="-DOLD_AMX_INT8=$old_amx_int8 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mprefer-vector-width=512"
-[ "$isa" = avx2 ] && flags="-mavx2 -mfma -mf16c"
+old_segments=0  # "segold": the old commit's segments blocking, where it has one
+grep -qs 'rows_segments' "$dir/old/linear/old_linear_kernel.h" && old_segments=1
+flags="-DOLD_AMX_INT8=$old_amx_int8 -DOLD_SEGMENTS=$old_segments -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c -mprefer-vector-width=512"
+[ "$isa" = avx2 ] && flags="-DOLD_SEGMENTS=$old_segments -mavx2 -mfma -mf16c"
 # shellcheck disable=SC2086
 g++ -O3 -std=c++17 -fopenmp -fno-math-errno -Wall $flags -I csrc -I "$dir" benchmarks/linear_kernel_ab.cpp \
   -o "$dir/linear_kernel_ab"

@@ -73,10 +73,12 @@ enum class Pass { kFirst, kFirstKeep, kAgain, kKept };
 
 // One pass over `len` columns (x, w and kept start at the chunk's first column, a multiple of the line; len a
 // multiple of kLanes): R weight rows (w, D apart; kept, ldk apart) against M rows of x, added to
-// acc_io[m * kStrideM + r * kStrideR].
+// acc_io[m * kStrideM + r * kStrideR]. Out of line: GCC inlined it into some blockings and not others, and the loop's
+// schedule changed with the code around it (int8 at one row: MusicGen-small's step 2-6 % slower once inlined into
+// rows_segments; RESULTS.md, session 24). A call per row and chunk costs nothing next to its kilobytes of weights.
 template <typename T, int M, int R, int U, Pass kPass, bool kPairs = false, int kStrideM = R, int kStrideR = 1>
-static inline void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim, float* kept, int64_t ldk,
-                            int64_t len, Vec* acc_io) {
+__attribute__((noinline)) static void dot_pass(const float* x, int64_t ldx, const T* w, int64_t dim, float* kept,
+                                               int64_t ldk, int64_t len, Vec* acc_io) {
   static_assert(!kPairs || (std::is_same_v<T, uint16_t> && M == 1 && U == 2 && kPass == Pass::kFirst),
                 "pairs: bfloat16 weights, one row of x, two partial sums");
   constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line
@@ -197,17 +199,25 @@ inline float gelu(float x) {
   return 0.5f * x * (x < 0.0f ? q : 2.0f - q);
 }
 
+// a * b + c, fused wherever the build has FMA (then always one rounding, std::fma compiles to one instruction) and
+// never otherwise: the same bits wherever it is inlined. GCC's contraction of a plain a * b + c depends on the code
+// around it (seen in the session-24 build: the first output of each run of 8 unfused in some blockings).
+inline float multiply_add(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;  // no FMA instruction to contract into
+#endif
+}
+
 // The epilogue: * scale (int8 weights) and + bias per output, as each output is finished; then the GELU (when asked)
 // over whole runs of finished outputs, in vectors (activate_rows).
 struct Epilogue {
   const float* scale;  // [N] or nullptr
   const float* bias;   // [N] or nullptr
   bool gelu;
-  // Each case one expression, so that the compiler treats it alike wherever it is inlined (contracted into one FMA
-  // where the ISA has it): with the multiply and the add in separate statements behind branches, GCC fused them in
-  // some inlined copies and not in others, which could have given the blockings different bits.
   inline float operator()(float value, int64_t n) const {
-    if (scale != nullptr && bias != nullptr) return value * scale[n] + bias[n];
+    if (scale != nullptr && bias != nullptr) return multiply_add(value, scale[n], bias[n]);
     if (scale != nullptr) return value * scale[n];
     if (bias != nullptr) return value + bias[n];
     return value;
@@ -215,7 +225,7 @@ struct Epilogue {
   // out[j] = (*this)(sums[j], n0 + j) for the kGroupRows outputs of a run of rows, in vectors
   inline void finish_run(const float* sums, float* out, int64_t n0) const {
     if (scale != nullptr && bias != nullptr) {
-      for (int j = 0; j < kGroupRows; ++j) out[j] = sums[j] * scale[n0 + j] + bias[n0 + j];
+      for (int j = 0; j < kGroupRows; ++j) out[j] = multiply_add(sums[j], scale[n0 + j], bias[n0 + j]);
     } else if (scale != nullptr) {
       for (int j = 0; j < kGroupRows; ++j) out[j] = sums[j] * scale[n0 + j];
     } else if (bias != nullptr) {
@@ -329,7 +339,8 @@ static void rows_block(const float* x, int64_t ldx, const T* weight, int64_t dim
       float* run = sums + m * kGroupRows;
       if (vectors < dim) {
         for (int64_t n = g; n < g_end; ++n)
-          for (int64_t k = vectors; k < dim; ++k) run[n - g] += x[m * ldx + k] * weight_value(weight[n * dim + k]);
+          for (int64_t k = vectors; k < dim; ++k)
+            run[n - g] = multiply_add(x[m * ldx + k], weight_value(weight[n * dim + k]), run[n - g]);
       }
       if (g_end - g == kGroupRows) {
         epilogue.finish_run(run, y + m * ldy + g, g);
@@ -377,7 +388,7 @@ static void rows_segments(const float* x, int64_t ldx, const T* weight, int64_t 
         if (vectors < dim) {
           for (int64_t j = 0; j < kGroupRows; ++j) {
             const T* w = weight + (n0 + j) * dim;
-            for (int64_t k = vectors; k < dim; ++k) run[j] += x[m * ldx + k] * weight_value(w[k]);
+            for (int64_t k = vectors; k < dim; ++k) run[j] = multiply_add(x[m * ldx + k], weight_value(w[k]), run[j]);
           }
         }
         epilogue.finish_run(run, y + m * ldy + n0, n0);
