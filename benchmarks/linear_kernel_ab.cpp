@@ -70,30 +70,25 @@ static Fn make_old() {
                          ol::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
   };
 }
-// The library's "segments" blocking at its own passes, R, U and pair loads (linear_cpu.cpp's segments table): "seg",
-// and the old commit's ("segold", where it has rows_segments: OLD_SEGMENTS).
+// The library's "segments" blocking at its own passes, R, U and pair loads (linear_cpu.cpp's segments table), of
+// namespace NS: "seg" (nl) and the old commit's "segold" (ol, where it has rows_segments: OLD_SEGMENTS).
+#define SEGMENTS_FN(NS)                                                                                              \
+  [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {                                            \
+    thread_local std::vector<float> ordered(D); /* x as the pair loads read it (linear_cpu.cpp does the same) */    \
+    if constexpr (NS::bf16_pairs<T>(M)) NS::bf16_pair_order(x, D, ordered.data());                                 \
+    NS::rows_segments<T, M, NS::kMaxPassRows, NS::wide_rows<T, M>(), NS::library_splits<T, M>(),                   \
+                      NS::bf16_pairs<T>(M)>(                                                                       \
+        NS::bf16_pairs<T>(M) ? ordered.data() : x, D, static_cast<const T*>(w), D, y, N, n0, n1,                   \
+        NS::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});                     \
+  }
 template <typename T, int M>
 static Fn make_segments() {
-  return [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
-    thread_local std::vector<float> ordered(D);  // x as the pair loads read it (linear_cpu.cpp does the same)
-    if constexpr (nl::bf16_pairs<T>(M)) nl::bf16_pair_order(x, D, ordered.data());
-    nl::rows_segments<T, M, nl::kMaxPassRows, nl::wide_rows<T, M>(), nl::library_splits<T, M>(),
-                      nl::bf16_pairs<T>(M)>(
-        nl::bf16_pairs<T>(M) ? ordered.data() : x, D, static_cast<const T*>(w), D, y, N, n0, n1,
-        nl::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
-  };
+  return SEGMENTS_FN(nl);
 }
 #if OLD_SEGMENTS
 template <typename T, int M>
 static Fn make_old_segments() {
-  return [](const float* x, const void* w, float* y, int64_t n0, int64_t n1) {
-    thread_local std::vector<float> ordered(D);  // x as the pair loads read it (linear_cpu.cpp does the same)
-    if constexpr (ol::bf16_pairs<T>(M)) ol::bf16_pair_order(x, D, ordered.data());
-    ol::rows_segments<T, M, ol::kMaxPassRows, ol::wide_rows<T, M>(), ol::library_splits<T, M>(),
-                      ol::bf16_pairs<T>(M)>(
-        ol::bf16_pairs<T>(M) ? ordered.data() : x, D, static_cast<const T*>(w), D, y, N, n0, n1,
-        ol::Epilogue{std::is_same_v<T, int8_t> ? scale_buf.data() : nullptr, nullptr, false});
-  };
+  return SEGMENTS_FN(ol);
 }
 #endif
 // The float32 kernel before commit 7982a14 (AVX-512 only: its vectors are 16 lanes).
