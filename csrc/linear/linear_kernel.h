@@ -222,8 +222,10 @@ struct Epilogue {
     if (bias != nullptr) return value + bias[n];
     return value;
   }
-  // out[j] = (*this)(sums[j], n0 + j) for the kGroupRows outputs of a run of rows, in vectors
-  inline void finish_run(const float* sums, float* out, int64_t n0) const {
+  // out[j] = (*this)(sums[j], n0 + j) for the kGroupRows outputs of a run of rows, in vectors. This and
+  // activate_rows are out of line: one copy for every blocking, so that no compiler choice made where they would
+  // be inlined (contracting GELU's polynomial, say) can give two blockings different bits.
+  __attribute__((noinline)) void finish_run(const float* sums, float* out, int64_t n0) const {
     if (scale != nullptr && bias != nullptr) {
       for (int j = 0; j < kGroupRows; ++j) out[j] = multiply_add(sums[j], scale[n0 + j], bias[n0 + j]);
     } else if (scale != nullptr) {
@@ -235,7 +237,8 @@ struct Epilogue {
     }
   }
   // y[m * ldy + n] = GELU(y[m * ldy + n]) for m < rows, n in [n_begin, n_end), when asked
-  inline void activate_rows(float* y, int64_t ldy, int64_t rows, int64_t n_begin, int64_t n_end) const {
+  __attribute__((noinline)) void activate_rows(float* y, int64_t ldy, int64_t rows, int64_t n_begin,
+                                               int64_t n_end) const {
     if (!gelu) return;
     for (int64_t m = 0; m < rows; ++m) {
       float* row = y + m * ldy;
